@@ -1,0 +1,1 @@
+"""Trainer side: Snapshotter, state capture, copy engine, restore."""

@@ -1,0 +1,176 @@
+"""The copy engine: one named background thread per rank that moves a captured step into shm.
+
+For each job: Begin (get a segment) -> copy every tensor (CPU: chunked `copy_`; CUDA: a side
+stream into the registered mapping) -> signal `copied` (the optimizer may now run) -> checksum
+the segment -> Commit. Nothing here raises into the training loop: every failure becomes a
+skipped snapshot with a reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ftd.client.rpc import DaemonClient
+from ftd.client.segments import MappedSegment, SegmentCache
+from ftd.client.state import Captured
+from ftd.config import ClientConfig
+from ftd.errors import DaemonUnavailable, FtdError, OutOfMemory
+from ftd.manifest import Entry, Manifest, chunk_checksums, layout
+
+log = logging.getLogger(__name__)
+
+COPY_SLICE_BYTES = 64 << 20  # a stop request is honoured within one slice
+DEBUG_PAUSE_SECONDS = 600.0
+
+
+@dataclass
+class CopyJob:
+    """One step on its way into the daemon."""
+
+    captured: Captured | None
+    world_size: int
+    stall_to_report: float
+    cuda_ready: Any = None  # a CUDA event recorded on the training stream after optimizer.step
+    copied: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    abandon: threading.Event = field(default_factory=threading.Event)
+    step: int = -1
+    nbytes: int = 0
+    copy_seconds: float = 0.0
+    outcome: str = "pending"  # sealed | skipped:<reason> | abandoned
+
+
+class CopyEngine:
+    """Runs CopyJobs one at a time on thread `ftd-copy-<rank>`."""
+
+    def __init__(self, client: DaemonClient, config: ClientConfig, rank: int,
+                 on_done: Callable[[CopyJob], None]):
+        self.client, self.config, self.rank = client, config, rank
+        self.on_done = on_done
+        self.cache = SegmentCache(register_cuda=torch.cuda.is_available())
+        self._jobs: queue.Queue[CopyJob | None] = queue.Queue()
+        self._connected: bool | None = None
+        self._stream: Any = None
+        self._thread = threading.Thread(target=self._run, name=f"ftd-copy-{rank}", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: CopyJob) -> None:
+        job.step = job.captured.step if job.captured else -1
+        self._jobs.put(job)
+
+    def close(self, timeout: float) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("copy thread of rank %d did not stop within %.0f s", self.rank, timeout)
+        else:
+            self.cache.close()
+
+    # ---- the thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                job.outcome = self._process(job)
+            except DaemonUnavailable as exc:
+                self._set_connected(False, str(exc))
+                job.outcome = "skipped:daemon_unavailable"
+            except OutOfMemory as exc:
+                log.warning("rank %d: snapshot of step %d refused: %s", self.rank, job.step, exc)
+                job.outcome = "skipped:out_of_memory"
+            except FtdError as exc:
+                log.warning("rank %d: snapshot of step %d failed: %s", self.rank, job.step, exc)
+                job.outcome = "skipped:rejected"
+            except Exception:  # the thread boundary: nothing may reach the training loop
+                log.exception("rank %d: snapshot of step %d failed unexpectedly", self.rank, job.step)
+                job.outcome = "skipped:error"
+            finally:
+                job.captured = None
+                job.copied.set()
+                job.finished.set()
+                self.on_done(job)
+
+    def _process(self, job: CopyJob) -> str:
+        cap = job.captured
+        assert cap is not None
+        if not self._connected:
+            self.client.hello(job.world_size)
+            self._set_connected(True, "")
+        entries, total = layout(cap.specs)
+        lease = self.client.begin(cap.step, max(total, 1))
+        job.nbytes = total
+        seg = self.cache.get(lease.path, lease.capacity)
+        t0 = time.perf_counter()
+        self._copy_all(job, seg, entries)
+        job.copy_seconds = time.perf_counter() - t0
+        if job.abandon.is_set():
+            self.client.abort(cap.step, lease.lease, "optimizer.step could not wait any longer")
+            log.warning("rank %d: step %d abandoned: the copy outlasted max_stall=%.0fs", self.rank, cap.step,
+                        self.config.max_stall)
+            return "abandoned"
+        job.copied.set()
+        cap.sources.clear()
+        data = seg.memoryview()
+        chunk = self.config.chunk_bytes
+        sealed = [dataclasses.replace(e, checksums=chunk_checksums(data[e.offset:e.offset + e.nbytes], chunk))
+                  for e in entries]
+        del data
+        manifest = Manifest(job=self.config.job, rank=self.rank, world_size=job.world_size, step=cap.step,
+                            chunk_bytes=chunk, data_bytes=total, entries=tuple(sealed), meta=cap.meta)
+        self.client.commit(cap.step, lease.lease, manifest.to_json(), job.copy_seconds, job.stall_to_report)
+        return "sealed"
+
+    def _copy_all(self, job: CopyJob, seg: MappedSegment, entries: list[Entry]) -> None:
+        cap = job.captured
+        assert cap is not None
+        pause_at = len(entries) // 2 if cap.step == self.config.debug_pause_copy_at_step else -1
+        on_cuda = any(src.is_cuda for src in cap.sources)
+        if on_cuda:
+            self._stream = self._stream or torch.cuda.Stream()
+            if job.cuda_ready is not None:
+                self._stream.wait_event(job.cuda_ready)
+        with torch.no_grad(), (torch.cuda.stream(self._stream) if on_cuda else contextlib.nullcontext()):
+            for i, (entry, src) in enumerate(zip(entries, cap.sources)):
+                if i == pause_at:
+                    log.warning("rank %d: debug pause half-way through the copy of step %d", self.rank, cap.step)
+                    job.abandon.wait(DEBUG_PAUSE_SECONDS)
+                if job.abandon.is_set():
+                    return
+                _copy_tensor(seg.entry(entry), src)
+        if on_cuda:
+            self._stream.synchronize()
+
+    def _set_connected(self, up: bool, why: str) -> None:
+        if up and self._connected is False:
+            log.info("rank %d: daemon at unix:%s is back; snapshots resume", self.rank, self.client.socket_path)
+        elif not up and self._connected is not False:
+            log.warning("rank %d: daemon at unix:%s unavailable (%s); training continues, snapshots are "
+                        "skipped until it is back", self.rank, self.client.socket_path, why)
+        self._connected = up
+
+
+def _copy_tensor(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy `src` into the segment view `dst`, in slices when it is large and contiguous."""
+    nbytes = dst.numel() * dst.element_size()
+    non_blocking = src.is_cuda
+    if nbytes <= COPY_SLICE_BYTES or not src.is_contiguous() or dst.dim() == 0:
+        dst.copy_(src, non_blocking=non_blocking)
+        return
+    flat_dst, flat_src = dst.reshape(-1), src.reshape(-1)
+    step = max(1, COPY_SLICE_BYTES // dst.element_size())
+    for i in range(0, flat_dst.numel(), step):
+        flat_dst[i:i + step].copy_(flat_src[i:i + step], non_blocking=non_blocking)
+

@@ -1,0 +1,158 @@
+"""Restore: find the newest step every rank holds, verify it, load it; fall back when it is bad.
+
+Verification (manifest bounds, job id, world size, checksums of every byte, shapes and dtypes
+against the model) happens before anything is written into the live objects, and the ranks
+agree on the outcome through torch.distributed (all-gather of held steps, all-reduce of
+"verified") so every rank loads the same step or none does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ftd.client import state
+from ftd.client.rpc import DaemonClient
+from ftd.client.segments import MappedSegment
+from ftd.errors import DaemonUnavailable, FtdError, SnapshotCorrupt
+from ftd.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+MAX_STEPS_EXCHANGED = 64
+
+
+@dataclass
+class RestoreResult:
+    step: int
+    seconds: float
+    nbytes: int
+    extra: dict[str, Any] | None
+    failures: list[str]
+
+
+class OpenedSnapshot:
+    """A sealed snapshot mapped read-only and verified."""
+
+    def __init__(self, manifest: Manifest, segment: MappedSegment):
+        self.manifest, self.segment = manifest, segment
+        self._entries = manifest.entry_map()
+
+    def view(self, name: str) -> torch.Tensor:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise SnapshotCorrupt("referenced but not in the manifest", rank=self.manifest.rank,
+                                  step=self.manifest.step, entry=name)
+        return self.segment.entry(entry)
+
+    def close(self) -> None:
+        self.segment.close()
+
+
+def open_verified(client: DaemonClient, job: str, rank: int, world_size: int, step: int,
+                  model: torch.nn.Module) -> OpenedSnapshot:
+    """Open (job, rank, step) from the daemon and run every check; SnapshotCorrupt on the first failure."""
+    reply = client.open(step)
+    manifest = Manifest.from_json(reply.manifest_json)
+    if manifest.job != job:
+        raise SnapshotCorrupt(f"snapshot belongs to job {manifest.job!r}, not {job!r}", rank=rank, step=step)
+    if (manifest.rank, manifest.step) != (rank, step):
+        raise SnapshotCorrupt(f"manifest says rank {manifest.rank} step {manifest.step}", rank=rank, step=step)
+    if manifest.world_size != world_size:
+        raise SnapshotCorrupt(f"taken with world size {manifest.world_size}, this job runs {world_size} "
+                              "(resharding is not supported)", rank=rank, step=step)
+    manifest.validate(reply.capacity)
+    segment = MappedSegment(reply.path, manifest.data_bytes, writable=False)
+    try:
+        manifest.verify(segment.memoryview())
+        state.check_model(manifest, model)
+    except BaseException:
+        segment.close()
+        raise
+    return OpenedSnapshot(manifest, segment)
+
+
+def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer | None, scheduler: Any | None, extra: state.Extra,
+            restore_rng: bool = True) -> RestoreResult:
+    """Load the newest step that every rank holds and that verifies everywhere; step 0 when none."""
+    t0 = time.perf_counter()
+    failures: list[str] = []
+    try:
+        local = client.list_steps()
+    except DaemonUnavailable as exc:
+        log.error("rank %d: cannot list snapshots (%s); this rank has nothing to restore", rank, exc)
+        failures.append(str(exc))
+        local = []
+    candidates = agree_on_steps(local)
+    for step in candidates:
+        opened = None
+        try:
+            opened = open_verified(client, job, rank, world_size, step, model)
+        except FtdError as exc:
+            log.error("rank %d: step %d is unusable: %s", rank, step, exc)
+            failures.append(str(exc))
+        if not all_ranks_agree(opened is not None):
+            if opened is not None:
+                opened.close()
+            log.warning("rank %d: falling back from step %d (not usable on every rank)", rank, step)
+            continue
+        assert opened is not None
+        try:
+            decoded = state.apply(opened.manifest, opened.view, model, optimizer, scheduler, extra, restore_rng)
+        finally:
+            opened.close()
+        _discard_above(client, step)
+        seconds = time.perf_counter() - t0
+        log.info("rank %d: recovered step %d from local in %.2f s (%d bytes)", rank, step, seconds,
+                 opened.manifest.data_bytes)
+        return RestoreResult(step, seconds, opened.manifest.data_bytes, decoded, failures)
+    if local:
+        log.error("rank %d: none of the held steps %s could be restored on every rank; starting from step 0",
+                  rank, local)
+    _discard_above(client, 0)
+    return RestoreResult(0, time.perf_counter() - t0, 0, None, failures)
+
+
+def _discard_above(client: DaemonClient, step: int) -> None:
+    """Steps above the restored one belong to an abandoned timeline; drop them so retention stays right."""
+    try:
+        client.discard(step)
+    except FtdError as exc:
+        log.warning("could not discard snapshots above step %d: %s", step, exc)
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree_on_steps(local: list[int]) -> list[int]:
+    """Steps held by every rank, newest first (just `local` without a process group)."""
+    local = sorted(set(local), reverse=True)[:MAX_STEPS_EXCHANGED]
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    mine = torch.full((MAX_STEPS_EXCHANGED,), -1, dtype=torch.int64, device=_collective_device())
+    if local:
+        mine[:len(local)] = torch.tensor(local, dtype=torch.int64)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    common = set(local)
+    for other in gathered:
+        common &= {int(s) for s in other.tolist() if s >= 0}
+    return sorted(common, reverse=True)
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True when `ok` is true on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())

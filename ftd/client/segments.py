@@ -1,0 +1,120 @@
+"""Mappings of the daemon's shared-memory segments into a rank's address space.
+
+Segments are mapped once (MAP_POPULATE, so the page tables are built up front) and reused for
+every later snapshot that lands in the same segment. On CUDA the mapping is also registered as
+pinned host memory so device-to-host copies run asynchronously at full speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import warnings
+from collections import OrderedDict
+
+import torch
+
+from ftd.errors import SnapshotCorrupt
+from ftd.manifest import Entry, dtype_from_name
+
+log = logging.getLogger(__name__)
+
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+class MappedSegment:
+    """One segment file mapped into memory, with typed views onto its bytes."""
+
+    def __init__(self, path: str, size: int, writable: bool, register_cuda: bool = False):
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            if st.st_size < size:
+                raise SnapshotCorrupt(f"segment {path} is truncated: {st.st_size} bytes, expected {size}")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=prot) if size else None
+        finally:
+            os.close(fd)
+        self.path, self.size, self.inode = path, size, st.st_ino
+        with warnings.catch_warnings():  # read-only mappings are only ever read
+            warnings.simplefilter("ignore", UserWarning)
+            self.bytes = (torch.frombuffer(self._mmap, dtype=torch.uint8) if self._mmap is not None
+                          else torch.empty(0, dtype=torch.uint8))
+        self._registered = False
+        if register_cuda and size:
+            self._registered = _cuda_host_register(self.bytes)
+
+    def view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A tensor of `dtype`/`shape` over bytes [offset, offset + nbytes) of the segment."""
+        if offset + nbytes > self.size:
+            raise SnapshotCorrupt(f"bytes [{offset}, {offset + nbytes}) lie outside segment {self.path} ({self.size})")
+        return self.bytes[offset:offset + nbytes].view(dtype).reshape(shape)
+
+    def entry(self, entry: Entry) -> torch.Tensor:
+        return self.view(entry.offset, entry.nbytes, dtype_from_name(entry.dtype), entry.shape)
+
+    def memoryview(self) -> memoryview:
+        return memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
+
+    def close(self) -> None:
+        if self._registered:
+            _cuda_host_unregister(self.bytes)
+            self._registered = False
+        self.bytes = torch.empty(0, dtype=torch.uint8)
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # a view is still alive somewhere; the mapping goes when it does
+                log.debug("segment %s still has live views; leaving it to the garbage collector", self.path)
+            self._mmap = None
+
+
+class SegmentCache:
+    """Writable mappings of the segments the daemon hands this rank, reused across steps."""
+
+    def __init__(self, register_cuda: bool = False, max_open: int = 8):
+        self.register_cuda = register_cuda
+        self.max_open = max_open
+        self._open: OrderedDict[str, MappedSegment] = OrderedDict()
+
+    def get(self, path: str, capacity: int) -> MappedSegment:
+        seg = self._open.get(path)
+        if seg is not None:
+            try:
+                same = os.stat(path).st_ino == seg.inode and seg.size == capacity
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._open.move_to_end(path)
+                return seg
+            self._drop(path)
+        seg = MappedSegment(path, capacity, writable=True, register_cuda=self.register_cuda)
+        self._open[path] = seg
+        while len(self._open) > self.max_open:
+            self._drop(next(iter(self._open)))
+        return seg
+
+    def _drop(self, path: str) -> None:
+        self._open.pop(path).close()
+
+    def close(self) -> None:
+        while self._open:
+            self._drop(next(iter(self._open)))
+
+
+def _cuda_host_register(buf: torch.Tensor) -> bool:
+    """Pin a host mapping for asynchronous device copies (cudaHostRegister, portable flag)."""
+    if not torch.cuda.is_available():
+        return False
+    err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+    if int(err) != 0:
+        log.warning("cudaHostRegister of %d bytes failed (error %s); device copies will be synchronous",
+                    buf.numel(), err)
+        return False
+    return True
+
+
+def _cuda_host_unregister(buf: torch.Tensor) -> None:
+    if torch.cuda.is_available() and buf.numel():
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())

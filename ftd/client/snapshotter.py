@@ -1,0 +1,214 @@
+"""`ftd.Snapshotter`: the trainer-facing API (DESIGN §8).
+
+    snap = ftd.Snapshotter(model, optimizer, scheduler=sched, extra=loader_state)
+    start = snap.restore()
+    for step in range(start, steps):
+        ...; optimizer.step(); sched.step()
+        snap.snapshot(step + 1)
+
+`snapshot()` returns at once; the copy runs on a background thread while the next
+forward/backward computes, and a pre-hook on `optimizer.step` waits for it (the *stall*).
+ftd never raises into the training loop: a failed snapshot is logged, counted and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ftd.client import restore as restore_mod
+from ftd.client import state
+from ftd.client.copier import CopyEngine, CopyJob
+from ftd.client.rpc import DaemonClient
+from ftd.config import ClientConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SnapshotStats:
+    """What the Snapshotter has done so far. `stalls_s` holds the most recent stalls."""
+
+    requested: int = 0
+    sealed: int = 0
+    skipped: int = 0
+    skip_reasons: Counter[str] = field(default_factory=Counter)
+    last_sealed_step: int | None = None
+    last_bytes: int = 0
+    last_copy_s: float = 0.0
+    stalls_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    restored_step: int | None = None
+    restore_s: float = 0.0
+
+    @property
+    def median_stall_s(self) -> float:
+        return statistics.median(self.stalls_s) if self.stalls_s else 0.0
+
+    @property
+    def last_stall_s(self) -> float:
+        return self.stalls_s[-1] if self.stalls_s else 0.0
+
+
+class Snapshotter:
+    """Snapshots a model, its optimizer, scheduler, RNG and `extra` into the node's ftd daemon.
+
+    `extra` is a dict of JSON-safe values and tensors (restored in place) or a callable returning
+    one. Settings come from keyword arguments, then `FTD_*` variables (see ftd.config).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                 scheduler: Any | None = None, extra: state.Extra = None, rank: int | None = None,
+                 world_size: int | None = None, **settings: Any):
+        self.config = ClientConfig.load(**settings)
+        logging.getLogger("ftd").setLevel(self.config.log_level.upper())
+        self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
+        self.rank = _rank() if rank is None else rank
+        self.world_size = _world_size() if world_size is None else world_size
+        self.stats = SnapshotStats()
+        self._lock = threading.Lock()
+        self._inflight: CopyJob | None = None
+        self._unmeasured: CopyJob | None = None  # latest job whose stall the next optimizer.step measures
+        self.restored_extra: dict[str, Any] | None = None
+        self._pending_stall = -1.0
+        self._closed = False
+        self.client = DaemonClient(self.config.socket, self.config.job, self.rank, self.config.rpc_timeout)
+        self._engine = CopyEngine(self.client, self.config, self.rank, self._on_done) if self.config.enabled else None
+        self._hook = optimizer.register_step_pre_hook(self._before_step) if optimizer is not None else None
+        log.debug("rank %d/%d snapshotting into unix:%s (job %r)", self.rank, self.world_size, self.config.socket,
+                  self.config.job)
+
+    # ---- taking snapshots -------------------------------------------------------------------
+
+    def snapshot(self, step: int) -> None:
+        """Start an asynchronous snapshot of the state *after* `step` steps. Never raises."""
+        if self._engine is None or self._closed:
+            return
+        self.stats.requested += 1
+        self._wait_copied(self._inflight, "snapshot")
+        try:
+            captured = state.capture(step, self.model, self.optimizer, self.scheduler, self.extra)
+        except (TypeError, ValueError) as exc:
+            self._skip(step, "capture", f"state cannot be captured: {exc}")
+            return
+        ready = None
+        if torch.cuda.is_available() and any(t.is_cuda for t in captured.sources):
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream())
+        job = CopyJob(captured, self.world_size, self._pending_stall, cuda_ready=ready)
+        self._pending_stall = -1.0
+        with self._lock:
+            self._inflight = self._unmeasured = job
+        self._engine.submit(job)
+        if self.optimizer is None:  # nothing tells us when the state changes next: copy now
+            self._wait_copied(job, "snapshot without optimizer")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the snapshot in flight is sealed or skipped; True when nothing is left in flight."""
+        job = self._inflight
+        return job is None or job.finished.wait(self.config.max_stall if timeout is None else timeout)
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        job, self._unmeasured = self._unmeasured, None
+        if job is not None:
+            stall = self._wait_copied(job, "optimizer.step")
+            self.stats.stalls_s.append(stall)
+            self._pending_stall = stall
+
+    def _wait_copied(self, job: CopyJob | None, why: str) -> float:
+        """Wait (bounded by max_stall) until `job` no longer reads the live tensors; return the wait."""
+        if job is None or job.copied.is_set():
+            return 0.0
+        t0 = time.perf_counter()
+        if not job.copied.wait(self.config.max_stall):
+            job.abandon.set()
+            log.warning("rank %d: %s waited %.0f s for the copy of step %d; abandoning that snapshot",
+                        self.rank, why, self.config.max_stall, job.step)
+        return time.perf_counter() - t0
+
+    def _on_done(self, job: CopyJob) -> None:
+        with self._lock:
+            if self._inflight is job:
+                self._inflight = None
+            if job.outcome == "sealed":
+                self.stats.sealed += 1
+                self.stats.last_sealed_step = job.step
+                self.stats.last_bytes = job.nbytes
+                self.stats.last_copy_s = job.copy_seconds
+                return
+        self._skip(job.step, job.outcome.removeprefix("skipped:"), None)
+
+    def _skip(self, step: int, reason: str, message: str | None) -> None:
+        self.stats.skipped += 1
+        self.stats.skip_reasons[reason] += 1
+        if message:
+            log.warning("rank %d: snapshot of step %d skipped: %s", self.rank, step, message)
+
+    # ---- restoring --------------------------------------------------------------------------
+
+    def restore(self, restore_rng: bool = True) -> int:
+        """Load the newest step every rank holds into model, optimizer, scheduler, RNG and extra.
+
+        Returns that step (0 when there is nothing to restore). With `restore_rng=False` the RNG
+        state is left alone; call `restore_rng()` later (e.g. after creating the data iterator).
+        """
+        if self._engine is None:
+            return 0
+        self.wait()
+        result = restore_mod.restore(self.client, self.config.job, self.rank, self.world_size, self.model,
+                                     self.optimizer, self.scheduler, self.extra, restore_rng)
+        self.stats.restored_step, self.stats.restore_s = result.step, result.seconds
+        self.restored_extra = result.extra
+        return result.step
+
+    def restore_rng(self) -> None:
+        """Apply the RNG state of the restored step (after `restore(restore_rng=False)`)."""
+        step = self.stats.restored_step
+        if not step:
+            return
+        opened = restore_mod.open_verified(self.client, self.config.job, self.rank, self.world_size, step,
+                                           self.model)
+        try:
+            state.apply_rng(opened.manifest.meta["rng"], lambda name: opened.view(name).clone())
+        finally:
+            opened.close()
+
+    # ---- lifetime ---------------------------------------------------------------------------
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for the snapshot in flight (bounded), stop the copy thread, remove the hook."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._hook is not None:
+            self._hook.remove()
+        if self._engine is not None:
+            self.wait(timeout)
+            self._engine.close(self.config.rpc_timeout if timeout is None else timeout)
+        self.client.close()
+
+    def __enter__(self) -> Snapshotter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))

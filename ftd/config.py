@@ -1,0 +1,189 @@
+"""Settings of the daemon and the trainer-side client.
+
+Every setting is a CLI flag and an `FTD_*` environment variable, so a sidecar daemon and its
+trainer agree through the environment alone. Precedence: flag > environment > default.
+An `FTD_*` variable that no setting knows is rejected (a typo must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ftd.errors import ConfigError
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+               "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+_JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a byte size such as `4096`, `512MiB`, `8G` (binary for bare K/M/G/T)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ConfigError(f"not a byte size: {text!r} (examples: 1048576, 512MiB, 8GiB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def parse_bool(text: str | bool) -> bool:
+    """Parse 1/0, true/false, yes/no, on/off."""
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"not a boolean: {text!r} (use 1/0, true/false, yes/no, on/off)")
+
+
+def parse_job(text: str) -> str:
+    """A job id: it becomes part of file names, so only [A-Za-z0-9._-], at most 64 characters."""
+    if not _JOB_RE.match(text):
+        raise ConfigError(f"invalid job id {text!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    return text
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One tunable: its field name, environment variable, parser, default and who reads it."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    scopes: tuple[str, ...]
+
+    @property
+    def env(self) -> str:
+        return "FTD_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+DAEMON, CLIENT = "daemon", "client"
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("job", parse_job, "default", "job id; a daemon serves one job and refuses others", (DAEMON, CLIENT)),
+    Setting("socket", str, "", "unix socket of the daemon's snapshot service (default /tmp/ftd-<job>.sock)", (DAEMON, CLIENT)),
+    Setting("shm_dir", str, "/dev/shm", "directory (a tmpfs) where snapshot segments live", (DAEMON,)),
+    Setting("node", str, "", "this node's name (default: the host name)", (DAEMON,)),
+    Setting("keep", int, 2, "sealed steps kept per rank", (DAEMON,)),
+    Setting("memory_budget", parse_size, 0, "most bytes of segments the daemon holds (0: no fixed budget)", (DAEMON,)),
+    Setting("memory_reserve", parse_size, 1 << 30, "host memory that must stay available after a new segment", (DAEMON,)),
+    Setting("metrics_port", int, 0, "port of the Prometheus endpoint (0: off)", (DAEMON,)),
+    Setting("log_level", str, "INFO", "log level (DEBUG, INFO, WARNING, ERROR)", (DAEMON, CLIENT)),
+    Setting("enabled", parse_bool, True, "take snapshots at all (0 turns the client into a no-op)", (CLIENT,)),
+    Setting("rpc_timeout", float, 10.0, "seconds a call to the daemon may take", (CLIENT,)),
+    Setting("max_stall", float, 120.0, "seconds optimizer.step waits for a copy before the snapshot is abandoned", (CLIENT,)),
+    Setting("chunk_bytes", parse_size, 4 << 20, "bytes per checksummed chunk", (CLIENT,)),
+    Setting("debug_pause_copy_at_step", int, -1, "testing: pause the copy of this step half-way for 600 s", (CLIENT,)),
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
+KNOWN_ENV = frozenset(s.env for s in SETTINGS)
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Raise ConfigError naming every `FTD_*` variable that no setting knows."""
+    unknown = sorted(k for k in environ if k.startswith("FTD_") and k not in KNOWN_ENV)
+    if unknown:
+        raise ConfigError(f"unknown ftd setting(s) in the environment: {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(KNOWN_ENV))}")
+
+
+def _resolve(scope: str, environ: Mapping[str, str] | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    environ = os.environ if environ is None else environ
+    check_environment(environ)
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        if scope not in s.scopes:
+            continue
+        raw = overrides.get(s.name)
+        source = s.flag
+        if raw is None and s.env in environ:
+            raw, source = environ[s.env], s.env
+        if raw is None:
+            values[s.name] = s.default
+            continue
+        try:
+            values[s.name] = s.parse(raw)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{source}={raw!r}: {exc}") from exc
+    unknown = sorted(set(overrides) - {s.name for s in SETTINGS if scope in s.scopes})
+    if unknown:
+        raise ConfigError(f"unknown {scope} setting(s): {', '.join(unknown)}")
+    if not values.get("socket"):
+        values["socket"] = f"/tmp/ftd-{values['job']}.sock"
+    return values
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything `ftd daemon` needs."""
+
+    job: str
+    socket: str
+    shm_dir: str
+    node: str
+    keep: int
+    memory_budget: int
+    memory_reserve: int
+    metrics_port: int
+    log_level: str
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> DaemonConfig:
+        values = _resolve(DAEMON, environ, overrides)
+        values["node"] = values["node"] or socket.gethostname()
+        if values["keep"] < 1:
+            raise ConfigError(f"keep must be at least 1, got {values['keep']}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Everything the trainer-side Snapshotter needs."""
+
+    job: str
+    socket: str
+    log_level: str
+    enabled: bool
+    rpc_timeout: float
+    max_stall: float
+    chunk_bytes: int
+    debug_pause_copy_at_step: int
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ClientConfig:
+        values = _resolve(CLIENT, environ, overrides)
+        if values["chunk_bytes"] < 4096 or values["chunk_bytes"] % 64:
+            raise ConfigError(f"chunk_bytes must be a multiple of 64 and at least 4096, got {values['chunk_bytes']}")
+        if values["rpc_timeout"] <= 0 or values["max_stall"] <= 0:
+            raise ConfigError("rpc_timeout and max_stall must be positive")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> ClientConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def add_arguments(parser: argparse.ArgumentParser, scope: str) -> None:
+    """Add one flag per setting of `scope`; unset flags stay None so the environment applies."""
+    for s in SETTINGS:
+        if scope in s.scopes:
+            parser.add_argument(s.flag, dest=s.name, default=None, help=f"{s.help} [{s.env}, default {s.default!r}]")
+
+
+def overrides_from(args: argparse.Namespace, scope: str) -> dict[str, Any]:
+    """The flags the user actually gave, for `DaemonConfig.load(**...)`."""
+    return {s.name: getattr(args, s.name) for s in SETTINGS
+            if scope in s.scopes and getattr(args, s.name, None) is not None}

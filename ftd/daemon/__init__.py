@@ -1,0 +1,1 @@
+"""The snapshot manager process (ftd daemon): store, server."""

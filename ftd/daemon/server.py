@@ -1,0 +1,182 @@
+"""`ftd daemon`: the snapshot manager process. gRPC servicer over the SegmentStore.
+
+The servicer only translates protobuf <-> plain values and ftd errors -> gRPC status codes;
+the store holds all the logic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket as socketlib
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from ftd import __version__
+from ftd._proto import snapshot_pb2 as pb
+from ftd._proto import snapshot_pb2_grpc as pb_grpc
+from ftd.config import DaemonConfig
+from ftd.daemon.store import SegmentStore
+from ftd.errors import FtdError, ManifestError, NotFound, OutOfMemory, RequestRejected
+from ftd.metrics import DaemonMetrics
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+T = TypeVar("T")
+
+
+def _status_for(exc: FtdError) -> grpc.StatusCode:
+    if isinstance(exc, OutOfMemory):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, ManifestError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, RequestRejected):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INTERNAL
+
+
+class SnapshotServicer(pb_grpc.SnapshotServicer):
+    """Rank -> daemon snapshot service (proto/ftd/v1/snapshot.proto)."""
+
+    def __init__(self, config: DaemonConfig, store: SegmentStore):
+        self.config = config
+        self.store = store
+
+    def _call(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except FtdError as exc:
+            code = _status_for(exc)
+            level = logging.WARNING if code is not grpc.StatusCode.NOT_FOUND else logging.DEBUG
+            log.log(level, "refused (%s): %s", code.name, exc)
+            context.abort(code, str(exc))
+            raise  # unreachable: abort raises
+
+    def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
+        if request.job != self.config.job:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"this daemon serves job {self.config.job!r}, not {request.job!r}")
+        log.info("rank %d of %d (pid %d) connected", request.rank, request.world_size, request.pid)
+        return pb.HelloReply(job=self.config.job, node=self.config.node, shm_dir=self.config.shm_dir,
+                             pid=os.getpid(), version=__version__)
+
+    def Begin(self, request: pb.BeginRequest, context: grpc.ServicerContext) -> pb.BeginReply:
+        lease = self._call(context, lambda: self.store.begin(request.job, request.rank, request.step, request.nbytes))
+        return pb.BeginReply(lease=lease.lease, path=lease.path, capacity=lease.capacity)
+
+    def Commit(self, request: pb.CommitRequest, context: grpc.ServicerContext) -> pb.CommitReply:
+        held = self._call(context, lambda: self.store.commit(request.job, request.rank, request.step, request.lease,
+                                                             request.manifest_json))
+        if request.copy_seconds > 0:
+            self.store.metrics.client_copy.observe(request.copy_seconds)
+        if request.stall_seconds >= 0:
+            self.store.metrics.client_stall.observe(request.stall_seconds)
+        return pb.CommitReply(held_steps=held)
+
+    def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
+        self._call(context, lambda: self.store.abort(request.job, request.rank, request.step, request.lease,
+                                                     request.reason))
+        return pb.AbortReply()
+
+    def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListReply:
+        return pb.ListReply(steps=self._call(context, lambda: self.store.list_steps(request.job, request.rank)))
+
+    def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenReply:
+        path, capacity, manifest = self._call(context, lambda: self.store.open(request.job, request.rank, request.step))
+        return pb.OpenReply(path=path, capacity=capacity, manifest_json=manifest)
+
+    def Discard(self, request: pb.DiscardRequest, context: grpc.ServicerContext) -> pb.DiscardReply:
+        dropped = self._call(context, lambda: self.store.discard(request.job, request.rank, request.above_step))
+        if dropped:
+            log.info("rank %d: discarded steps %s above %d", request.rank, dropped, request.above_step)
+        return pb.DiscardReply(dropped=dropped)
+
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        import psutil
+
+        ranks = [pb.RankStatus(rank=r.rank, sealed_steps=r.sealed_steps, held_bytes=r.held_bytes, writing=r.writing)
+                 for r in self.store.summary()]
+        return pb.StatusReply(job=self.config.job, node=self.config.node, shm_dir=self.config.shm_dir,
+                              held_bytes=self.store.held_bytes(), budget_bytes=self.config.memory_budget,
+                              available_bytes=psutil.virtual_memory().available, ranks=ranks, version=__version__)
+
+
+def _claim_socket(path: str) -> None:
+    """Remove a stale socket file; refuse if a live daemon still answers on it."""
+    p = Path(path)
+    if not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return
+    if not stat.S_ISSOCK(p.stat().st_mode):
+        raise FtdError(f"{path} exists and is not a socket")
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            p.unlink(missing_ok=True)
+            return
+    raise FtdError(f"another daemon is already serving on {path}")
+
+
+class Daemon:
+    """The snapshot manager: store + gRPC server + metrics. A context manager."""
+
+    def __init__(self, config: DaemonConfig):
+        self.config = config
+        self.metrics = DaemonMetrics()
+        self.store = SegmentStore(config, self.metrics)
+        self._server: grpc.Server | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> Daemon:
+        adopted, dropped = self.store.adopt()
+        log.info("job %r on node %s: shm %s, re-adopted %d sealed segment(s), dropped %d half-written",
+                 self.config.job, self.config.node, self.store.root, adopted, dropped)
+        _claim_socket(self.config.socket)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ftd-rpc"),
+                             options=GRPC_OPTIONS)
+        pb_grpc.add_SnapshotServicer_to_server(SnapshotServicer(self.config, self.store), server)
+        if server.add_insecure_port(f"unix:{self.config.socket}") == 0:
+            raise FtdError(f"cannot listen on unix:{self.config.socket}")
+        server.start()
+        os.chmod(self.config.socket, 0o660)
+        self._server = server
+        self.metrics.serve(self.config.metrics_port)
+        log.info("serving snapshots on unix:%s (keep %d, budget %s, reserve %d bytes)", self.config.socket,
+                 self.config.keep, self.config.memory_budget or "none", self.config.memory_reserve)
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self._server is not None:
+            self._server.stop(grace).wait(grace + 1)
+            self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.socket)
+            log.info("daemon stopped")
+        self._stopped.set()
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def running(config: DaemonConfig) -> Iterator[Daemon]:
+    """Run a daemon for the duration of a `with` block (tests, demos)."""
+    with Daemon(config) as daemon:
+        yield daemon

@@ -1,0 +1,73 @@
+"""The life of one shared-memory segment: a small, pure state machine.
+
+    FREE ──begin──▶ WRITING ──commit──▶ SEALED ──evict/discard──▶ FREE
+                       └──abort/superseded──▶ FREE
+
+A sealed segment is immutable until it is evicted; only FREE segments are handed out, so a
+copy in progress never touches a sealed step.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftd.errors import FtdError
+
+
+class SlotState(enum.Enum):
+    FREE = "free"
+    WRITING = "writing"
+    SEALED = "sealed"
+
+
+_ALLOWED = {
+    (SlotState.FREE, SlotState.WRITING),
+    (SlotState.WRITING, SlotState.SEALED),
+    (SlotState.WRITING, SlotState.FREE),
+    (SlotState.SEALED, SlotState.FREE),
+}
+
+
+class IllegalTransition(FtdError):
+    """A slot was asked to move along an edge the state machine does not have."""
+
+
+@dataclass
+class Slot:
+    """One segment file and what it currently holds."""
+
+    path: Path
+    capacity: int
+    state: SlotState = SlotState.FREE
+    step: int | None = None
+    lease: int | None = None
+    manifest_json: bytes | None = None
+    begun_at: float = 0.0
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path.with_suffix(".manifest.json")
+
+    def begin(self, step: int, lease: int, now: float) -> None:
+        self._move(SlotState.WRITING)
+        self.step, self.lease, self.begun_at = step, lease, now
+
+    def seal(self, manifest_json: bytes) -> None:
+        self._move(SlotState.SEALED)
+        self.manifest_json, self.lease = manifest_json, None
+
+    def adopt_sealed(self, step: int, manifest_json: bytes) -> None:
+        """Take over a segment found sealed on disk (daemon restart)."""
+        self.begin(step, 0, 0.0)
+        self.seal(manifest_json)
+
+    def release(self) -> None:
+        self._move(SlotState.FREE)
+        self.step = self.lease = self.manifest_json = None
+
+    def _move(self, new: SlotState) -> None:
+        if (self.state, new) not in _ALLOWED:
+            raise IllegalTransition(f"{self.path.name}: {self.state.value} -> {new.value} is not allowed")
+        self.state = new

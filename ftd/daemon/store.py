@@ -1,0 +1,310 @@
+"""The daemon's shared-memory store: segments per rank, sealing, retention, budget, re-adoption.
+
+Files live under `<shm_dir>/ftd-<job>/rank-<r>/`: `<id>.seg` is a segment (allocated once,
+pre-faulted, reused) and `<id>.manifest.json` exists exactly while it is sealed. The manifest is
+written atomically (temp + rename) at seal and removed before a segment is reused, so a daemon
+restarted after SIGKILL re-adopts what it finds sealed and drops everything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from ftd.config import DaemonConfig
+from ftd.daemon.slots import Slot, SlotState
+from ftd.errors import ManifestError, NotFound, OutOfMemory, RequestRejected
+from ftd.manifest import Manifest
+from ftd.metrics import DaemonMetrics
+
+log = logging.getLogger(__name__)
+
+SEGMENT_ROUNDING = 1 << 20
+MAX_RANK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What Begin hands a rank: where to write and the token that Commit must show."""
+
+    lease: int
+    path: str
+    capacity: int
+
+
+@dataclass(frozen=True)
+class RankSummary:
+    rank: int
+    sealed_steps: list[int]
+    held_bytes: int
+    writing: bool
+
+
+class SegmentStore:
+    """All segments of one job on this node. Thread-safe; every public method takes the lock."""
+
+    def __init__(self, config: DaemonConfig, metrics: DaemonMetrics | None = None):
+        self.config = config
+        self.metrics = metrics or DaemonMetrics()
+        self.root = Path(config.shm_dir) / f"ftd-{config.job}"
+        self._slots: dict[int, list[Slot]] = {}
+        self._lock = threading.Lock()
+        self.metrics.shm_budget_bytes.set(config.memory_budget)
+
+    # ---- start-up ---------------------------------------------------------------------------
+
+    def adopt(self) -> tuple[int, int]:
+        """Re-adopt sealed segments left by an earlier daemon; drop half-written ones. Returns (adopted, dropped)."""
+        adopted = dropped = 0
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            for rank_dir in sorted(self.root.glob("rank-*")):
+                rank = _parse_rank(rank_dir.name)
+                if rank is None:
+                    continue
+                for tmp in rank_dir.glob("*.tmp"):
+                    tmp.unlink(missing_ok=True)
+                for seg in sorted(rank_dir.glob("*.seg")):
+                    slot = Slot(seg, seg.stat().st_size)
+                    step, manifest_json, why = self._read_sealed(slot, rank)
+                    if step is None:
+                        log.warning("dropping half-written segment %s: %s", seg, why)
+                        seg.unlink(missing_ok=True)
+                        slot.manifest_path.unlink(missing_ok=True)
+                        dropped += 1
+                        continue
+                    slot.adopt_sealed(step, manifest_json)
+                    self._slots.setdefault(rank, []).append(slot)
+                    adopted += 1
+                    log.info("re-adopted rank %d step %d (%s, %d bytes)", rank, step, seg.name, slot.capacity)
+                for orphan in rank_dir.glob("*.manifest.json"):
+                    if not orphan.with_name(orphan.name.removesuffix(".manifest.json") + ".seg").exists():
+                        orphan.unlink(missing_ok=True)
+                self._retain(rank)
+                self._update_gauges(rank)
+        self.metrics.segments_adopted.inc(adopted)
+        self.metrics.segments_dropped.inc(dropped)
+        return adopted, dropped
+
+    def _read_sealed(self, slot: Slot, rank: int) -> tuple[int | None, bytes, str]:
+        try:
+            raw = slot.manifest_path.read_bytes()
+        except FileNotFoundError:
+            return None, b"", "no manifest (the copy never committed)"
+        try:
+            manifest = Manifest.from_json(raw)
+            manifest.validate(slot.capacity)
+        except ManifestError as exc:
+            return None, b"", f"invalid manifest: {exc}"
+        if manifest.job != self.config.job or manifest.rank != rank:
+            return None, b"", f"manifest is for job {manifest.job!r} rank {manifest.rank}"
+        return manifest.step, raw, ""
+
+    # ---- the snapshot protocol --------------------------------------------------------------
+
+    def begin(self, job: str, rank: int, step: int, nbytes: int) -> Lease:
+        """Reserve a segment of at least `nbytes` for (rank, step); supersedes an unfinished one."""
+        self._check(job, rank, step)
+        if nbytes <= 0:
+            raise RequestRejected(f"nbytes must be positive, got {nbytes}")
+        with self._lock:
+            slots = self._slots.setdefault(rank, [])
+            for slot in slots:
+                if slot.state is SlotState.WRITING:
+                    log.warning("rank %d: step %s was never committed; its segment is reused", rank, slot.step)
+                    self.metrics.snapshots_aborted.labels("superseded").inc()
+                    slot.release()
+            slot = self._free_slot(rank, nbytes)
+            lease = secrets.randbits(63) or 1
+            slot.begin(step, lease, time.monotonic())
+            log.debug("rank %d step %d: writing into %s", rank, step, slot.path.name)
+            return Lease(lease, str(slot.path), slot.capacity)
+
+    def commit(self, job: str, rank: int, step: int, lease: int, manifest_json: bytes) -> list[int]:
+        """Seal the segment leased for (rank, step) after validating its manifest; return held steps."""
+        self._check(job, rank, step)
+        manifest = Manifest.from_json(manifest_json)
+        with self._lock:
+            slot = self._writing(rank, step, lease)
+            if (manifest.job, manifest.rank, manifest.step) != (job, rank, step):
+                raise ManifestError(f"manifest is for job {manifest.job!r} rank {manifest.rank} step "
+                                    f"{manifest.step}, the commit for job {job!r} rank {rank} step {step}")
+            manifest.validate(slot.capacity)
+            tmp = slot.manifest_path.with_suffix(".tmp")
+            tmp.write_bytes(manifest_json)
+            os.replace(tmp, slot.manifest_path)
+            for other in self._slots[rank]:
+                if other is not slot and other.state is SlotState.SEALED and other.step == step:
+                    self._evict(other, "replaced by a newer copy of the same step")
+            slot.seal(manifest_json)
+            self.metrics.commit_latency.observe(time.monotonic() - slot.begun_at)
+            self.metrics.snapshots_sealed.labels(str(rank)).inc()
+            self.metrics.snapshot_bytes.labels(str(rank)).inc(manifest.data_bytes)
+            self._retain(rank)
+            self._update_gauges(rank)
+            held = self._sealed_steps(rank)
+        log.info("sealed rank %d step %d (%d bytes); holding steps %s", rank, step, manifest.data_bytes, held)
+        return held
+
+    def abort(self, job: str, rank: int, step: int, lease: int, reason: str) -> None:
+        self._check(job, rank, step)
+        with self._lock:
+            slot = self._writing(rank, step, lease)
+            slot.release()
+        self.metrics.snapshots_aborted.labels("client").inc()
+        log.warning("rank %d aborted step %d: %s", rank, step, reason[:200])
+
+    def list_steps(self, job: str, rank: int) -> list[int]:
+        self._check(job, rank, 0)
+        with self._lock:
+            return self._sealed_steps(rank)
+
+    def open(self, job: str, rank: int, step: int) -> tuple[str, int, bytes]:
+        """(path, capacity, manifest JSON) of a sealed step."""
+        self._check(job, rank, step)
+        with self._lock:
+            for slot in self._slots.get(rank, []):
+                if slot.state is SlotState.SEALED and slot.step == step:
+                    assert slot.manifest_json is not None
+                    self.metrics.restores_served.inc()
+                    return str(slot.path), slot.capacity, slot.manifest_json
+        raise NotFound(f"job {job!r} rank {rank} step {step} is not held here (held: {self.list_steps(job, rank)})")
+
+    def discard(self, job: str, rank: int, above_step: int) -> list[int]:
+        """Drop sealed steps above `above_step` (a timeline abandoned by a restore)."""
+        self._check(job, rank, 0)
+        with self._lock:
+            dropped = [s.step for s in self._slots.get(rank, []) if s.state is SlotState.SEALED
+                       and s.step is not None and s.step > above_step]
+            for slot in list(self._slots.get(rank, [])):
+                if slot.state is SlotState.SEALED and slot.step in dropped:
+                    self._evict(slot, f"discarded above step {above_step}")
+            self._update_gauges(rank)
+        return sorted(int(s) for s in dropped if s is not None)
+
+    def summary(self) -> list[RankSummary]:
+        with self._lock:
+            return [RankSummary(rank, self._sealed_steps(rank), sum(s.capacity for s in slots),
+                                any(s.state is SlotState.WRITING for s in slots))
+                    for rank, slots in sorted(self._slots.items())]
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return self._held()
+
+    # ---- internals (lock held) --------------------------------------------------------------
+
+    def _check(self, job: str, rank: int, step: int) -> None:
+        if job != self.config.job:
+            raise RequestRejected(f"this daemon serves job {self.config.job!r}, not {job!r}")
+        if not 0 <= rank < MAX_RANK:
+            raise RequestRejected(f"rank {rank} is out of range")
+        if step < 0:
+            raise RequestRejected(f"step {step} is negative")
+
+    def _writing(self, rank: int, step: int, lease: int) -> Slot:
+        for slot in self._slots.get(rank, []):
+            if slot.state is SlotState.WRITING and slot.step == step and slot.lease == lease:
+                return slot
+        raise RequestRejected(f"rank {rank} holds no lease {lease} for step {step} (superseded, or the daemon restarted)")
+
+    def _sealed_steps(self, rank: int) -> list[int]:
+        return sorted(s.step for s in self._slots.get(rank, []) if s.state is SlotState.SEALED and s.step is not None)
+
+    def _held(self) -> int:
+        return sum(s.capacity for slots in self._slots.values() for s in slots)
+
+    def _free_slot(self, rank: int, nbytes: int) -> Slot:
+        slots = self._slots[rank]
+        free = sorted((s for s in slots if s.state is SlotState.FREE), key=lambda s: s.capacity)
+        fitting = [s for s in free if s.capacity >= nbytes]
+        if fitting:
+            return fitting[0]
+        for slot in free:  # too small for this state: give the memory back first
+            self._delete(rank, slot)
+        sealed = sorted((s for s in slots if s.state is SlotState.SEALED), key=lambda s: s.step or 0)
+        capacity = -(-nbytes // SEGMENT_ROUNDING) * SEGMENT_ROUNDING
+        if len(slots) < self.config.keep + 1:
+            try:
+                return self._allocate(rank, capacity)
+            except OutOfMemory:
+                if len(sealed) < 2:
+                    raise
+                log.warning("rank %d: memory is short, evicting step %s early", rank, sealed[0].step)
+        elif not sealed:
+            raise OutOfMemory(f"rank {rank} already has {len(slots)} segments in use")
+        victim = sealed[0]
+        self._evict(victim, "making room")
+        if victim.capacity >= nbytes:
+            return victim
+        self._delete(rank, victim)
+        return self._allocate(rank, capacity)
+
+    def _allocate(self, rank: int, capacity: int) -> Slot:
+        budget = self.config.memory_budget
+        held = self._held()
+        if budget and held + capacity > budget:
+            self.metrics.refused.labels("budget").inc()
+            raise OutOfMemory(f"a {capacity}-byte segment for rank {rank} would exceed the memory budget "
+                              f"({held} of {budget} bytes held)")
+        available = psutil.virtual_memory().available
+        if available - capacity < self.config.memory_reserve:
+            self.metrics.refused.labels("host_memory").inc()
+            raise OutOfMemory(f"a {capacity}-byte segment for rank {rank} would leave {available - capacity} bytes "
+                              f"of host memory available, under the reserve of {self.config.memory_reserve}")
+        directory = self.root / f"rank-{rank}"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{secrets.token_hex(8)}.seg"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, capacity)
+            os.posix_fallocate(fd, 0, capacity)  # allocate (pre-fault) the tmpfs pages now, not on first copy
+        except OSError as exc:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            self.metrics.refused.labels("shm_full").inc()
+            raise OutOfMemory(f"cannot allocate {capacity} bytes in {directory}: {exc}") from exc
+        os.close(fd)
+        slot = Slot(path, capacity)
+        self._slots[rank].append(slot)
+        self.metrics.shm_held_bytes.set(self._held())
+        log.info("rank %d: allocated segment %s (%d bytes)", rank, path.name, capacity)
+        return slot
+
+    def _evict(self, slot: Slot, why: str) -> None:
+        slot.manifest_path.unlink(missing_ok=True)
+        log.debug("evicting step %s (%s): %s", slot.step, slot.path.name, why)
+        slot.release()
+
+    def _delete(self, rank: int, slot: Slot) -> None:
+        slot.path.unlink(missing_ok=True)
+        slot.manifest_path.unlink(missing_ok=True)
+        self._slots[rank].remove(slot)
+        self.metrics.shm_held_bytes.set(self._held())
+
+    def _retain(self, rank: int) -> None:
+        sealed = sorted((s for s in self._slots.get(rank, []) if s.state is SlotState.SEALED),
+                        key=lambda s: s.step or 0)
+        for slot in sealed[:max(0, len(sealed) - self.config.keep)]:
+            self._evict(slot, f"keeping the newest {self.config.keep}")
+
+    def _update_gauges(self, rank: int) -> None:
+        steps = self._sealed_steps(rank)
+        if steps:
+            self.metrics.newest_sealed_step.labels(str(rank)).set(steps[-1])
+        self.metrics.shm_held_bytes.set(self._held())
+
+
+def _parse_rank(name: str) -> int | None:
+    try:
+        rank = int(name.removeprefix("rank-"))
+    except ValueError:
+        return None
+    return rank if 0 <= rank < MAX_RANK else None

@@ -1,0 +1,202 @@
+"""The snapshot format both sides speak: entries, offsets, dtypes and per-chunk checksums.
+
+A rank's snapshot is one contiguous byte region (a shared-memory segment) plus a manifest.
+The manifest is JSON, never pickle: it names every tensor entry (kind, dtype, shape, byte
+offset, length, one xxh3-64 checksum per `chunk_bytes` of the entry) and carries the
+non-tensor state (`meta`, JSON-safe; see ftd/client/state.py). Everything read back is
+validated before use, so a corrupt or hostile manifest gives a ManifestError, not a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import xxhash
+
+from ftd.errors import ManifestError, SnapshotCorrupt
+
+FORMAT_VERSION = 1
+ALIGN = 64
+CHECKSUM_ALGO = "xxh3_64"
+MAX_MANIFEST_BYTES = 256 << 20
+KINDS = ("param", "buffer", "optim", "rng", "extra")
+_DTYPE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,31}$")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.float32` -> "float32"."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """The torch dtype called `name`; ManifestError for anything that is not a dtype."""
+    value = getattr(torch, name, None) if isinstance(name, str) and _DTYPE_NAME_RE.match(name) else None
+    if not isinstance(value, torch.dtype):
+        raise ManifestError(f"unknown dtype {name!r}")
+    return value
+
+
+def align_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class EntrySpec:
+    """A tensor to place in a segment, before it has an offset."""
+
+    name: str
+    kind: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A tensor placed in a segment."""
+
+    name: str
+    kind: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    checksums: tuple[int, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "dtype": self.dtype, "shape": list(self.shape),
+                "offset": self.offset, "nbytes": self.nbytes, "checksums": list(self.checksums)}
+
+
+def layout(specs: Iterable[EntrySpec]) -> tuple[list[Entry], int]:
+    """Place entries one after another, each aligned to ALIGN bytes; return them and the total size."""
+    entries, offset = [], 0
+    for spec in specs:
+        entries.append(Entry(spec.name, spec.kind, dtype_name(spec.dtype), tuple(spec.shape), offset, spec.nbytes))
+        offset = align_up(offset + spec.nbytes)
+    return entries, offset
+
+
+def chunk_checksums(data: memoryview, chunk_bytes: int) -> tuple[int, ...]:
+    """xxh3-64 of each `chunk_bytes` slice of `data` (the last one may be shorter)."""
+    return tuple(xxhash.xxh3_64_intdigest(data[i:i + chunk_bytes]) for i in range(0, len(data), chunk_bytes))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to read one rank's snapshot of one step back."""
+
+    job: str
+    rank: int
+    world_size: int
+    step: int
+    chunk_bytes: int
+    data_bytes: int
+    entries: tuple[Entry, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+    checksum: str = CHECKSUM_ALGO
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> bytes:
+        doc = {"format": self.format, "job": self.job, "rank": self.rank, "world_size": self.world_size,
+               "step": self.step, "chunk_bytes": self.chunk_bytes, "data_bytes": self.data_bytes,
+               "checksum": self.checksum, "entries": [e.to_json() for e in self.entries], "meta": self.meta}
+        return json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        """Parse and type-check a manifest; ManifestError on anything malformed."""
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"manifest of {len(raw)} bytes exceeds {MAX_MANIFEST_BYTES}")
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise ManifestError("manifest is not a JSON object")
+        if doc.get("format") != FORMAT_VERSION:
+            raise ManifestError(f"unsupported manifest format {doc.get('format')!r} (this ftd reads {FORMAT_VERSION})")
+        if doc.get("checksum") != CHECKSUM_ALGO:
+            raise ManifestError(f"unsupported checksum {doc.get('checksum')!r}")
+        job = _typed(doc, "job", str)
+        ints = {k: _typed(doc, k, int) for k in ("rank", "world_size", "step", "chunk_bytes", "data_bytes")}
+        if min(ints.values()) < 0 or ints["chunk_bytes"] <= 0:
+            raise ManifestError(f"negative or zero field in manifest: {ints}")
+        meta = _typed(doc, "meta", dict)
+        raw_entries = _typed(doc, "entries", list)
+        entries = tuple(_entry_from_json(e, i) for i, e in enumerate(raw_entries))
+        return cls(job=job, entries=entries, meta=meta, **ints)
+
+    def validate(self, capacity: int) -> None:
+        """Check that every entry is self-consistent and lies inside a segment of `capacity` bytes."""
+        if self.data_bytes > capacity:
+            raise ManifestError(f"manifest covers {self.data_bytes} bytes but the segment holds {capacity}",
+                                rank=self.rank, step=self.step)
+        seen: set[str] = set()
+        for e in self.entries:
+            if e.name in seen:
+                raise ManifestError("duplicate entry", rank=self.rank, step=self.step, entry=e.name)
+            seen.add(e.name)
+            if e.kind not in KINDS:
+                raise ManifestError(f"unknown kind {e.kind!r}", rank=self.rank, step=self.step, entry=e.name)
+            expected = math.prod(e.shape) * dtype_from_name(e.dtype).itemsize
+            if e.nbytes != expected:
+                raise ManifestError(f"nbytes {e.nbytes} does not match {e.dtype}{list(e.shape)} ({expected})",
+                                    rank=self.rank, step=self.step, entry=e.name)
+            if e.offset % ALIGN or e.offset + e.nbytes > self.data_bytes:
+                raise ManifestError(f"bytes [{e.offset}, {e.offset + e.nbytes}) lie outside the segment's "
+                                    f"{self.data_bytes} bytes or are misaligned",
+                                    rank=self.rank, step=self.step, entry=e.name)
+            if len(e.checksums) != math.ceil(e.nbytes / self.chunk_bytes):
+                raise ManifestError(f"{len(e.checksums)} checksums for {e.nbytes} bytes in chunks of {self.chunk_bytes}",
+                                    rank=self.rank, step=self.step, entry=e.name)
+
+    def verify(self, data: memoryview, names: Sequence[str] | None = None) -> None:
+        """Recompute the checksums of `data` (the segment) and raise SnapshotCorrupt on the first mismatch."""
+        wanted = None if names is None else set(names)
+        for e in self.entries:
+            if wanted is not None and e.name not in wanted:
+                continue
+            got = chunk_checksums(data[e.offset:e.offset + e.nbytes], self.chunk_bytes)
+            if got != e.checksums:
+                bad = next(i for i, (a, b) in enumerate(zip(got, e.checksums)) if a != b)
+                raise SnapshotCorrupt(f"checksum mismatch in chunk {bad} (bytes {e.offset + bad * self.chunk_bytes}+)",
+                                      rank=self.rank, step=self.step, entry=e.name)
+
+    def entry_map(self) -> dict[str, Entry]:
+        return {e.name: e for e in self.entries}
+
+
+def _typed(doc: dict[str, Any], key: str, kind: type) -> Any:
+    value = doc.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ManifestError(f"manifest field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _entry_from_json(doc: Any, index: int) -> Entry:
+    if not isinstance(doc, dict):
+        raise ManifestError(f"entry {index} is not an object")
+    name = _typed(doc, "name", str)
+    try:
+        shape = tuple(_typed(doc, "shape", list))
+        checksums = tuple(_typed(doc, "checksums", list))
+        offset, nbytes = _typed(doc, "offset", int), _typed(doc, "nbytes", int)
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape) or len(shape) > 64:
+            raise ManifestError("shape must be at most 64 non-negative integers")
+        if any(not isinstance(c, int) or not 0 <= c < 1 << 64 for c in checksums):
+            raise ManifestError("checksums must be 64-bit unsigned integers")
+        if offset < 0 or nbytes < 0:
+            raise ManifestError("offset and nbytes must be non-negative")
+        return Entry(name, _typed(doc, "kind", str), _typed(doc, "dtype", str), shape, offset, nbytes, checksums)
+    except ManifestError as exc:
+        raise ManifestError(f"entry {index} ({name!r}): {exc}") from exc

@@ -1,0 +1,57 @@
+"""Every Prometheus metric of the daemon, defined once, units in the names.
+
+Each daemon owns a `DaemonMetrics` with its own registry (several daemons can live in one test
+process). Labels are low-cardinality: rank and reason, never step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+_SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class DaemonMetrics:
+    """The daemon's metrics and the registry they live in."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.snapshots_sealed = Counter("ftd_snapshots_sealed", "Snapshots sealed", ["rank"], registry=r)
+        self.snapshot_bytes = Counter("ftd_snapshot_bytes", "Bytes of sealed snapshots", ["rank"], registry=r)
+        self.snapshots_aborted = Counter("ftd_snapshots_aborted", "Snapshots begun and not sealed", ["reason"], registry=r)
+        self.refused = Counter("ftd_refused_snapshots", "Snapshots refused", ["reason"], registry=r)
+        self.commit_latency = Histogram("ftd_commit_latency_seconds", "From begin to sealed",
+                                        buckets=_SECONDS_BUCKETS, registry=r)
+        self.client_stall = Histogram("ftd_client_stall_seconds", "Time optimizer.step waited for a copy",
+                                      buckets=_SECONDS_BUCKETS, registry=r)
+        self.client_copy = Histogram("ftd_client_copy_seconds", "Time a rank spent copying a snapshot",
+                                     buckets=_SECONDS_BUCKETS, registry=r)
+        self.newest_sealed_step = Gauge("ftd_newest_sealed_step", "Newest sealed step", ["rank"], registry=r)
+        self.segments_adopted = Counter("ftd_segments_adopted", "Sealed segments re-adopted at start", registry=r)
+        self.segments_dropped = Counter("ftd_segments_dropped", "Half-written segments dropped at start", registry=r)
+        self.restores_served = Counter("ftd_restores_served", "Sealed snapshots opened for restore", registry=r)
+        self.shm_held_bytes = Gauge("ftd_shm_held_bytes", "Bytes of shared-memory segments held", registry=r)
+        self.shm_budget_bytes = Gauge("ftd_shm_budget_bytes", "Configured segment budget (0: none)", registry=r)
+        self.host_available_bytes = Gauge("ftd_host_memory_available_bytes", "Host memory available (psutil)",
+                                          registry=r)
+        self.host_available_bytes.set_function(lambda: psutil.virtual_memory().available)
+        proc = psutil.Process(os.getpid())
+        Gauge("ftd_process_rss_bytes", "Daemon resident memory", registry=r).set_function(
+            lambda: proc.memory_info().rss)
+        Gauge("ftd_process_threads", "Daemon threads", registry=r).set_function(proc.num_threads)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Expose the registry on http://addr:port/metrics (0: do nothing)."""
+        if port <= 0:
+            return
+        try:
+            start_http_server(port, addr=addr, registry=self.registry)
+            log.info("metrics on http://%s:%d/metrics", addr, port)
+        except OSError as exc:
+            log.warning("metrics endpoint not started on port %d: %s", port, exc)
