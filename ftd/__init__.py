@@ -6,7 +6,8 @@ it bit for bit after a crash.
 
 __version__ = "0.1.0"
 
-from ftd.client.snapshotter import Snapshotter, SnapshotStats  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
 from ftd.errors import (  # noqa: E402
     ConfigError,
     DaemonUnavailable,
@@ -16,6 +17,19 @@ from ftd.errors import (  # noqa: E402
     RestoreError,
     SnapshotCorrupt,
 )
+
+if TYPE_CHECKING:
+    from ftd.client.snapshotter import Snapshotter, SnapshotStats
+
+
+def __getattr__(name: str) -> Any:
+    # The trainer API needs torch; the daemon does not, so it is imported on first use only.
+    if name in ("Snapshotter", "SnapshotStats"):
+        from ftd.client import snapshotter
+
+        return getattr(snapshotter, name)
+    raise AttributeError(f"module 'ftd' has no attribute {name!r}")
+
 
 __all__ = [
     "Snapshotter",

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import xxhash
 
 from ftd.errors import ManifestError, SnapshotCorrupt
@@ -26,20 +24,21 @@ ALIGN = 64
 CHECKSUM_ALGO = "xxh3_64"
 MAX_MANIFEST_BYTES = 256 << 20
 KINDS = ("param", "buffer", "optim", "rng", "extra")
-_DTYPE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{1,31}$")
+# Bytes per element of every dtype a snapshot may hold (torch's names; no torch import needed here,
+# so the daemon starts fast).
+DTYPE_SIZES = {
+    "bool": 1, "uint8": 1, "int8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4, "int64": 8, "uint64": 8,
+    "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "complex32": 4, "complex64": 8, "complex128": 16,
+    "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """`torch.float32` -> "float32"."""
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    """The torch dtype called `name`; ManifestError for anything that is not a dtype."""
-    value = getattr(torch, name, None) if isinstance(name, str) and _DTYPE_NAME_RE.match(name) else None
-    if not isinstance(value, torch.dtype):
-        raise ManifestError(f"unknown dtype {name!r}")
-    return value
+def itemsize(dtype: str) -> int:
+    """Bytes per element of the dtype called `dtype`; ManifestError for anything else."""
+    size = DTYPE_SIZES.get(dtype) if isinstance(dtype, str) else None
+    if size is None:
+        raise ManifestError(f"unsupported dtype {dtype!r}")
+    return size
 
 
 def align_up(n: int, align: int = ALIGN) -> int:
@@ -48,16 +47,16 @@ def align_up(n: int, align: int = ALIGN) -> int:
 
 @dataclass(frozen=True)
 class EntrySpec:
-    """A tensor to place in a segment, before it has an offset."""
+    """A tensor to place in a segment, before it has an offset. `dtype` is torch's name ("float32")."""
 
     name: str
     kind: str
-    dtype: torch.dtype
+    dtype: str
     shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * itemsize(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ def layout(specs: Iterable[EntrySpec]) -> tuple[list[Entry], int]:
     """Place entries one after another, each aligned to ALIGN bytes; return them and the total size."""
     entries, offset = [], 0
     for spec in specs:
-        entries.append(Entry(spec.name, spec.kind, dtype_name(spec.dtype), tuple(spec.shape), offset, spec.nbytes))
+        entries.append(Entry(spec.name, spec.kind, spec.dtype, tuple(spec.shape), offset, spec.nbytes))
         offset = align_up(offset + spec.nbytes)
     return entries, offset
 
@@ -148,7 +147,7 @@ class Manifest:
             seen.add(e.name)
             if e.kind not in KINDS:
                 raise ManifestError(f"unknown kind {e.kind!r}", rank=self.rank, step=self.step, entry=e.name)
-            expected = math.prod(e.shape) * dtype_from_name(e.dtype).itemsize
+            expected = math.prod(e.shape) * itemsize(e.dtype)
             if e.nbytes != expected:
                 raise ManifestError(f"nbytes {e.nbytes} does not match {e.dtype}{list(e.shape)} ({expected})",
                                     rank=self.rank, step=self.step, entry=e.name)

@@ -16,11 +16,20 @@ from collections import OrderedDict
 import torch
 
 from ftd.errors import SnapshotCorrupt
-from ftd.manifest import Entry, dtype_from_name
+from ftd.manifest import Entry, itemsize
 
 log = logging.getLogger(__name__)
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a manifest dtype name (validated against ftd.manifest.DTYPE_SIZES)."""
+    itemsize(name)
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise SnapshotCorrupt(f"dtype {name!r} does not exist in this torch")
+    return value
 
 
 class MappedSegment:
@@ -52,7 +61,7 @@ class MappedSegment:
         return self.bytes[offset:offset + nbytes].view(dtype).reshape(shape)
 
     def entry(self, entry: Entry) -> torch.Tensor:
-        return self.view(entry.offset, entry.nbytes, dtype_from_name(entry.dtype), entry.shape)
+        return self.view(entry.offset, entry.nbytes, torch_dtype(entry.dtype), entry.shape)
 
     def memoryview(self) -> memoryview:
         return memoryview(self._mmap) if self._mmap is not None else memoryview(b"")

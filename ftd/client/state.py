@@ -18,7 +18,8 @@ import torch
 
 from ftd.client import jsonsafe
 from ftd.errors import SnapshotCorrupt
-from ftd.manifest import EntrySpec, Manifest, dtype_from_name
+from ftd.client.segments import torch_dtype
+from ftd.manifest import EntrySpec, Manifest, itemsize
 
 Extra = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
 
@@ -33,7 +34,11 @@ class Captured:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def add(self, name: str, kind: str, tensor: torch.Tensor) -> None:
-        self.specs.append(EntrySpec(name, kind, tensor.dtype, tuple(tensor.shape)))
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        itemsize(dtype)  # unsupported dtypes (quantized, sparse) fail here, at capture
+        if tensor.layout is not torch.strided:
+            raise TypeError(f"{name}: {tensor.layout} tensors cannot be snapshotted")
+        self.specs.append(EntrySpec(name, kind, dtype, tuple(tensor.shape)))
         self.sources.append(tensor)
 
     @property
@@ -122,7 +127,7 @@ def check_model(manifest: Manifest, model: torch.nn.Module) -> None:
         entry = entries.get(f"model/{name}")
         if entry is None:
             raise SnapshotCorrupt("missing from the snapshot", rank=manifest.rank, step=manifest.step, entry=name)
-        if dtype_from_name(entry.dtype) != target.dtype or tuple(entry.shape) != tuple(target.shape):
+        if torch_dtype(entry.dtype) != target.dtype or tuple(entry.shape) != tuple(target.shape):
             raise SnapshotCorrupt(f"snapshot holds {entry.dtype}{list(entry.shape)}, the model has "
                                   f"{target.dtype}{list(target.shape)}", rank=manifest.rank, step=manifest.step,
                                   entry=name)
