@@ -67,7 +67,10 @@ def open_verified(client: DaemonClient, job: str, rank: int, world_size: int, st
         raise SnapshotCorrupt(f"taken with world size {manifest.world_size}, this job runs {world_size} "
                               "(resharding is not supported)", rank=rank, step=step)
     manifest.validate(reply.capacity)
-    segment = MappedSegment(reply.path, manifest.data_bytes, writable=False)
+    try:
+        segment = MappedSegment(reply.path, manifest.data_bytes, writable=False)
+    except (SnapshotCorrupt, OSError) as exc:
+        raise SnapshotCorrupt(f"cannot map the segment: {exc}", rank=rank, step=step) from exc
     try:
         manifest.verify(segment.memoryview())
         state.check_model(manifest, model)
@@ -113,9 +116,9 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
                  opened.manifest.data_bytes)
         return RestoreResult(step, seconds, opened.manifest.data_bytes, decoded, failures)
     if local:
+        # Nothing is discarded here: a launch with the wrong model must not wipe good snapshots.
         log.error("rank %d: none of the held steps %s could be restored on every rank; starting from step 0",
                   rank, local)
-    _discard_above(client, 0)
     return RestoreResult(0, time.perf_counter() - t0, 0, None, failures)
 
 

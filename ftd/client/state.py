@@ -128,8 +128,9 @@ def check_model(manifest: Manifest, model: torch.nn.Module) -> None:
         if entry is None:
             raise SnapshotCorrupt("missing from the snapshot", rank=manifest.rank, step=manifest.step, entry=name)
         if torch_dtype(entry.dtype) != target.dtype or tuple(entry.shape) != tuple(target.shape):
+            model_dtype = str(target.dtype).removeprefix("torch.")
             raise SnapshotCorrupt(f"snapshot holds {entry.dtype}{list(entry.shape)}, the model has "
-                                  f"{target.dtype}{list(target.shape)}", rank=manifest.rank, step=manifest.step,
+                                  f"{model_dtype}{list(target.shape)}", rank=manifest.rank, step=manifest.step,
                                   entry=name)
 
 

@@ -45,6 +45,7 @@ class Slot:
     lease: int | None = None
     manifest_json: bytes | None = None
     begun_at: float = 0.0
+    sealed_at_ns: int = 0  # orders retention: the most recently sealed survive, whatever their step
 
     @property
     def manifest_path(self) -> Path:
@@ -54,18 +55,19 @@ class Slot:
         self._move(SlotState.WRITING)
         self.step, self.lease, self.begun_at = step, lease, now
 
-    def seal(self, manifest_json: bytes) -> None:
+    def seal(self, manifest_json: bytes, sealed_at_ns: int) -> None:
         self._move(SlotState.SEALED)
-        self.manifest_json, self.lease = manifest_json, None
+        self.manifest_json, self.lease, self.sealed_at_ns = manifest_json, None, sealed_at_ns
 
-    def adopt_sealed(self, step: int, manifest_json: bytes) -> None:
+    def adopt_sealed(self, step: int, manifest_json: bytes, sealed_at_ns: int) -> None:
         """Take over a segment found sealed on disk (daemon restart)."""
         self.begin(step, 0, 0.0)
-        self.seal(manifest_json)
+        self.seal(manifest_json, sealed_at_ns)
 
     def release(self) -> None:
         self._move(SlotState.FREE)
         self.step = self.lease = self.manifest_json = None
+        self.sealed_at_ns = 0
 
     def _move(self, new: SlotState) -> None:
         if (self.state, new) not in _ALLOWED:

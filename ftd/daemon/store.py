@@ -75,12 +75,12 @@ class SegmentStore:
                     slot = Slot(seg, seg.stat().st_size)
                     step, manifest_json, why = self._read_sealed(slot, rank)
                     if step is None:
-                        log.warning("dropping half-written segment %s: %s", seg, why)
+                        log.warning("dropping segment %s: %s", seg, why)
                         seg.unlink(missing_ok=True)
                         slot.manifest_path.unlink(missing_ok=True)
                         dropped += 1
                         continue
-                    slot.adopt_sealed(step, manifest_json)
+                    slot.adopt_sealed(step, manifest_json, slot.manifest_path.stat().st_mtime_ns)
                     self._slots.setdefault(rank, []).append(slot)
                     adopted += 1
                     log.info("re-adopted rank %d step %d (%s, %d bytes)", rank, step, seg.name, slot.capacity)
@@ -143,7 +143,7 @@ class SegmentStore:
             for other in self._slots[rank]:
                 if other is not slot and other.state is SlotState.SEALED and other.step == step:
                     self._evict(other, "replaced by a newer copy of the same step")
-            slot.seal(manifest_json)
+            slot.seal(manifest_json, time.time_ns())
             self.metrics.commit_latency.observe(time.monotonic() - slot.begun_at)
             self.metrics.snapshots_sealed.labels(str(rank)).inc()
             self.metrics.snapshot_bytes.labels(str(rank)).inc(manifest.data_bytes)
@@ -167,14 +167,21 @@ class SegmentStore:
             return self._sealed_steps(rank)
 
     def open(self, job: str, rank: int, step: int) -> tuple[str, int, bytes]:
-        """(path, capacity, manifest JSON) of a sealed step."""
+        """(path, capacity, manifest JSON) of a sealed step.
+
+        The manifest is read back from shared memory, not from the copy taken at seal: what is
+        restored is what is there now, and the reader verifies it.
+        """
         self._check(job, rank, step)
         with self._lock:
             for slot in self._slots.get(rank, []):
                 if slot.state is SlotState.SEALED and slot.step == step:
-                    assert slot.manifest_json is not None
+                    try:
+                        manifest_json = slot.manifest_path.read_bytes()
+                    except OSError as exc:
+                        raise NotFound(f"rank {rank} step {step}: manifest {slot.manifest_path} is gone: {exc}") from exc
                     self.metrics.restores_served.inc()
-                    return str(slot.path), slot.capacity, slot.manifest_json
+                    return str(slot.path), slot.capacity, manifest_json
         raise NotFound(f"job {job!r} rank {rank} step {step} is not held here (held: {self.list_steps(job, rank)})")
 
     def discard(self, job: str, rank: int, above_step: int) -> list[int]:
@@ -223,13 +230,17 @@ class SegmentStore:
 
     def _free_slot(self, rank: int, nbytes: int) -> Slot:
         slots = self._slots[rank]
+        for slot in [s for s in slots if s.state is SlotState.FREE and not _intact(s)]:
+            log.warning("rank %d: segment %s was truncated or removed behind the daemon's back; replacing it",
+                        rank, slot.path.name)
+            self._delete(rank, slot)
         free = sorted((s for s in slots if s.state is SlotState.FREE), key=lambda s: s.capacity)
         fitting = [s for s in free if s.capacity >= nbytes]
         if fitting:
             return fitting[0]
         for slot in free:  # too small for this state: give the memory back first
             self._delete(rank, slot)
-        sealed = sorted((s for s in slots if s.state is SlotState.SEALED), key=lambda s: s.step or 0)
+        sealed = sorted((s for s in slots if s.state is SlotState.SEALED), key=lambda s: s.sealed_at_ns)
         capacity = -(-nbytes // SEGMENT_ROUNDING) * SEGMENT_ROUNDING
         if len(slots) < self.config.keep + 1:
             try:
@@ -290,8 +301,10 @@ class SegmentStore:
         self.metrics.shm_held_bytes.set(self._held())
 
     def _retain(self, rank: int) -> None:
+        # By seal time, not step: after a restart from scratch, stale higher steps of an abandoned
+        # timeline must go before the new ones.
         sealed = sorted((s for s in self._slots.get(rank, []) if s.state is SlotState.SEALED),
-                        key=lambda s: s.step or 0)
+                        key=lambda s: (s.sealed_at_ns, s.step or 0))
         for slot in sealed[:max(0, len(sealed) - self.config.keep)]:
             self._evict(slot, f"keeping the newest {self.config.keep}")
 
@@ -300,6 +313,14 @@ class SegmentStore:
         if steps:
             self.metrics.newest_sealed_step.labels(str(rank)).set(steps[-1])
         self.metrics.shm_held_bytes.set(self._held())
+
+
+def _intact(slot: Slot) -> bool:
+    """The segment file still exists with its full size (a truncated mapping would SIGBUS the writer)."""
+    try:
+        return slot.path.stat().st_size == slot.capacity
+    except OSError:
+        return False
 
 
 def _parse_rank(name: str) -> int | None:

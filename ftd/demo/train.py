@@ -28,6 +28,8 @@ log = logging.getLogger("ftd.demo.train")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--stop-at", type=int, default=None, help="exit cleanly after this step (the schedule still "
+                   "spans --steps)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if start:
         log.info("rank %d resumed at step %d (data position %s)", rank, start, data_position)
     losses = open(args.losses, "a") if args.losses else None
-    for step in range(start, args.steps):
+    for step in range(start, args.steps if args.stop_at is None else min(args.stop_at, args.steps)):
         x, y = batch(step, rank, args.batch, args.context, args.seed)
         logits = net(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
