@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -25,7 +26,11 @@ _JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 def parse_size(text: str | int) -> int:
     """Parse a byte size such as `4096`, `512MiB`, `8G` (binary for bare K/M/G/T)."""
+    if isinstance(text, bool):
+        raise ConfigError(f"not a byte size: {text!r}")
     if isinstance(text, int):
+        if text < 0:
+            raise ConfigError(f"a byte size cannot be negative: {text}")
         return text
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
     if not match or match.group(2).lower() not in _SIZE_UNITS:
@@ -47,7 +52,7 @@ def parse_bool(text: str | bool) -> bool:
 
 def parse_job(text: str) -> str:
     """A job id: it becomes part of file names, so only [A-Za-z0-9._-], at most 64 characters."""
-    if not _JOB_RE.match(text):
+    if not isinstance(text, str) or not _JOB_RE.fullmatch(text):
         raise ConfigError(f"invalid job id {text!r}: use letters, digits, '.', '_' or '-' (at most 64)")
     return text
 
@@ -117,7 +122,7 @@ def _resolve(scope: str, environ: Mapping[str, str] | None, overrides: Mapping[s
             continue
         try:
             values[s.name] = s.parse(raw)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, ConfigError) as exc:
             raise ConfigError(f"{source}={raw!r}: {exc}") from exc
     unknown = sorted(set(overrides) - {s.name for s in SETTINGS if scope in s.scopes})
     if unknown:
@@ -168,8 +173,9 @@ class ClientConfig:
         values = _resolve(CLIENT, environ, overrides)
         if values["chunk_bytes"] < 4096 or values["chunk_bytes"] % 64:
             raise ConfigError(f"chunk_bytes must be a multiple of 64 and at least 4096, got {values['chunk_bytes']}")
-        if values["rpc_timeout"] <= 0 or values["max_stall"] <= 0:
-            raise ConfigError("rpc_timeout and max_stall must be positive")
+        for name in ("rpc_timeout", "max_stall"):
+            if not math.isfinite(values[name]) or values[name] <= 0:
+                raise ConfigError(f"{name} must be a positive, finite number of seconds, got {values[name]}")
         return cls(**values)
 
     def replace(self, **changes: Any) -> ClientConfig:

@@ -122,7 +122,7 @@ class Manifest:
             raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise ManifestError("manifest is not a JSON object")
-        if doc.get("format") != FORMAT_VERSION:
+        if type(doc.get("format")) is not int or doc["format"] != FORMAT_VERSION:
             raise ManifestError(f"unsupported manifest format {doc.get('format')!r} (this ftd reads {FORMAT_VERSION})")
         if doc.get("checksum") != CHECKSUM_ALGO:
             raise ManifestError(f"unsupported checksum {doc.get('checksum')!r}")
@@ -167,7 +167,8 @@ class Manifest:
                 continue
             got = chunk_checksums(data[e.offset:e.offset + e.nbytes], self.chunk_bytes)
             if got != e.checksums:
-                bad = next(i for i, (a, b) in enumerate(zip(got, e.checksums)) if a != b)
+                bad = next((i for i, (a, b) in enumerate(zip(got, e.checksums)) if a != b),
+                           min(len(got), len(e.checksums)))
                 raise SnapshotCorrupt(f"checksum mismatch in chunk {bad} (bytes {e.offset + bad * self.chunk_bytes}+)",
                                       rank=self.rank, step=self.step, entry=e.name)
 
@@ -192,7 +193,7 @@ def _entry_from_json(doc: Any, index: int) -> Entry:
         offset, nbytes = _typed(doc, "offset", int), _typed(doc, "nbytes", int)
         if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape) or len(shape) > 64:
             raise ManifestError("shape must be at most 64 non-negative integers")
-        if any(not isinstance(c, int) or not 0 <= c < 1 << 64 for c in checksums):
+        if any(type(c) is not int or not 0 <= c < 1 << 64 for c in checksums):
             raise ManifestError("checksums must be 64-bit unsigned integers")
         if offset < 0 or nbytes < 0:
             raise ManifestError("offset and nbytes must be non-negative")

@@ -35,8 +35,8 @@ def encode(value: Any, path: str, sink: TensorSink) -> Any:
         return {"__tuple__": [encode(v, f"{path}/{i}", sink) for i, v in enumerate(value)]}
     if isinstance(value, dict):
         if all(isinstance(k, str) and k not in _MARKERS for k in value):
-            return {k: encode(v, f"{path}/{k}", sink) for k, v in value.items()}
-        return {"__dict__": [[encode(k, f"{path}/key{i}", sink), encode(v, f"{path}/{k}", sink)]
+            return {k: encode(v, f"{path}/{_escape(k)}", sink) for k, v in value.items()}
+        return {"__dict__": [[encode(k, f"{path}/#k{i}", sink), encode(v, f"{path}/#v{i}", sink)]
                              for i, (k, v) in enumerate(value.items())]}
     np = _numpy()
     if np is not None and isinstance(value, np.ndarray):
@@ -44,9 +44,16 @@ def encode(value: Any, path: str, sink: TensorSink) -> Any:
             raise TypeError(f"{path}: numpy arrays of dtype {value.dtype} are not supported")
         return {"__ndarray__": {"dtype": value.dtype.str, "shape": list(value.shape), "data": value.ravel().tolist()}}
     if np is not None and isinstance(value, np.generic):
+        if value.dtype.kind not in "biuf":
+            raise TypeError(f"{path}: numpy scalars of dtype {value.dtype} are not supported")
         return {"__npscalar__": {"dtype": value.dtype.str, "value": value.item()}}
     raise TypeError(f"{path}: values of type {type(value).__name__} cannot be snapshotted "
                     "(use JSON-safe values or tensors)")
+
+
+def _escape(key: str) -> str:
+    """Make a dict key safe as one component of an entry name ('/' separates, '#' marks indices)."""
+    return key.replace("%", "%25").replace("/", "%2F").replace("#", "%23")
 
 
 def decode(value: Any, source: TensorSource) -> Any:

@@ -32,8 +32,12 @@ class Captured:
     specs: list[EntrySpec] = field(default_factory=list)
     sources: list[torch.Tensor] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    _names: set[str] = field(default_factory=set, repr=False)
 
     def add(self, name: str, kind: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise ValueError(f"two tensors would be stored as {name!r}")
+        self._names.add(name)
         dtype = str(tensor.dtype).removeprefix("torch.")
         itemsize(dtype)  # unsupported dtypes (quantized, sparse) fail here, at capture
         if tensor.layout is not torch.strided:

@@ -1,0 +1,474 @@
+"""ftd.daemon.store.SegmentStore on its own (no gRPC): protocol, retention, budget, re-adoption."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from ftd.config import DaemonConfig
+from ftd.daemon.store import SEGMENT_ROUNDING, SegmentStore
+from ftd.errors import ManifestError, NotFound, OutOfMemory, RequestRejected
+from ftd.manifest import EntrySpec, Manifest, chunk_checksums, layout
+from ftd.metrics import DaemonMetrics
+
+JOB = "job-a"
+CHUNK = 4096
+MiB = 1 << 20
+
+
+def _config(tmp_path: Path, job: str = JOB, **overrides) -> DaemonConfig:
+    values = dict(job=job, socket=str(tmp_path / "s.sock"), shm_dir=str(tmp_path / "shm"), memory_reserve="0")
+    values.update(overrides)
+    return DaemonConfig.load(environ={}, **values)
+
+
+def _store(tmp_path: Path, **overrides) -> SegmentStore:
+    store = SegmentStore(_config(tmp_path, **overrides), DaemonMetrics())
+    store.adopt()
+    return store
+
+
+def _specs(step: int) -> list[EntrySpec]:
+    return [EntrySpec("model/w", "param", "float32", (16, 16)), EntrySpec("model/n", "buffer", "int64", (step % 5 + 1,)),
+            EntrySpec("rng/torch", "rng", "uint8", (100,))]
+
+
+def _fill(path: str, total: int, step: int) -> memoryview:
+    data = bytes((step * 31 + i) % 256 for i in range(total))
+    with open(path, "r+b") as f:
+        f.write(data)
+    return memoryview(data)
+
+
+def _manifest(step: int, path: str | None = None, job: str = JOB, rank: int = 0, **changes) -> Manifest:
+    entries, total = layout(_specs(step))
+    data = _fill(path, total, step) if path else memoryview(bytes(total))
+    entries = [dataclasses.replace(e, checksums=chunk_checksums(data[e.offset:e.offset + e.nbytes], CHUNK))
+               for e in entries]
+    fields = dict(job=job, rank=rank, world_size=2, step=step, chunk_bytes=CHUNK, data_bytes=total,
+                  entries=tuple(entries), meta={"step": step})
+    fields.update(changes)
+    return Manifest(**fields)
+
+
+def _snapshot(store: SegmentStore, step: int, rank: int = 0, nbytes: int | None = None) -> list[int]:
+    _, total = layout(_specs(step))
+    lease = store.begin(JOB, rank, step, nbytes or total)
+    return store.commit(JOB, rank, step, lease.lease, _manifest(step, lease.path, rank=rank).to_json())
+
+
+def _segs(store: SegmentStore, rank: int = 0) -> list[Path]:
+    return sorted((store.root / f"rank-{rank}").glob("*.seg"))
+
+
+def _manifests(store: SegmentStore, rank: int = 0) -> list[Path]:
+    return sorted((store.root / f"rank-{rank}").glob("*.manifest.json"))
+
+
+def _metric(store: SegmentStore, name: str, labels: dict | None = None) -> float:
+    return store.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+# ---- the protocol -----------------------------------------------------------------------------
+
+
+def test_begin_commit_list_open(tmp_path):
+    store = _store(tmp_path)
+    assert store.list_steps(JOB, 0) == []
+    _, total = layout(_specs(4))
+    lease = store.begin(JOB, 0, 4, total)
+    assert lease.capacity >= total and lease.capacity % SEGMENT_ROUNDING == 0
+    assert os.path.getsize(lease.path) == lease.capacity
+    assert Path(lease.path).parent == store.root / "rank-0"
+    assert lease.lease > 0
+    assert store.list_steps(JOB, 0) == []  # not sealed yet
+    with pytest.raises(NotFound):
+        store.open(JOB, 0, 4)
+    manifest = _manifest(4, lease.path)
+    raw = manifest.to_json()
+    assert store.commit(JOB, 0, 4, lease.lease, raw) == [4]
+    assert store.list_steps(JOB, 0) == [4]
+    path, capacity, got = store.open(JOB, 0, 4)
+    assert (path, capacity, got) == (lease.path, lease.capacity, raw)
+    assert Path(path).with_suffix(".manifest.json").read_bytes() == raw
+    # the bytes the rank wrote are still there and verify against the manifest
+    with open(path, "rb") as f:
+        Manifest.from_json(got).verify(memoryview(f.read()))
+    assert _metric(store, "ftd_snapshots_sealed_total", {"rank": "0"}) == 1
+    summary = store.summary()
+    assert [(r.rank, r.sealed_steps, r.held_bytes, r.writing) for r in summary] == [(0, [4], lease.capacity, False)]
+    assert store.held_bytes() == lease.capacity
+
+
+def test_ranks_are_independent(tmp_path):
+    store = _store(tmp_path)
+    _snapshot(store, 1, rank=0)
+    _snapshot(store, 2, rank=3)
+    assert store.list_steps(JOB, 0) == [1]
+    assert store.list_steps(JOB, 3) == [2]
+    assert store.list_steps(JOB, 1) == []
+    with pytest.raises(NotFound):
+        store.open(JOB, 3, 1)
+
+
+def test_abort_frees_the_segment(tmp_path):
+    store = _store(tmp_path)
+    lease = store.begin(JOB, 0, 1, 100)
+    store.abort(JOB, 0, 1, lease.lease, "testing")
+    with pytest.raises(RequestRejected):
+        store.commit(JOB, 0, 1, lease.lease, _manifest(1).to_json())
+    assert store.summary()[0].writing is False
+    lease2 = store.begin(JOB, 0, 2, 100)
+    assert lease2.path == lease.path  # the aborted segment is reused
+    assert _metric(store, "ftd_snapshots_aborted_total", {"reason": "client"}) == 1
+
+
+def test_abort_with_wrong_lease_is_refused(tmp_path):
+    store = _store(tmp_path)
+    lease = store.begin(JOB, 0, 1, 100)
+    with pytest.raises(RequestRejected):
+        store.abort(JOB, 0, 1, lease.lease + 1, "wrong")
+    assert store.summary()[0].writing is True
+
+
+@pytest.mark.parametrize("rank,step,nbytes", [(-1, 0, 10), (1 << 20, 0, 10), (0, -1, 10), (0, 0, 0), (0, 0, -5)])
+def test_bad_begin_arguments_refused(tmp_path, rank, step, nbytes):
+    store = _store(tmp_path)
+    with pytest.raises(RequestRejected):
+        store.begin(JOB, rank, step, nbytes)
+    assert not list(store.root.rglob("*.seg"))
+
+
+# ---- retention --------------------------------------------------------------------------------
+
+
+def test_keep_two_retention_reuses_segment_files(tmp_path):
+    store = _store(tmp_path, keep=2)
+    files_seen: set[Path] = set()
+    for step in range(1, 11):
+        held = _snapshot(store, step)
+        assert held == list(range(max(1, step - 1), step + 1))
+        assert store.list_steps(JOB, 0) == held
+        segs = _segs(store)
+        files_seen.update(segs)
+        assert len(segs) == min(step, 3)  # keep + one to write into
+        assert len(_manifests(store)) == len(held)  # a manifest exactly while sealed
+    # steady state: nothing new was allocated after the first three
+    assert len(files_seen) == 3
+    assert store.held_bytes() == 3 * SEGMENT_ROUNDING
+    for step in (9, 10):
+        assert Manifest.from_json(store.open(JOB, 0, step)[2]).step == step
+    with pytest.raises(NotFound):
+        store.open(JOB, 0, 8)
+
+
+def test_keep_one(tmp_path):
+    store = _store(tmp_path, keep=1)
+    for step in range(1, 6):
+        assert _snapshot(store, step) == [step]
+    assert len(_segs(store)) == 2
+
+
+def test_recommit_of_same_step_replaces_it(tmp_path):
+    store = _store(tmp_path, keep=3)
+    _snapshot(store, 1)
+    _snapshot(store, 2)
+    first = store.open(JOB, 0, 2)[0]
+    assert _snapshot(store, 2) == [1, 2]
+    assert store.open(JOB, 0, 2)[0] != first
+    assert len(_manifests(store)) == 2
+
+
+def test_growing_state_gets_a_bigger_segment(tmp_path):
+    store = _store(tmp_path, keep=2)
+    for step in (1, 2, 3):
+        _snapshot(store, step)
+    lease = store.begin(JOB, 0, 4, 3 * MiB + 1)
+    assert lease.capacity == 4 * MiB
+    store.commit(JOB, 0, 4, lease.lease, _manifest(4, lease.path).to_json())
+    assert store.list_steps(JOB, 0) == [3, 4]
+    assert len(_segs(store)) == 3  # the small free segment was given back, not kept beside the new one
+
+
+# ---- superseding ------------------------------------------------------------------------------
+
+
+def test_unfinished_begin_is_superseded(tmp_path):
+    store = _store(tmp_path)
+    old = store.begin(JOB, 0, 1, 1000)
+    new = store.begin(JOB, 0, 2, 1000)
+    assert new.lease != old.lease
+    assert new.path == old.path  # the abandoned segment is reused, not leaked
+    assert len(_segs(store)) == 1
+    with pytest.raises(RequestRejected, match="no lease"):
+        store.commit(JOB, 0, 1, old.lease, _manifest(1, old.path).to_json())
+    assert store.commit(JOB, 0, 2, new.lease, _manifest(2, new.path).to_json()) == [2]
+    assert _metric(store, "ftd_snapshots_aborted_total", {"reason": "superseded"}) == 1
+
+
+def test_superseding_same_step_keeps_sealed_steps(tmp_path):
+    store = _store(tmp_path)
+    _snapshot(store, 1)
+    store.begin(JOB, 0, 2, 1000)
+    lease = store.begin(JOB, 0, 2, 1000)
+    store.commit(JOB, 0, 2, lease.lease, _manifest(2, lease.path).to_json())
+    assert store.list_steps(JOB, 0) == [1, 2]
+
+
+# ---- refused commits --------------------------------------------------------------------------
+
+
+def test_commit_with_wrong_lease_refused_and_lease_survives(tmp_path):
+    store = _store(tmp_path)
+    lease = store.begin(JOB, 0, 1, 1000)
+    raw = _manifest(1, lease.path).to_json()
+    with pytest.raises(RequestRejected, match="no lease"):
+        store.commit(JOB, 0, 1, lease.lease ^ 1, raw)
+    with pytest.raises(RequestRejected):
+        store.commit(JOB, 0, 2, lease.lease, _manifest(2).to_json())  # right lease, wrong step
+    assert store.list_steps(JOB, 0) == []
+    assert store.commit(JOB, 0, 1, lease.lease, raw) == [1]
+
+
+def test_commit_for_wrong_job_refused(tmp_path):
+    store = _store(tmp_path)
+    lease = store.begin(JOB, 0, 1, 1000)
+    with pytest.raises(RequestRejected, match="other"):
+        store.commit("other", 0, 1, lease.lease, _manifest(1, job="other").to_json())
+    # the commit names the right job, the manifest another
+    with pytest.raises(ManifestError, match="other"):
+        store.commit(JOB, 0, 1, lease.lease, _manifest(1, job="other").to_json())
+    with pytest.raises(ManifestError):
+        store.commit(JOB, 0, 1, lease.lease, _manifest(1, rank=1).to_json())
+    with pytest.raises(ManifestError):
+        store.commit(JOB, 0, 1, lease.lease, _manifest(2).to_json())
+    assert not _manifests(store)
+    assert store.commit(JOB, 0, 1, lease.lease, _manifest(1, lease.path).to_json()) == [1]
+
+
+def test_commit_with_manifest_outside_segment_refused(tmp_path):
+    store = _store(tmp_path)
+    lease = store.begin(JOB, 0, 1, 1000)
+    m = _manifest(1, lease.path)
+    too_big = dataclasses.replace(m, data_bytes=lease.capacity + 64)
+    with pytest.raises(ManifestError, match="segment holds"):
+        store.commit(JOB, 0, 1, lease.lease, too_big.to_json())
+    last = dataclasses.replace(m.entries[-1], offset=lease.capacity)
+    outside = dataclasses.replace(m, entries=m.entries[:-1] + (last,), data_bytes=lease.capacity)
+    with pytest.raises(ManifestError, match="outside"):
+        store.commit(JOB, 0, 1, lease.lease, outside.to_json())
+    with pytest.raises(ManifestError):
+        store.commit(JOB, 0, 1, lease.lease, b"{not json")
+    assert not _manifests(store) and not list(store.root.rglob("*.tmp"))
+    assert store.list_steps(JOB, 0) == []
+
+
+def test_wrong_job_rejected_everywhere(tmp_path):
+    store = _store(tmp_path)
+    _snapshot(store, 1)
+    for call in (lambda: store.begin("b", 0, 2, 10), lambda: store.list_steps("b", 0), lambda: store.open("b", 0, 1),
+                 lambda: store.discard("b", 0, 0), lambda: store.abort("b", 0, 1, 1, "x")):
+        with pytest.raises(RequestRejected, match="'b'"):
+            call()
+    assert store.list_steps(JOB, 0) == [1]
+
+
+# ---- memory budget ----------------------------------------------------------------------------
+
+
+def test_budget_refuses_a_segment_that_does_not_fit(tmp_path):
+    store = _store(tmp_path, memory_budget="1MiB")
+    with pytest.raises(OutOfMemory) as err:
+        store.begin(JOB, 0, 1, MiB + 1)
+    message = str(err.value)
+    assert "budget" in message and str(2 * MiB) in message and str(MiB) in message
+    assert not _segs(store)
+    assert _metric(store, "ftd_refused_snapshots_total", {"reason": "budget"}) == 1
+
+
+def test_budget_counts_all_ranks(tmp_path):
+    store = _store(tmp_path, memory_budget="2MiB")
+    _snapshot(store, 1, rank=0)
+    _snapshot(store, 1, rank=1)
+    with pytest.raises(OutOfMemory, match="rank 2"):
+        store.begin(JOB, 2, 1, 100)
+    # one sealed step is all rank 0 has: it is not evicted to make room
+    with pytest.raises(OutOfMemory):
+        store.begin(JOB, 0, 2, 100)
+    assert store.list_steps(JOB, 0) == [1]
+
+
+def test_budget_evicts_oldest_early_when_two_are_held(tmp_path):
+    store = _store(tmp_path, memory_budget="2MiB", keep=3)
+    _snapshot(store, 1)
+    _snapshot(store, 2)
+    assert _snapshot(store, 3) == [2, 3]
+    assert len(_segs(store)) == 2
+    assert store.held_bytes() <= 2 * MiB
+
+
+def test_host_memory_reserve_refuses(tmp_path):
+    store = _store(tmp_path, memory_reserve="1000TiB")
+    with pytest.raises(OutOfMemory, match="reserve"):
+        store.begin(JOB, 0, 1, 100)
+    assert _metric(store, "ftd_refused_snapshots_total", {"reason": "host_memory"}) == 1
+
+
+# ---- discard ----------------------------------------------------------------------------------
+
+
+def test_discard_above_step(tmp_path):
+    store = _store(tmp_path, keep=4)
+    for step in (1, 2, 3, 4):
+        _snapshot(store, step)
+    assert store.discard(JOB, 0, 2) == [3, 4]
+    assert store.list_steps(JOB, 0) == [1, 2]
+    assert len(_manifests(store)) == 2
+    assert store.discard(JOB, 0, 2) == []
+    with pytest.raises(NotFound):
+        store.open(JOB, 0, 3)
+    # the freed segments are reused
+    n = len(_segs(store))
+    _snapshot(store, 3)
+    assert len(_segs(store)) == n
+    assert store.discard(JOB, 0, 0) == [1, 2, 3]
+    assert store.list_steps(JOB, 0) == []
+    assert store.discard(JOB, 7, 0) == []  # a rank never seen
+
+
+def test_discard_leaves_a_write_in_progress(tmp_path):
+    store = _store(tmp_path)
+    _snapshot(store, 1)
+    lease = store.begin(JOB, 0, 5, 100)
+    assert store.discard(JOB, 0, 0) == [1]
+    assert store.commit(JOB, 0, 5, lease.lease, _manifest(5, lease.path).to_json()) == [5]
+
+
+# ---- restart and re-adoption ------------------------------------------------------------------
+
+
+def test_adopt_after_restart(tmp_path):
+    store = _store(tmp_path, keep=3)
+    raws = {}
+    for step in (1, 2):
+        _snapshot(store, step)
+        raws[step] = store.open(JOB, 0, step)[2]
+    _snapshot(store, 1, rank=4)
+    half = store.begin(JOB, 0, 3, 100)  # never committed: no manifest
+    assert len(_segs(store)) == 3
+
+    again = SegmentStore(_config(tmp_path, keep=3), DaemonMetrics())
+    assert again.adopt() == (3, 1)
+    assert again.list_steps(JOB, 0) == [1, 2]
+    assert again.list_steps(JOB, 4) == [1]
+    assert not Path(half.path).exists()
+    assert len(_segs(again)) == 2
+    for step in (1, 2):
+        path, capacity, raw = again.open(JOB, 0, step)
+        assert raw == raws[step]
+        assert capacity == os.path.getsize(path)
+        with open(path, "rb") as f:
+            Manifest.from_json(raw).verify(memoryview(f.read()))
+    assert _metric(again, "ftd_segments_adopted_total") == 3
+    assert _metric(again, "ftd_segments_dropped_total") == 1
+    # the adopted store carries on: retention and reuse work as before
+    assert _snapshot(again, 3) == [1, 2, 3]
+    assert _snapshot(again, 4) == [2, 3, 4]
+    assert len(_segs(again)) == 4
+
+
+def test_adopt_drops_corrupt_and_foreign_manifests(tmp_path):
+    store = _store(tmp_path, keep=5)
+    for step in (1, 2, 3, 4, 5):
+        _snapshot(store, step)
+    by_step = {step: Path(store.open(JOB, 0, step)[0]) for step in (1, 2, 3, 4, 5)}
+    by_step[1].with_suffix(".manifest.json").write_bytes(b"garbage{")
+    wrong_job = _manifest(2, job="someone-else").to_json()
+    by_step[2].with_suffix(".manifest.json").write_bytes(wrong_job)
+    wrong_rank = _manifest(3, rank=1).to_json()
+    by_step[3].with_suffix(".manifest.json").write_bytes(wrong_rank)
+    outside = dataclasses.replace(_manifest(4), data_bytes=SEGMENT_ROUNDING * 2).to_json()
+    by_step[4].with_suffix(".manifest.json").write_bytes(outside)
+    # leftovers of a crash: a temp manifest, an orphan manifest, a directory that is not a rank
+    (store.root / "rank-0" / "abc.tmp").write_bytes(b"x")
+    (store.root / "rank-0" / "dead.manifest.json").write_bytes(_manifest(9).to_json())
+    (store.root / "rank-x").mkdir()
+
+    again = SegmentStore(_config(tmp_path, keep=5), DaemonMetrics())
+    assert again.adopt() == (1, 4)
+    assert again.list_steps(JOB, 0) == [5]
+    assert [p.name for p in _segs(again)] == [by_step[5].name]
+    assert _manifests(again) == [by_step[5].with_suffix(".manifest.json")]
+    assert not list((store.root / "rank-0").glob("*.tmp"))
+
+
+def test_adopt_applies_retention(tmp_path):
+    store = _store(tmp_path, keep=4)
+    for step in (1, 2, 3, 4):
+        _snapshot(store, step)
+    again = SegmentStore(_config(tmp_path, keep=2), DaemonMetrics())
+    assert again.adopt() == (4, 0)
+    assert again.list_steps(JOB, 0) == [3, 4]
+    assert len(_manifests(again)) == 2
+    # the evicted segments stay as free slots and are reused before anything new is allocated
+    _snapshot(again, 5)
+    assert len(_segs(again)) == 4
+
+
+def test_other_job_on_same_shm_dir_is_separate(tmp_path):
+    a = _store(tmp_path)
+    _snapshot(a, 1)
+    b = SegmentStore(_config(tmp_path, job="job-b"), DaemonMetrics())
+    assert b.adopt() == (0, 0)
+    assert b.list_steps("job-b", 0) == []
+    with pytest.raises(RequestRejected):
+        b.list_steps(JOB, 0)
+    assert a.list_steps(JOB, 0) == [1]
+
+
+def test_adopt_refuses_segments_of_another_job_moved_in(tmp_path):
+    a = _store(tmp_path)
+    _snapshot(a, 1)
+    os.rename(a.root, a.root.parent / "ftd-job-b")
+    b = SegmentStore(_config(tmp_path, job="job-b"), DaemonMetrics())
+    assert b.adopt() == (0, 1)
+    assert b.list_steps("job-b", 0) == []
+
+
+# ---- damage behind the daemon's back ----------------------------------------------------------
+
+
+def test_retention_keeps_most_recently_sealed_not_highest_step(tmp_path):
+    store = _store(tmp_path, keep=2)
+    _snapshot(store, 50)
+    _snapshot(store, 60)
+    # training started over from scratch: the new timeline's steps are lower
+    assert _snapshot(store, 1) == [1, 60]
+    assert _snapshot(store, 2) == [1, 2]
+    assert len(_segs(store)) == 3
+
+
+def test_truncated_free_segment_is_replaced(tmp_path):
+    store = _store(tmp_path, keep=2)
+    for step in (1, 2, 3):
+        _snapshot(store, step)
+    sealed_paths = {store.open(JOB, 0, s)[0] for s in (2, 3)}
+    (free,) = [p for p in _segs(store) if str(p) not in sealed_paths]
+    os.truncate(free, 0)
+    lease = store.begin(JOB, 0, 4, 100)
+    assert lease.path != str(free)
+    assert not free.exists()
+    assert os.path.getsize(lease.path) == lease.capacity
+    assert store.commit(JOB, 0, 4, lease.lease, _manifest(4, lease.path).to_json()) == [3, 4]
+
+
+def test_open_reports_missing_manifest_as_not_found(tmp_path):
+    store = _store(tmp_path)
+    _snapshot(store, 1)
+    path = Path(store.open(JOB, 0, 1)[0])
+    path.with_suffix(".manifest.json").unlink()
+    with pytest.raises(NotFound, match="manifest"):
+        store.open(JOB, 0, 1)
