@@ -7,12 +7,13 @@ the store holds all the logic.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import socket as socketlib
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from typing import Any, TypeVar
@@ -128,6 +129,21 @@ def _claim_socket(path: str) -> None:
     raise FtdError(f"another daemon is already serving on {path}")
 
 
+def _lock_directory(root: Path) -> int:
+    """Hold an exclusive flock on `<root>/daemon.lock` for the daemon's lifetime (freed even on SIGKILL).
+
+    Two daemons adopting and evicting the same segments would destroy each other's snapshots.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise FtdError(f"another daemon already serves {root} (it holds {root / 'daemon.lock'})") from None
+    return fd
+
+
 class Daemon:
     """The snapshot manager: store + gRPC server + metrics. A context manager."""
 
@@ -136,13 +152,15 @@ class Daemon:
         self.metrics = DaemonMetrics()
         self.store = SegmentStore(config, self.metrics)
         self._server: grpc.Server | None = None
+        self._lock_fd: int | None = None
         self._stopped = threading.Event()
 
     def start(self) -> Daemon:
+        self._lock_fd = _lock_directory(self.store.root)
+        _claim_socket(self.config.socket)
         adopted, dropped = self.store.adopt()
         log.info("job %r on node %s: shm %s, re-adopted %d sealed segment(s), dropped %d half-written",
                  self.config.job, self.config.node, self.store.root, adopted, dropped)
-        _claim_socket(self.config.socket)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ftd-rpc"),
                              options=GRPC_OPTIONS)
         pb_grpc.add_SnapshotServicer_to_server(SnapshotServicer(self.config, self.store), server)
@@ -166,6 +184,9 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.socket)
             log.info("daemon stopped")
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
         self._stopped.set()
 
     def __enter__(self) -> Daemon:
@@ -174,9 +195,3 @@ class Daemon:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-
-@contextlib.contextmanager
-def running(config: DaemonConfig) -> Iterator[Daemon]:
-    """Run a daemon for the duration of a `with` block (tests, demos)."""
-    with Daemon(config) as daemon:
-        yield daemon
