@@ -51,7 +51,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     doc = {"job": st.job, "node": st.node, "version": st.version, "shm_dir": st.shm_dir,
            "held_bytes": st.held_bytes, "budget_bytes": st.budget_bytes, "available_bytes": st.available_bytes,
            "ranks": [{"rank": r.rank, "sealed_steps": list(r.sealed_steps), "held_bytes": r.held_bytes,
-                      "writing": r.writing} for r in st.ranks]}
+                      "writing": r.writing} for r in st.ranks],
+           "node_index": st.node_index, "group": list(st.group), "ec": st.ec,
+           "protected_step": st.protected_step, "rebuilding": st.rebuilding,
+           "peers": [{"node": p.node, "endpoint": p.endpoint, "up": p.up, "protected_step": p.protected_step,
+                      "rebuilding": p.rebuilding} for p in st.peers]}
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -62,6 +66,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{'rank':>6}  {'sealed steps':<24} {'held MiB':>10}  writing")
     for r in doc["ranks"]:
         print(f"{r['rank']:>6}  {str(r['sealed_steps']):<24} {r['held_bytes'] / 2**20:>10.1f}  {r['writing']}")
+    if st.node_index >= 0:
+        state = "rebuilding" if st.rebuilding else f"newest protected step {st.protected_step}"
+        print(f"EC {st.ec}: node {st.node_index} in group {list(st.group)}, {state}")
+        print(f"{'peer':>6}  {'endpoint':<24} {'up':<5} protected")
+        for p in doc["peers"]:
+            print(f"{p['node']:>6}  {p['endpoint']:<24} {str(p['up']):<5} "
+                  f"{'rebuilding' if p['rebuilding'] else p['protected_step']}")
     return 0
 
 

@@ -82,14 +82,30 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("job", parse_job, "default", "job id; a daemon serves one job and refuses others", (DAEMON, CLIENT)),
     Setting("socket", str, "", "unix socket of the daemon's snapshot service (default /tmp/ftd-<job>.sock)", (DAEMON, CLIENT)),
     Setting("shm_dir", str, "/dev/shm", "directory (a tmpfs) where snapshot segments live", (DAEMON,)),
-    Setting("node", str, "", "this node's name (default: the host name)", (DAEMON,)),
+    Setting("node", str, "", "this node: its index in the peer list, or its host[:port] there "
+            "(default: the host name)", (DAEMON,)),
+    Setting("peers", str, "", "ordered, comma-separated host:port list of every node's peer endpoint "
+            "(empty: no erasure coding)", (DAEMON,)),
+    Setting("peers_file", str, "", "file with one host:port per line (instead of --peers)", (DAEMON,)),
+    Setting("listen", str, "", "host:port of this node's peer service (default: 0.0.0.0 and the port of its "
+            "entry in the peer list); bulk data uses port + 1", (DAEMON,)),
+    Setting("ec", str, "4+2", "erasure-coding shape k+m of each group", (DAEMON,)),
+    Setting("codec", str, "auto", "erasure codec: auto, isal or reedsolo", (DAEMON,)),
+    Setting("cluster_token", str, "", "shared secret every peer must know (required with peers)", (DAEMON,)),
+    Setting("heartbeat_interval", float, 0.5, "seconds between heartbeats to each group peer", (DAEMON,)),
+    Setting("peer_timeout", float, 3.0, "seconds without a heartbeat before a peer is marked down", (DAEMON,)),
+    Setting("rebuild_wait", float, 60.0, "seconds a replacement node waits for enough peers to rebuild", (DAEMON,)),
     Setting("keep", int, 2, "sealed steps kept per rank", (DAEMON,)),
     Setting("memory_budget", parse_size, 0, "most bytes of segments the daemon holds (0: no fixed budget)", (DAEMON,)),
     Setting("memory_reserve", parse_size, 1 << 30, "host memory that must stay available after a new segment", (DAEMON,)),
+    Setting("preallocate", parse_bool, True, "prepare all keep + 1 segments of a rank in the background after its "
+            "first snapshot", (DAEMON,)),
     Setting("metrics_port", int, 0, "port of the Prometheus endpoint (0: off)", (DAEMON,)),
     Setting("log_level", str, "INFO", "log level (DEBUG, INFO, WARNING, ERROR)", (DAEMON, CLIENT)),
     Setting("enabled", parse_bool, True, "take snapshots at all (0 turns the client into a no-op)", (CLIENT,)),
     Setting("rpc_timeout", float, 10.0, "seconds a call to the daemon may take", (CLIENT,)),
+    Setting("restore_timeout", float, 600.0, "seconds restore() waits for a daemon that is rebuilding from peers",
+            (CLIENT,)),
     Setting("max_stall", float, 120.0, "seconds optimizer.step waits for a copy before the snapshot is abandoned", (CLIENT,)),
     Setting("chunk_bytes", parse_size, 4 << 20, "bytes per checksummed chunk", (CLIENT,)),
     Setting("debug_pause_copy_at_step", int, -1, "testing: pause the copy of this step half-way for 600 s", (CLIENT,)),
@@ -143,8 +159,18 @@ class DaemonConfig:
     keep: int
     memory_budget: int
     memory_reserve: int
+    preallocate: bool
     metrics_port: int
     log_level: str
+    peers: str = ""
+    peers_file: str = ""
+    listen: str = ""
+    ec: str = "4+2"
+    codec: str = "auto"
+    cluster_token: str = ""
+    heartbeat_interval: float = 0.5
+    peer_timeout: float = 3.0
+    rebuild_wait: float = 60.0
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> DaemonConfig:
@@ -152,7 +178,23 @@ class DaemonConfig:
         values["node"] = values["node"] or socket.gethostname()
         if values["keep"] < 1:
             raise ConfigError(f"keep must be at least 1, got {values['keep']}")
+        if values["peers_file"] and not values["peers"]:
+            try:
+                lines = open(values["peers_file"]).read().split()
+            except OSError as exc:
+                raise ConfigError(f"cannot read peers file {values['peers_file']}: {exc}") from exc
+            values["peers"] = ",".join(line for line in lines if line and not line.startswith("#"))
+        if values["peers"] and not values["cluster_token"]:
+            raise ConfigError("peers are configured but FTD_CLUSTER_TOKEN is empty: peers must share a secret")
+        for name in ("heartbeat_interval", "peer_timeout", "rebuild_wait"):
+            if not math.isfinite(values[name]) or values[name] <= 0:
+                raise ConfigError(f"{name} must be a positive, finite number of seconds, got {values[name]}")
         return cls(**values)
+
+    @property
+    def peer_list(self) -> list[str]:
+        """The ordered host:port entries of FTD_PEERS."""
+        return [p.strip() for p in self.peers.split(",") if p.strip()]
 
 
 @dataclass(frozen=True)
@@ -164,6 +206,7 @@ class ClientConfig:
     log_level: str
     enabled: bool
     rpc_timeout: float
+    restore_timeout: float
     max_stall: float
     chunk_bytes: int
     debug_pause_copy_at_step: int
@@ -173,7 +216,7 @@ class ClientConfig:
         values = _resolve(CLIENT, environ, overrides)
         if values["chunk_bytes"] < 4096 or values["chunk_bytes"] % 64:
             raise ConfigError(f"chunk_bytes must be a multiple of 64 and at least 4096, got {values['chunk_bytes']}")
-        for name in ("rpc_timeout", "max_stall"):
+        for name in ("rpc_timeout", "max_stall", "restore_timeout"):
             if not math.isfinite(values[name]) or values[name] <= 0:
                 raise ConfigError(f"{name} must be a positive, finite number of seconds, got {values[name]}")
         return cls(**values)

@@ -38,6 +38,24 @@ class DaemonMetrics:
         self.restores_served = Counter("ftd_restores_served", "Sealed snapshots opened for restore", registry=r)
         self.shm_held_bytes = Gauge("ftd_shm_held_bytes", "Bytes of shared-memory segments held", registry=r)
         self.shm_budget_bytes = Gauge("ftd_shm_budget_bytes", "Configured segment budget (0: none)", registry=r)
+        self.peer_up = Gauge("ftd_peer_up", "Peer answered heartbeats within the timeout", ["peer"], registry=r)
+        self.peer_refused = Counter("ftd_peer_refused", "Peer calls refused (authentication, job)", registry=r)
+        self.protected_step = Gauge("ftd_newest_protected_step", "Newest step protected in this node's group",
+                                    registry=r)
+        self.group_protected = Gauge("ftd_group_protected", "1 when the group holds a protected step", registry=r)
+        self.ec_encode_seconds = Histogram("ftd_ec_encode_seconds", "Seconds to encode one rotation of a step",
+                                           buckets=_SECONDS_BUCKETS, registry=r)
+        self.ec_encode_bytes = Counter("ftd_ec_encode_bytes", "Data bytes erasure-encoded", registry=r)
+        self.ec_decode_bytes = Counter("ftd_ec_decode_bytes", "Bytes rebuilt by erasure decoding", registry=r)
+        self.peer_sent_bytes = Counter("ftd_peer_sent_bytes", "Bulk bytes sent to peers", registry=r)
+        self.peer_received_bytes = Counter("ftd_peer_received_bytes", "Bulk bytes received from peers",
+                                           registry=r)
+        self.rebuild_progress = Gauge("ftd_rebuild_progress_ratio", "Fraction of the current rebuild done",
+                                      registry=r)
+        self.rebuild_seconds = Histogram("ftd_rebuild_seconds", "Duration of completed rebuilds",
+                                         buckets=_SECONDS_BUCKETS, registry=r)
+        self.checksum_failures = Counter("ftd_checksum_failures", "Pieces that failed their checksum",
+                                         ["kind"], registry=r)
         self.host_available_bytes = Gauge("ftd_host_memory_available_bytes", "Host memory available (psutil)",
                                           registry=r)
         self.host_available_bytes.set_function(lambda: psutil.virtual_memory().available)

@@ -163,8 +163,22 @@ class RankStatus(_message.Message):
     writing: bool
     def __init__(self, rank: _Optional[int] = ..., sealed_steps: _Optional[_Iterable[int]] = ..., held_bytes: _Optional[int] = ..., writing: _Optional[bool] = ...) -> None: ...
 
+class PeerStatus(_message.Message):
+    __slots__ = ("node", "endpoint", "up", "protected_step", "rebuilding")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    PROTECTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    REBUILDING_FIELD_NUMBER: _ClassVar[int]
+    node: int
+    endpoint: str
+    up: bool
+    protected_step: int
+    rebuilding: bool
+    def __init__(self, node: _Optional[int] = ..., endpoint: _Optional[str] = ..., up: _Optional[bool] = ..., protected_step: _Optional[int] = ..., rebuilding: _Optional[bool] = ...) -> None: ...
+
 class StatusReply(_message.Message):
-    __slots__ = ("job", "node", "shm_dir", "held_bytes", "budget_bytes", "available_bytes", "ranks", "version")
+    __slots__ = ("job", "node", "shm_dir", "held_bytes", "budget_bytes", "available_bytes", "ranks", "version", "node_index", "group", "ec", "protected_step", "rebuilding", "peers")
     JOB_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SHM_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +187,12 @@ class StatusReply(_message.Message):
     AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    NODE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    EC_FIELD_NUMBER: _ClassVar[int]
+    PROTECTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    REBUILDING_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
     job: str
     node: str
     shm_dir: str
@@ -181,4 +201,10 @@ class StatusReply(_message.Message):
     available_bytes: int
     ranks: _containers.RepeatedCompositeFieldContainer[RankStatus]
     version: str
-    def __init__(self, job: _Optional[str] = ..., node: _Optional[str] = ..., shm_dir: _Optional[str] = ..., held_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
+    node_index: int
+    group: _containers.RepeatedScalarFieldContainer[int]
+    ec: str
+    protected_step: int
+    rebuilding: bool
+    peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
+    def __init__(self, job: _Optional[str] = ..., node: _Optional[str] = ..., shm_dir: _Optional[str] = ..., held_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., version: _Optional[str] = ..., node_index: _Optional[int] = ..., group: _Optional[_Iterable[int]] = ..., ec: _Optional[str] = ..., protected_step: _Optional[int] = ..., rebuilding: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ...) -> None: ...

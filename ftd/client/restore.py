@@ -82,12 +82,12 @@ def open_verified(client: DaemonClient, job: str, rank: int, world_size: int, st
 
 def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: torch.nn.Module,
             optimizer: torch.optim.Optimizer | None, scheduler: Any | None, extra: state.Extra,
-            restore_rng: bool = True) -> RestoreResult:
+            restore_rng: bool = True, list_timeout: float | None = None) -> RestoreResult:
     """Load the newest step that every rank holds and that verifies everywhere; step 0 when none."""
     t0 = time.perf_counter()
     failures: list[str] = []
     try:
-        local = client.list_steps()
+        local = client.list_steps(timeout=list_timeout)
     except DaemonUnavailable as exc:
         log.error("rank %d: cannot list snapshots (%s); this rank has nothing to restore", rank, exc)
         failures.append(str(exc))

@@ -70,8 +70,10 @@ class DaemonClient:
         self._rpc(self._stub.Abort, pb.AbortRequest(job=self.job, rank=self.rank, step=step, lease=lease,
                                                     reason=reason))
 
-    def list_steps(self, rank: int | None = None) -> list[int]:
-        reply = self._rpc(self._stub.List, pb.ListRequest(job=self.job, rank=self.rank if rank is None else rank))
+    def list_steps(self, rank: int | None = None, timeout: float | None = None) -> list[int]:
+        """Sealed steps of a rank; waits (up to `timeout`) while the daemon rebuilds from its peers."""
+        reply = self._rpc(self._stub.List, pb.ListRequest(job=self.job, rank=self.rank if rank is None else rank),
+                          timeout)
         return list(reply.steps)
 
     def open(self, step: int, rank: int | None = None) -> pb.OpenReply:

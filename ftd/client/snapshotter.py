@@ -164,7 +164,8 @@ class Snapshotter:
             return 0
         self.wait()
         result = restore_mod.restore(self.client, self.config.job, self.rank, self.world_size, self.model,
-                                     self.optimizer, self.scheduler, self.extra, restore_rng)
+                                     self.optimizer, self.scheduler, self.extra, restore_rng,
+                                     self.config.restore_timeout)
         self.stats.restored_step, self.stats.restore_s = result.step, result.seconds
         self.restored_extra = result.extra
         return result.step

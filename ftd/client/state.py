@@ -138,6 +138,28 @@ def check_model(manifest: Manifest, model: torch.nn.Module) -> None:
                                   entry=name)
 
 
+def _into_live(saved: Any, live: Any) -> Any:
+    """Replace each segment view in `saved` by its live counterpart (copied into) or by a clone.
+
+    An optimizer that already has state (a restore inside a running process, or after one step)
+    gets its tensors overwritten in place instead of new memory being allocated and faulted in.
+    """
+    if isinstance(saved, torch.Tensor):
+        if (isinstance(live, torch.Tensor) and live.shape == saved.shape and live.dtype == saved.dtype
+                and live.layout is torch.strided):
+            with torch.no_grad():
+                live.copy_(saved)
+            return live
+        return saved.clone()
+    if isinstance(saved, dict):
+        return {k: _into_live(v, live.get(k) if isinstance(live, dict) else None) for k, v in saved.items()}
+    if isinstance(saved, (list, tuple)):
+        items = [_into_live(v, live[i] if isinstance(live, (list, tuple)) and i < len(live) else None)
+                 for i, v in enumerate(saved)]
+        return type(saved)(items)
+    return saved
+
+
 def apply(manifest: Manifest, view: Callable[[str], torch.Tensor], model: torch.nn.Module,
           optimizer: torch.optim.Optimizer | None, scheduler: Any | None, extra: Extra,
           restore_rng: bool = True) -> dict[str, Any] | None:
@@ -156,7 +178,7 @@ def apply(manifest: Manifest, view: Callable[[str], torch.Tensor], model: torch.
     if optimizer is not None:
         if "optim" not in meta:
             raise SnapshotCorrupt("snapshot holds no optimizer state", rank=manifest.rank, step=manifest.step)
-        state = jsonsafe.decode(meta["optim"]["state"], cloned)
+        state = _into_live(jsonsafe.decode(meta["optim"]["state"], view), optimizer.state_dict()["state"])
         groups = jsonsafe.decode(meta["optim"]["param_groups"], cloned)
         try:
             optimizer.load_state_dict({"state": state, "param_groups": groups})

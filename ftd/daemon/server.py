@@ -49,9 +49,20 @@ def _status_for(exc: FtdError) -> grpc.StatusCode:
 class SnapshotServicer(pb_grpc.SnapshotServicer):
     """Rank -> daemon snapshot service (proto/ftd/v1/snapshot.proto)."""
 
-    def __init__(self, config: DaemonConfig, store: SegmentStore):
+    def __init__(self, config: DaemonConfig, store: SegmentStore, protector: Any = None):
         self.config = config
         self.store = store
+        self.protector = protector
+        self.ready: threading.Event | None = protector.ready if protector is not None else None
+
+    def _wait_ready(self, context: grpc.ServicerContext) -> None:
+        """Hold List/Open while the daemon rebuilds its memory from peers (bounded by the caller's deadline)."""
+        if self.ready is None or self.ready.is_set():
+            return
+        remaining = context.time_remaining()
+        log.info("a rank asked for its snapshots while this node rebuilds; holding the call")
+        if not self.ready.wait(max(0.0, (remaining if remaining is not None else 600.0) - 0.5)):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "this node is still rebuilding its snapshots from peers")
 
     def _call(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         try:
@@ -90,9 +101,11 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
         return pb.AbortReply()
 
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListReply:
+        self._wait_ready(context)
         return pb.ListReply(steps=self._call(context, lambda: self.store.list_steps(request.job, request.rank)))
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenReply:
+        self._wait_ready(context)
         path, capacity, manifest = self._call(context, lambda: self.store.open(request.job, request.rank, request.step))
         return pb.OpenReply(path=path, capacity=capacity, manifest_json=manifest)
 
@@ -107,9 +120,21 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
 
         ranks = [pb.RankStatus(rank=r.rank, sealed_steps=r.sealed_steps, held_bytes=r.held_bytes, writing=r.writing)
                  for r in self.store.summary()]
-        return pb.StatusReply(job=self.config.job, node=self.config.node, shm_dir=self.config.shm_dir,
-                              held_bytes=self.store.held_bytes(), budget_bytes=self.config.memory_budget,
-                              available_bytes=psutil.virtual_memory().available, ranks=ranks, version=__version__)
+        reply = pb.StatusReply(job=self.config.job, node=self.config.node, shm_dir=self.config.shm_dir,
+                               held_bytes=self.store.held_bytes(), budget_bytes=self.config.memory_budget,
+                               available_bytes=psutil.virtual_memory().available, ranks=ranks, version=__version__,
+                               protected_step=-1, node_index=-1)
+        p = self.protector
+        if p is not None:
+            reply.node_index, reply.ec = p.membership.me, f"{p.group.k}+{p.group.m}"
+            reply.group.extend(p.group.members)
+            reply.protected_step, reply.rebuilding = p.protected_step, p.rebuilding
+            for state in p.table.states():
+                inv = state.inventory
+                reply.peers.append(pb.PeerStatus(node=state.node, endpoint=p.membership.peers[state.node],
+                                                 up=state.up, protected_step=inv.protected_step if inv else -1,
+                                                 rebuilding=bool(inv and inv.rebuilding)))
+        return reply
 
 
 def _claim_socket(path: str) -> None:
@@ -153,6 +178,7 @@ class Daemon:
         self.store = SegmentStore(config, self.metrics)
         self._server: grpc.Server | None = None
         self._lock_fd: int | None = None
+        self.protector: Any = None
         self._stopped = threading.Event()
 
     def start(self) -> Daemon:
@@ -161,9 +187,10 @@ class Daemon:
         adopted, dropped = self.store.adopt()
         log.info("job %r on node %s: shm %s, re-adopted %d sealed segment(s), dropped %d half-written",
                  self.config.job, self.config.node, self.store.root, adopted, dropped)
+        self.protector = self._start_protection()
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ftd-rpc"),
                              options=GRPC_OPTIONS)
-        pb_grpc.add_SnapshotServicer_to_server(SnapshotServicer(self.config, self.store), server)
+        pb_grpc.add_SnapshotServicer_to_server(SnapshotServicer(self.config, self.store, self.protector), server)
         if server.add_insecure_port(f"unix:{self.config.socket}") == 0:
             raise FtdError(f"cannot listen on unix:{self.config.socket}")
         server.start()
@@ -174,10 +201,28 @@ class Daemon:
                  self.config.keep, self.config.memory_budget or "none", self.config.memory_reserve)
         return self
 
+    def _start_protection(self) -> Any:
+        """Erasure coding across peers, when FTD_PEERS is set."""
+        from ftd.daemon.peers import Membership
+
+        membership = Membership.from_config(self.config)
+        if membership is None:
+            log.info("no peers configured: snapshots are not erasure-coded across nodes")
+            return None
+        from ftd.codec import make_codec
+        from ftd.daemon.protection import Protector
+
+        group = membership.group
+        codec = make_codec(self.config.codec, group.k, group.m)
+        return Protector(self.config, membership, self.store, codec, self.metrics).start()
+
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
 
     def stop(self, grace: float = 2.0) -> None:
+        if self.protector is not None:
+            self.protector.stop()
+            self.protector = None
         if self._server is not None:
             self._server.stop(grace).wait(grace + 1)
             self._server = None

@@ -46,6 +46,9 @@ class Slot:
     manifest_json: bytes | None = None
     begun_at: float = 0.0
     sealed_at_ns: int = 0  # orders retention: the most recently sealed survive, whatever their step
+    data_bytes: int = 0  # bytes the sealed manifest covers
+    unfilled: bool = False  # created, its pages not yet allocated and touched
+    filling: bool = False  # being pre-faulted in the background: not to be handed out yet
 
     @property
     def manifest_path(self) -> Path:
@@ -67,7 +70,7 @@ class Slot:
     def release(self) -> None:
         self._move(SlotState.FREE)
         self.step = self.lease = self.manifest_json = None
-        self.sealed_at_ns = 0
+        self.sealed_at_ns = self.data_bytes = 0
 
     def _move(self, new: SlotState) -> None:
         if (self.state, new) not in _ALLOWED:

@@ -27,6 +27,7 @@ from ftd.metrics import DaemonMetrics
 log = logging.getLogger(__name__)
 
 SEGMENT_ROUNDING = 1 << 20
+_ZEROS = bytes(8 << 20)
 MAX_RANK = 1 << 20
 
 
@@ -55,6 +56,7 @@ class SegmentStore:
         self.metrics = metrics or DaemonMetrics()
         self.root = Path(config.shm_dir) / f"ftd-{config.job}"
         self._slots: dict[int, list[Slot]] = {}
+        self._pinned: set[int] = set()
         self._lock = threading.Lock()
         self.metrics.shm_budget_bytes.set(config.memory_budget)
 
@@ -81,6 +83,7 @@ class SegmentStore:
                         dropped += 1
                         continue
                     slot.adopt_sealed(step, manifest_json, slot.manifest_path.stat().st_mtime_ns)
+                    slot.data_bytes = Manifest.from_json(manifest_json).data_bytes
                     self._slots.setdefault(rank, []).append(slot)
                     adopted += 1
                     log.info("re-adopted rank %d step %d (%s, %d bytes)", rank, step, seg.name, slot.capacity)
@@ -124,8 +127,13 @@ class SegmentStore:
             slot = self._free_slot(rank, nbytes)
             lease = secrets.randbits(63) or 1
             slot.begin(step, lease, time.monotonic())
-            log.debug("rank %d step %d: writing into %s", rank, step, slot.path.name)
-            return Lease(lease, str(slot.path), slot.capacity)
+            fresh = slot.unfilled
+        if fresh:  # outside the lock: other ranks keep committing while this one's pages are faulted in
+            self._fill(rank, slot)
+            if self.config.preallocate:
+                self._preallocate_later(rank, slot.capacity)
+        log.debug("rank %d step %d: writing into %s", rank, step, slot.path.name)
+        return Lease(lease, str(slot.path), slot.capacity)
 
     def commit(self, job: str, rank: int, step: int, lease: int, manifest_json: bytes) -> list[int]:
         """Seal the segment leased for (rank, step) after validating its manifest; return held steps."""
@@ -144,6 +152,7 @@ class SegmentStore:
                 if other is not slot and other.state is SlotState.SEALED and other.step == step:
                     self._evict(other, "replaced by a newer copy of the same step")
             slot.seal(manifest_json, time.time_ns())
+            slot.data_bytes = manifest.data_bytes
             self.metrics.commit_latency.observe(time.monotonic() - slot.begun_at)
             self.metrics.snapshots_sealed.labels(str(rank)).inc()
             self.metrics.snapshot_bytes.labels(str(rank)).inc(manifest.data_bytes)
@@ -206,6 +215,57 @@ class SegmentStore:
         with self._lock:
             return self._held()
 
+    # ---- what erasure coding needs -----------------------------------------------------------
+
+    def pin(self, steps: set[int]) -> None:
+        """Keep these steps sealed whatever `keep` says (the newest protected step, the one being encoded)."""
+        with self._lock:
+            self._pinned = set(steps)
+            for rank in self._slots:
+                self._retain(rank)
+
+    def complete_steps(self) -> dict[int, list[tuple[int, str, int, bytes]]]:
+        """Steps every local rank has sealed -> (rank, segment path, data bytes, manifest JSON) per rank."""
+        with self._lock:
+            per_rank = {rank: {s.step: s for s in slots if s.state is SlotState.SEALED}
+                        for rank, slots in self._slots.items()}
+        if not per_rank:
+            return {}
+        common = set.intersection(*(set(steps) for steps in per_rank.values()))
+        out: dict[int, list[tuple[int, str, int, bytes]]] = {}
+        for step in common:
+            parts = []
+            for rank, steps in per_rank.items():
+                slot = steps[step]
+                parts.append((rank, str(slot.path), slot.data_bytes, slot.manifest_json or b""))
+            out[int(step)] = parts  # type: ignore[index]
+        return out
+
+    def is_empty(self) -> bool:
+        with self._lock:
+            return not any(self._slots.values())
+
+    def install_sealed(self, rank: int, step: int, manifest_json: bytes, data: memoryview) -> None:
+        """Seal a snapshot rebuilt from peers as if rank `rank` had committed it."""
+        manifest = Manifest.from_json(manifest_json)
+        manifest.validate(len(data))
+        manifest.verify(data)
+        with self._lock:
+            self._slots.setdefault(rank, [])
+            slot = self._free_slot(rank, max(1, len(data)))
+            slot.unfilled = False  # the write below touches what is needed
+            with open(slot.path, "r+b") as f:
+                f.write(data)
+            slot.begin(step, 0, time.monotonic())
+            tmp = slot.manifest_path.with_suffix(".tmp")
+            tmp.write_bytes(manifest_json)
+            os.replace(tmp, slot.manifest_path)
+            slot.seal(manifest_json, time.time_ns())
+            slot.data_bytes = manifest.data_bytes
+            self._retain(rank)
+            self._update_gauges(rank)
+        log.info("installed rebuilt rank %d step %d (%d bytes)", rank, step, len(data))
+
     # ---- internals (lock held) --------------------------------------------------------------
 
     def _check(self, job: str, rank: int, step: int) -> None:
@@ -230,19 +290,20 @@ class SegmentStore:
 
     def _free_slot(self, rank: int, nbytes: int) -> Slot:
         slots = self._slots[rank]
-        for slot in [s for s in slots if s.state is SlotState.FREE and not _intact(s)]:
+        for slot in [s for s in slots if s.state is SlotState.FREE and not s.filling and not _intact(s)]:
             log.warning("rank %d: segment %s was truncated or removed behind the daemon's back; replacing it",
                         rank, slot.path.name)
             self._delete(rank, slot)
-        free = sorted((s for s in slots if s.state is SlotState.FREE), key=lambda s: s.capacity)
+        free = sorted((s for s in slots if s.state is SlotState.FREE and not s.filling), key=lambda s: s.capacity)
         fitting = [s for s in free if s.capacity >= nbytes]
         if fitting:
             return fitting[0]
         for slot in free:  # too small for this state: give the memory back first
             self._delete(rank, slot)
-        sealed = sorted((s for s in slots if s.state is SlotState.SEALED), key=lambda s: s.sealed_at_ns)
+        sealed = sorted((s for s in slots if s.state is SlotState.SEALED and s.step not in self._pinned),
+                        key=lambda s: s.sealed_at_ns)
         capacity = -(-nbytes // SEGMENT_ROUNDING) * SEGMENT_ROUNDING
-        if len(slots) < self.config.keep + 1:
+        if len(slots) < self.config.keep + 1 + len(self._pinned):
             try:
                 return self._allocate(rank, capacity)
             except OutOfMemory:
@@ -276,18 +337,64 @@ class SegmentStore:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, capacity)
-            os.posix_fallocate(fd, 0, capacity)  # allocate (pre-fault) the tmpfs pages now, not on first copy
-        except OSError as exc:
+        finally:
             os.close(fd)
-            path.unlink(missing_ok=True)
-            self.metrics.refused.labels("shm_full").inc()
-            raise OutOfMemory(f"cannot allocate {capacity} bytes in {directory}: {exc}") from exc
-        os.close(fd)
-        slot = Slot(path, capacity)
+        slot = Slot(path, capacity, unfilled=True)
         self._slots[rank].append(slot)
         self.metrics.shm_held_bytes.set(self._held())
-        log.info("rank %d: allocated segment %s (%d bytes)", rank, path.name, capacity)
         return slot
+
+    def _fill(self, rank: int, slot: Slot) -> None:
+        """Allocate and touch every page of a new segment (lock not held), so no copy ever page-faults.
+
+        tmpfs pages are only zeroed on first touch; writing zeros here keeps that cost out of the
+        trainer's copy. A full tmpfs gives OutOfMemory and the segment is removed.
+        """
+        t0 = time.perf_counter()
+        try:
+            fd = os.open(slot.path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, slot.capacity)
+                for offset in range(0, slot.capacity, len(_ZEROS)):
+                    os.pwrite(fd, _ZEROS[:min(len(_ZEROS), slot.capacity - offset)], offset)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with self._lock:
+                if slot in self._slots.get(rank, []):
+                    if slot.state is SlotState.WRITING:
+                        slot.release()
+                    self._delete(rank, slot)
+            self.metrics.refused.labels("shm_full").inc()
+            raise OutOfMemory(f"cannot allocate {slot.capacity} bytes in {slot.path.parent}: {exc}") from exc
+        slot.unfilled = False
+        seconds = time.perf_counter() - t0
+        log.info("rank %d: allocated segment %s (%d bytes, pre-faulted in %.2f s)", rank, slot.path.name,
+                 slot.capacity, seconds)
+
+    def _preallocate_later(self, rank: int, capacity: int) -> None:
+        """Prepare the rest of the rank's keep + 1 segments in the background (thread ftd-prealloc-<rank>)."""
+        def run() -> None:
+            while True:
+                with self._lock:
+                    slots = self._slots.get(rank, [])
+                    if len(slots) >= self.config.keep + 1:
+                        return
+                    try:
+                        slot = self._allocate(rank, capacity)
+                    except OutOfMemory as exc:
+                        log.debug("rank %d: no segment prepared ahead: %s", rank, exc)
+                        return
+                    slot.filling = True
+                try:
+                    self._fill(rank, slot)
+                except OutOfMemory as exc:
+                    log.warning("rank %d: preparing a segment ahead failed: %s", rank, exc)
+                    return
+                finally:
+                    slot.filling = False
+
+        threading.Thread(target=run, name=f"ftd-prealloc-{rank}", daemon=True).start()
 
     def _evict(self, slot: Slot, why: str) -> None:
         slot.manifest_path.unlink(missing_ok=True)
@@ -303,8 +410,8 @@ class SegmentStore:
     def _retain(self, rank: int) -> None:
         # By seal time, not step: after a restart from scratch, stale higher steps of an abandoned
         # timeline must go before the new ones.
-        sealed = sorted((s for s in self._slots.get(rank, []) if s.state is SlotState.SEALED),
-                        key=lambda s: (s.sealed_at_ns, s.step or 0))
+        sealed = sorted((s for s in self._slots.get(rank, []) if s.state is SlotState.SEALED
+                         and s.step not in self._pinned), key=lambda s: (s.sealed_at_ns, s.step or 0))
         for slot in sealed[:max(0, len(sealed) - self.config.keep)]:
             self._evict(slot, f"keeping the newest {self.config.keep}")
 

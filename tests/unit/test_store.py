@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ MiB = 1 << 20
 
 
 def _config(tmp_path: Path, job: str = JOB, **overrides) -> DaemonConfig:
-    values = dict(job=job, socket=str(tmp_path / "s.sock"), shm_dir=str(tmp_path / "shm"), memory_reserve="0")
+    # preallocate=False: these tests count segments; test_preallocation_prepares_keep_plus_one covers it
+    values = dict(job=job, socket=str(tmp_path / "s.sock"), shm_dir=str(tmp_path / "shm"), memory_reserve="0",
+                  preallocate=False)
     values.update(overrides)
     return DaemonConfig.load(environ={}, **values)
 
@@ -472,3 +475,17 @@ def test_open_reports_missing_manifest_as_not_found(tmp_path):
     path.with_suffix(".manifest.json").unlink()
     with pytest.raises(NotFound, match="manifest"):
         store.open(JOB, 0, 1)
+
+
+def test_preallocation_prepares_keep_plus_one(tmp_path):
+    store = _store(tmp_path, preallocate=True, keep=2)
+    lease = store.begin(JOB, 0, 1, 3 << 20)
+    deadline = time.monotonic() + 10
+    while len(list((tmp_path / "shm").rglob("*.seg"))) < 3 or store.held_bytes() < 3 * lease.capacity:
+        assert time.monotonic() < deadline, "the background thread did not prepare keep + 1 segments"
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert len(list((tmp_path / "shm").rglob("*.seg"))) == 3, "never more than keep + 1 segments per rank"
+    for seg in (tmp_path / "shm").rglob("*.seg"):
+        assert seg.stat().st_size == lease.capacity
+        assert seg.stat().st_blocks * 512 >= lease.capacity, f"{seg.name} was not pre-faulted"

@@ -1,0 +1,190 @@
+"""Parity chunks and rotation records in shared memory.
+
+A parity chunk lives in `<shm>/ftd-<job>/parity/s<step>-r<rotation>-p<j>.par`. It is sealed by
+its rotation record: `s<step>-r<rotation>.rec.json`, which every group member keeps. The record
+holds what a rebuild needs beyond the bytes: codec, k, m, chunk and stripe size, each
+contributor's chunk number, and an xxh3 checksum of every stripe of every chunk (data and
+parity), so a corrupt piece is detected and not used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from ftd.errors import FtdError, NotFound
+
+log = logging.getLogger(__name__)
+
+_PAR_RE = re.compile(r"^s(\d+)-r(\d+)-p(\d+)\.par$")
+_REC_RE = re.compile(r"^s(\d+)-r(\d+)\.rec\.json$")
+
+
+def stripe_checksums(data: bytes | memoryview, stripe: int) -> list[int]:
+    return [xxhash.xxh3_64_intdigest(data[i:i + stripe]) for i in range(0, len(data), stripe)]
+
+
+@dataclass(frozen=True)
+class RotationRecord:
+    """Everything about one rotation of one protected step, except the bytes."""
+
+    step: int
+    rotation: int
+    codec: str
+    k: int
+    m: int
+    chunk_bytes: int
+    stripe_bytes: int
+    members: list[int]            # global node ids of the group, in order
+    data: list[list[int]]         # per codec index 0..k-1: [group position, chunk number]
+    parity: list[int]             # per parity j: group position
+    checksums: list[list[int]]    # per codec index 0..k+m-1: stripe checksums
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> RotationRecord:
+        try:
+            doc: dict[str, Any] = json.loads(raw)
+            rec = cls(**{k: doc[k] for k in cls.__dataclass_fields__})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FtdError(f"malformed rotation record: {exc}") from exc
+        stripes = -(-rec.chunk_bytes // rec.stripe_bytes) if rec.stripe_bytes > 0 else -1
+        if (len(rec.data) != rec.k or len(rec.parity) != rec.m or len(rec.checksums) != rec.k + rec.m
+                or any(len(c) != stripes for c in rec.checksums) or rec.chunk_bytes <= 0):
+            raise FtdError(f"inconsistent rotation record for step {rec.step} rotation {rec.rotation}")
+        return rec
+
+
+class ParityStore:
+    """Parity files and rotation records of one job on this node. Thread-safe."""
+
+    def __init__(self, root: Path):
+        self.root = root / "parity"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._maps: dict[tuple[int, int, int], mmap.mmap] = {}
+
+    def _par(self, step: int, rot: int, j: int) -> Path:
+        return self.root / f"s{step}-r{rot}-p{j}.par"
+
+    def _rec(self, step: int, rot: int) -> Path:
+        return self.root / f"s{step}-r{rot}.rec.json"
+
+    def create(self, step: int, rot: int, j: int, size: int) -> mmap.mmap:
+        """A writable, pre-allocated parity file (an unsealed one is replaced)."""
+        with self._lock:
+            key = (step, rot, j)
+            if key in self._maps and len(self._maps[key]) == size:
+                return self._maps[key]
+            path = self._par(step, rot, j)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.ftruncate(fd, size)
+                os.posix_fallocate(fd, 0, size)
+                m = mmap.mmap(fd, size)
+            finally:
+                os.close(fd)
+            self._maps[key] = m
+            return m
+
+    def write(self, step: int, rot: int, j: int, size: int, offset: int, data: memoryview | bytes) -> None:
+        if offset < 0 or offset + len(data) > size:
+            raise ValueError(f"parity write [{offset}, {offset + len(data)}) outside {size} bytes")
+        m = self.create(step, rot, j, size)
+        m[offset:offset + len(data)] = data
+
+    def put_record(self, record: RotationRecord) -> None:
+        tmp = self._rec(record.step, record.rotation).with_suffix(".tmp")
+        tmp.write_bytes(record.to_json())
+        os.replace(tmp, self._rec(record.step, record.rotation))
+
+    def record(self, step: int, rot: int) -> RotationRecord:
+        try:
+            return RotationRecord.from_json(self._rec(step, rot).read_bytes())
+        except FileNotFoundError:
+            raise NotFound(f"no record of step {step} rotation {rot}") from None
+
+    def seal(self, step: int, rot: int, j: int) -> bool:
+        """Check a received parity chunk against its record; True when it is complete and intact."""
+        rec = self.record(step, rot)
+        path = self._par(step, rot, j)
+        if not path.exists() or path.stat().st_size != rec.chunk_bytes:
+            return False
+        got = stripe_checksums(self._read_map(step, rot, j), rec.stripe_bytes)
+        if got != rec.checksums[rec.k + j]:
+            log.error("parity step %d rotation %d j %d does not match its record; dropped", step, rot, j)
+            path.unlink(missing_ok=True)
+            return False
+        return True
+
+    def read(self, step: int, rot: int, j: int, offset: int, length: int) -> bytes:
+        """A piece of a parity chunk; raises when the file is missing or the piece fails its checksum."""
+        rec = self.record(step, rot)
+        if offset % rec.stripe_bytes or offset < 0 or offset + length > rec.chunk_bytes:
+            raise ValueError(f"parity read [{offset}, +{length}) is not stripe-aligned within {rec.chunk_bytes}")
+        data = bytes(self._read_map(step, rot, j)[offset:offset + length])
+        first = offset // rec.stripe_bytes
+        for i, c in enumerate(stripe_checksums(data, rec.stripe_bytes)):
+            if c != rec.checksums[rec.k + j][first + i]:
+                raise FtdError(f"parity step {step} rotation {rot} j {j} stripe {first + i} fails its checksum")
+        return data
+
+    def _read_map(self, step: int, rot: int, j: int) -> mmap.mmap:
+        with self._lock:
+            key = (step, rot, j)
+            if key not in self._maps:
+                path = self._par(step, rot, j)
+                try:
+                    fd = os.open(path, os.O_RDWR)
+                except FileNotFoundError:
+                    raise NotFound(f"no parity for step {step} rotation {rot} j {j}") from None
+                try:
+                    self._maps[key] = mmap.mmap(fd, os.fstat(fd).st_size)
+                finally:
+                    os.close(fd)
+            return self._maps[key]
+
+    def held(self) -> list[tuple[int, int, int, int]]:
+        """(step, rotation, j, chunk bytes) of every parity chunk with a record."""
+        out = []
+        records = {(int(a), int(b)) for a, b in (_REC_RE.match(p.name).groups() for p in self.root.iterdir()
+                                                   if _REC_RE.match(p.name))}
+        for path in self.root.iterdir():
+            match = _PAR_RE.match(path.name)
+            if match:
+                step, rot, j = (int(x) for x in match.groups())
+                if (step, rot) in records:
+                    out.append((step, rot, j, path.stat().st_size))
+        return sorted(out)
+
+    def record_steps(self) -> set[int]:
+        return {int(_REC_RE.match(p.name).group(1)) for p in self.root.iterdir() if _REC_RE.match(p.name)}
+
+    def drop_except(self, keep_steps: set[int]) -> None:
+        """Delete parity and records of every step not in `keep_steps`."""
+        with self._lock:
+            for path in list(self.root.iterdir()):
+                match = _PAR_RE.match(path.name) or _REC_RE.match(path.name)
+                if match and int(match.group(1)) not in keep_steps:
+                    key = tuple(int(x) for x in match.groups())
+                    m = self._maps.pop(key, None) if len(key) == 3 else None  # type: ignore[arg-type]
+                    if m is not None:
+                        m.close()
+                    path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        with self._lock:
+            for m in self._maps.values():
+                m.close()
+            self._maps.clear()

@@ -1,0 +1,231 @@
+"""Peer membership, heartbeats and the peer gRPC service (proto/ftd/v1/peer.proto).
+
+`Membership` says who is in the cluster and in this node's EC group; `PeerTable` remembers the
+newest inventory and liveness of every group peer; `HeartbeatLoop` exchanges inventories on a
+fixed interval and marks a peer down when it misses `peer_timeout` (logged and exported; it
+destroys nothing). Every call is signed with the cluster token (ftd/daemon/auth.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from ftd._proto import peer_pb2 as pb
+from ftd._proto import peer_pb2_grpc as pb_grpc
+from ftd.config import DaemonConfig
+from ftd.daemon import auth
+from ftd.daemon.groups import ECShape, Group, group_of, plan_groups
+from ftd.errors import ConfigError
+from ftd.metrics import DaemonMetrics
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_METHOD = "/ftd.v1.Peer/Heartbeat"
+
+
+def split_host_port(entry: str) -> tuple[str, int]:
+    host, _, port = entry.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65535:
+        raise ConfigError(f"peer entry {entry!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class Membership:
+    """The cluster as this node sees it: ordered peer endpoints, its own index, its group."""
+
+    peers: tuple[str, ...]
+    me: int
+    shape: ECShape
+    groups: tuple[Group, ...]
+
+    @classmethod
+    def from_config(cls, config: DaemonConfig) -> Membership | None:
+        peers = tuple(config.peer_list)
+        if not peers:
+            return None
+        for entry in peers:
+            split_host_port(entry)
+        shape = ECShape.parse(config.ec)
+        return cls(peers, _find_me(config.node, peers), shape, tuple(plan_groups(len(peers), shape)))
+
+    @property
+    def group(self) -> Group:
+        return group_of(self.me, list(self.groups))
+
+    @property
+    def position(self) -> int:
+        return self.group.position(self.me)
+
+    def grpc_target(self, node: int) -> str:
+        return self.peers[node]
+
+    def data_endpoint(self, node: int) -> str:
+        host, port = split_host_port(self.peers[node])
+        return f"tcp://{host}:{port + 1}"
+
+    def listen_addresses(self, listen: str) -> tuple[str, str]:
+        """(gRPC bind address, zmq bind endpoint) of this node."""
+        host, port = split_host_port(listen or f"0.0.0.0:{split_host_port(self.peers[self.me])[1]}")
+        return f"{host}:{port}", f"tcp://{host}:{port + 1}"
+
+
+def _find_me(node: str, peers: tuple[str, ...]) -> int:
+    if node.isdigit():
+        index = int(node)
+        if index >= len(peers):
+            raise ConfigError(f"node index {index} is outside the {len(peers)}-entry peer list")
+        return index
+    names = [node, socket.gethostname()]
+    for name in names:
+        for i, entry in enumerate(peers):
+            host = split_host_port(entry)[0]
+            if name in (entry, host) or host.split(".")[0] == name:
+                return i
+    raise ConfigError(f"node {node!r} is not in the peer list {list(peers)}; set FTD_NODE to its index")
+
+
+@dataclass
+class PeerState:
+    """What this node knows of one peer."""
+
+    node: int
+    up: bool = False
+    last_seen: float = 0.0
+    inventory: pb.Inventory | None = None
+    incarnation: int = 0
+
+
+@dataclass
+class PeerTable:
+    """Liveness and newest inventory of every group peer. Thread-safe."""
+
+    membership: Membership
+    metrics: DaemonMetrics
+    peer_timeout: float
+    _peers: dict[int, PeerState] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        for node in self.membership.group.members:
+            if node != self.membership.me:
+                self._peers[node] = PeerState(node)
+
+    def seen(self, inventory: pb.Inventory) -> None:
+        with self._lock:
+            state = self._peers.get(inventory.node)
+            if state is None:
+                return
+            if state.incarnation and inventory.incarnation != state.incarnation:
+                log.warning("peer %d restarted (new incarnation)", inventory.node)
+            state.inventory, state.incarnation, state.last_seen = inventory, inventory.incarnation, time.monotonic()
+            if not state.up:
+                state.up = True
+                log.info("peer %d is up", inventory.node)
+                self.metrics.peer_up.labels(str(inventory.node)).set(1)
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for state in self._peers.values():
+                if state.up and now - state.last_seen > self.peer_timeout:
+                    state.up = False
+                    log.warning("peer %d is down: no heartbeat for %.1f s", state.node, now - state.last_seen)
+                    self.metrics.peer_up.labels(str(state.node)).set(0)
+
+    def inventories(self) -> dict[int, pb.Inventory]:
+        """Newest inventory of every peer that is up."""
+        with self._lock:
+            return {n: s.inventory for n, s in self._peers.items() if s.up and s.inventory is not None}
+
+    def states(self) -> list[PeerState]:
+        with self._lock:
+            return [PeerState(s.node, s.up, s.last_seen, s.inventory, s.incarnation) for s in self._peers.values()]
+
+
+class PeerServicer(pb_grpc.PeerServicer):
+    """Answers heartbeats of group peers (auth is enforced by the interceptor)."""
+
+    def __init__(self, membership: Membership, table: PeerTable, job: str,
+                 inventory: Callable[[], pb.Inventory]):
+        self.membership, self.table, self.job, self.inventory = membership, table, job, inventory
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        inv = request.inventory
+        if inv.job != self.job:
+            log.warning("refused heartbeat from node %d of job %r (this is job %r)", inv.node, inv.job, self.job)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this node serves job {self.job!r}, not {inv.job!r}")
+        if inv.node not in self.membership.group.members or inv.node == self.membership.me:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {inv.node} is not a peer of node "
+                          f"{self.membership.me}'s group {list(self.membership.group.members)}")
+        self.table.seen(inv)
+        return pb.HeartbeatReply(inventory=self.inventory())
+
+
+class PeerServer:
+    """The TCP gRPC server of the peer service, with HMAC authentication."""
+
+    def __init__(self, address: str, servicer: PeerServicer, token: str, job: str, metrics: DaemonMetrics):
+        interceptor = auth.AuthInterceptor(token, job, lambda reason: metrics.peer_refused.inc())
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="ftd-peer-rpc"),
+                                  interceptors=[interceptor])
+        pb_grpc.add_PeerServicer_to_server(servicer, self.server)
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise ConfigError(f"cannot listen for peers on {address}")
+        self.server.start()
+        log.info("peer service on %s", address)
+
+    def stop(self) -> None:
+        self.server.stop(1).wait(2)
+
+
+class HeartbeatLoop:
+    """Thread `ftd-heartbeat`: sends this node's inventory to every group peer each interval."""
+
+    def __init__(self, membership: Membership, table: PeerTable, token: str, job: str, interval: float,
+                 inventory: Callable[[], pb.Inventory]):
+        self.membership, self.table, self.token, self.job = membership, table, token, job
+        self.interval, self.inventory = interval, inventory
+        self._channels = {n: grpc.insecure_channel(membership.grpc_target(n), options=[
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)])
+            for n in membership.group.members if n != membership.me}
+        self._stubs = {n: pb_grpc.PeerStub(c) for n, c in self._channels.items()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ftd-heartbeat", daemon=True)
+
+    def start(self) -> HeartbeatLoop:
+        self._thread.start()
+        return self
+
+    def beat_once(self) -> None:
+        request = pb.HeartbeatRequest(inventory=self.inventory())
+        for node, stub in self._stubs.items():
+            metadata = [(auth.METADATA_KEY, auth.sign(self.token, self.job, self.membership.me, HEARTBEAT_METHOD))]
+            try:
+                reply = stub.Heartbeat(request, timeout=max(0.5, self.interval * 2), metadata=metadata)
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
+                    log.error("peer %d refused this node: %s", node, exc.details())
+                continue
+            self.table.seen(reply.inventory)
+        self.table.expire()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.beat_once()
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for channel in self._channels.values():
+            channel.close()

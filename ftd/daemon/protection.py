@@ -1,0 +1,296 @@
+"""Erasure-coding protection of sealed steps across the EC group (DESIGN §5).
+
+Each node coordinates one rotation per step (the one whose first parity node it is): it pulls
+the k contributors' data chunks over the bulk transport, encodes m parity chunks stripe by
+stripe, keeps parity 0, pushes parity j to parity node j, and sends the rotation record to every
+group member. A step is *protected* once every rotation's parity nodes report their parity in
+their heartbeat inventory. The newest protected step, the step being encoded and every step a
+peer read recently stay pinned in the store, so eviction never breaks a protected step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ftd._proto import peer_pb2 as pb
+from ftd.codec import Codec, encode_striped
+from ftd.config import DaemonConfig
+from ftd.daemon.blob import NodeBlob
+from ftd.daemon.groups import rotations
+from ftd.daemon.parity import ParityStore, RotationRecord, stripe_checksums
+from ftd.daemon.peers import HeartbeatLoop, Membership, PeerServer, PeerServicer, PeerTable
+from ftd.daemon.store import SegmentStore
+from ftd.daemon.transport import BulkClient, BulkServer, curve_keys
+from ftd.errors import FtdError
+from ftd.metrics import DaemonMetrics
+
+log = logging.getLogger(__name__)
+
+STRIPE_BYTES = 1 << 20
+BATCH_BYTES = 16 << 20
+SERVE_PIN_SECONDS = 60.0
+TRANSFER_TIMEOUT = 30.0
+
+
+def chunk_bytes(max_blob: int, k: int) -> int:
+    """Bytes per chunk for a group whose largest blob is `max_blob`: a whole number of stripes."""
+    per = max(1, math.ceil(max_blob / k))
+    stripe = min(STRIPE_BYTES, _pow2_at_least(per, 4096))
+    return math.ceil(per / stripe) * stripe
+
+
+def stripe_for(chunk: int) -> int:
+    return min(STRIPE_BYTES, chunk)
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    p = floor
+    while p < n:
+        p *= 2
+    return p
+
+
+class Protector:
+    """Peers, bulk transport, encoding loop and (via ftd.daemon.rebuild) rebuild of this node."""
+
+    def __init__(self, config: DaemonConfig, membership: Membership, store: SegmentStore, codec: Codec,
+                 metrics: DaemonMetrics):
+        self.config, self.membership, self.store, self.codec, self.metrics = config, membership, store, codec, metrics
+        self.group = membership.group
+        self.parity = ParityStore(store.root)
+        self.incarnation = secrets.randbits(63)
+        self.table = PeerTable(membership, metrics, config.peer_timeout)
+        self.keys = curve_keys(config.cluster_token)
+        self.protected_step = max(self._own_protected_candidates(), default=-1)
+        self.ready = threading.Event()
+        self.rebuilding = False
+        self._encoding: int | None = None
+        self._last_encoded = -1
+        self._served: dict[int, float] = {}
+        self._blobs: dict[tuple[Any, ...], NodeBlob] = {}
+        self._lock = threading.Lock()
+        self._clients: dict[int, BulkClient] = {}
+        self._stop = threading.Event()
+        grpc_addr, data_addr = membership.listen_addresses(config.listen)
+        self.bulk = BulkServer(data_addr, self.keys, self._read, self._write)
+        self.peer_server = PeerServer(grpc_addr, PeerServicer(membership, self.table, config.job, self.inventory),
+                                      config.cluster_token, config.job, metrics)
+        self.heartbeat = HeartbeatLoop(membership, self.table, config.cluster_token, config.job,
+                                       config.heartbeat_interval, self.inventory)
+        self._thread = threading.Thread(target=self._run, name="ftd-protect", daemon=True)
+
+    def start(self) -> Protector:
+        self.heartbeat.start()
+        self._thread.start()
+        g = self.group
+        log.info("node %d in EC group %d %s (%d+%d, codec %s); newest protected step %d", self.membership.me,
+                 g.index, list(g.members), g.k, g.m, self.codec.name, self.protected_step)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.heartbeat.stop()
+        self.peer_server.stop()
+        self.bulk.close()
+        for client in self._clients.values():
+            client.close()
+        with self._lock:
+            for blob in self._blobs.values():
+                blob.close()
+        self.parity.close()
+
+    # ---- inventory ----------------------------------------------------------------------------
+
+    def inventory(self) -> pb.Inventory:
+        steps = [pb.StepData(step=s, blob_bytes=self._blob(s, pin=False).size) for s in self._complete_steps()]
+        parity = [pb.ParityHeld(step=s, rotation=r, j=j, chunk_bytes=n) for s, r, j, n in self.parity.held()]
+        ranks = [r.rank for r in self.store.summary()]
+        return pb.Inventory(job=self.config.job, node=self.membership.me, incarnation=self.incarnation, steps=steps,
+                            parity=parity, protected_step=self.protected_step, rebuilding=self.rebuilding,
+                            ranks=ranks)
+
+    def _complete_steps(self) -> list[int]:
+        return sorted(self.store.complete_steps()) if self.ready.is_set() else []
+
+    def _own_protected_candidates(self) -> list[int]:
+        return sorted(self.parity.record_steps())
+
+    # ---- serving peers ------------------------------------------------------------------------
+
+    def _blob(self, step: int, pin: bool = True) -> NodeBlob:
+        if pin:
+            self._served[step] = time.monotonic()
+            self._update_pins()
+        parts = self.store.complete_steps().get(step)
+        if parts is None:
+            raise KeyError(f"node {self.membership.me} does not hold step {step} for every local rank")
+        # Keyed by the exact segments: a slot reused for another step must never be read as this one.
+        signature = (step, tuple((rank, path, hash(manifest)) for rank, path, _, manifest in parts))
+        with self._lock:
+            blob = self._blobs.get(signature)
+            if blob is None:
+                blob = self._blobs[signature] = NodeBlob(step, self.membership.me, parts)
+            return blob
+
+    def _read(self, key: dict[str, Any], offset: int, length: int) -> bytes:
+        kind = key.get("kind")
+        if kind == "data":
+            chunk, size = int(key["chunk"]), int(key["C"])
+            if offset + length > size:
+                raise ValueError(f"read past the chunk size {size}")
+            data = self._blob(int(key["step"])).read(chunk * size + offset, length)
+        elif kind == "parity":
+            data = self.parity.read(int(key["step"]), int(key["rot"]), int(key["j"]), offset, length)
+        elif kind == "record_size":
+            data = b"%16d" % len(self.parity.record(int(key["step"]), int(key["rot"])).to_json())
+        elif kind == "record":
+            data = self.parity.record(int(key["step"]), int(key["rot"])).to_json()[offset:offset + length]
+        else:
+            raise KeyError(f"unknown kind {kind!r}")
+        self.metrics.peer_sent_bytes.inc(len(data))
+        return data
+
+    def _write(self, key: dict[str, Any], offset: int, data: memoryview) -> None:
+        kind = key.get("kind")
+        self.metrics.peer_received_bytes.inc(len(data))
+        if kind == "parity":
+            self.parity.write(int(key["step"]), int(key["rot"]), int(key["j"]), int(key["size"]), offset, data)
+        elif kind == "record":
+            record = RotationRecord.from_json(bytes(data))
+            self._accept_record(record)
+        else:
+            raise KeyError(f"unknown kind {kind!r}")
+
+    def _accept_record(self, record: RotationRecord) -> None:
+        if record.members != list(self.group.members):
+            raise ValueError(f"record for group {record.members}, this node is in {list(self.group.members)}")
+        self.parity.put_record(record)
+        position = self.membership.position
+        if position in record.parity:
+            j = record.parity.index(position)
+            if self.parity.seal(record.step, record.rotation, j):
+                log.debug("holding parity %d of step %d rotation %d", j, record.step, record.rotation)
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        from ftd.daemon.rebuild import Rebuilder
+
+        if self.store.is_empty():
+            Rebuilder(self).run()
+        self.ready.set()
+        while not self._stop.wait(0.2):
+            try:
+                self._tick()
+            except FtdError as exc:
+                log.warning("protection: %s", exc)
+            except Exception:  # a daemon thread must survive anything a peer sends
+                log.exception("protection loop error")
+
+    def _tick(self) -> None:
+        invs = self.table.inventories()
+        invs[self.membership.me] = self.inventory()
+        self._update_protected(invs)
+        if len(invs) < self.group.size:
+            return
+        common = set.intersection(*({s.step for s in inv.steps} for inv in invs.values()))
+        candidates = [s for s in common if s > self._last_encoded and s > self.protected_step]
+        if not candidates:
+            return
+        step = max(candidates)
+        self._encoding = step
+        self._update_pins()
+        try:
+            self.encode(step, {n: next(s.blob_bytes for s in inv.steps if s.step == step) for n, inv in invs.items()})
+        finally:
+            self._last_encoded = step
+            self._encoding = None
+
+    def _update_protected(self, invs: dict[int, pb.Inventory]) -> None:
+        g = self.group
+        held = {n: {(p.step, p.rotation, p.j) for p in inv.parity} for n, inv in invs.items()}
+        steps = set.union(set(), *({p.step for p in inv.parity} for inv in invs.values()))
+        protected = self.protected_step
+        for step in sorted(steps):
+            if step <= protected:
+                continue
+            if all((step, rot.r, j) in held.get(g.members[pos], set())
+                   for rot in rotations(g.size, g.m) for j, pos in enumerate(rot.parity)):
+                protected = step
+        if protected != self.protected_step:
+            log.info("group %d: step %d is protected", g.index, protected)
+            self.protected_step = protected
+            self.metrics.protected_step.set(protected)
+            self.metrics.group_protected.set(1)
+            self._update_pins()
+            newest = max(steps, default=protected)
+            self.parity.drop_except({s for s in steps if s >= protected and s >= newest - 2} | {protected})
+
+    def _update_pins(self) -> None:
+        now = time.monotonic()
+        for step, at in list(self._served.items()):
+            if now - at > SERVE_PIN_SECONDS:
+                del self._served[step]
+        pins = {self.protected_step, *self._served}
+        if self._encoding is not None:
+            pins.add(self._encoding)
+        self.store.pin({p for p in pins if p >= 0})
+        with self._lock:
+            for signature in [s for s in self._blobs if s[0] not in pins]:
+                self._blobs.pop(signature).close()
+
+    # ---- encoding -----------------------------------------------------------------------------
+
+    def client(self, node: int) -> BulkClient:
+        if node not in self._clients:
+            self._clients[node] = BulkClient(self.membership.data_endpoint(node), self.keys)
+        return self._clients[node]
+
+    def encode(self, step: int, blob_sizes: dict[int, int]) -> None:
+        """Encode this node's rotation of `step` and distribute parity and the record."""
+        g, me = self.group, self.membership.position
+        rot = rotations(g.size, g.m)[me]
+        size = chunk_bytes(max(blob_sizes.values()), g.k)
+        stripe = stripe_for(size)
+        t0 = time.perf_counter()
+        local = self.parity.create(step, rot.r, 0, size)
+        sums: list[list[int]] = [[] for _ in range(g.k + g.m)]
+        with ThreadPoolExecutor(max_workers=g.k, thread_name_prefix="ftd-encode") as pool:
+            for start in range(0, size, BATCH_BYTES):
+                n = min(BATCH_BYTES, size - start)
+                bufs = [bytearray(n) for _ in range(g.k)]
+
+                def fetch(i: int) -> None:
+                    pos, chunk_no = rot.data[i]
+                    key = {"kind": "data", "step": step, "chunk": chunk_no, "C": size}
+                    self.client(g.members[pos]).get_range(key, start, n, memoryview(bufs[i]), TRANSFER_TIMEOUT)
+
+                list(pool.map(fetch, range(g.k)))
+                parity = encode_striped(self.codec, bufs, stripe)
+                for i, buf in enumerate([*bufs, *parity]):
+                    sums[i].extend(stripe_checksums(buf, stripe))
+                local[start:start + n] = parity[0]
+                for j in range(1, g.m):
+                    key = {"kind": "parity", "step": step, "rot": rot.r, "j": j, "size": size}
+                    self.client(g.members[rot.parity[j]]).put_range(key, start, memoryview(parity[j]),
+                                                                      TRANSFER_TIMEOUT)
+        record = RotationRecord(step, rot.r, self.codec.name, g.k, g.m, size, stripe, list(g.members),
+                                [list(d) for d in rot.data], list(rot.parity), sums)
+        raw = record.to_json()
+        for node in g.members:
+            if node == self.membership.me:
+                self._accept_record(record)
+            else:
+                self.client(node).put({"kind": "record", "step": step, "rot": rot.r}, 0, memoryview(raw),
+                                      TRANSFER_TIMEOUT)
+        seconds = time.perf_counter() - t0
+        self.metrics.ec_encode_seconds.observe(seconds)
+        self.metrics.ec_encode_bytes.inc(size * g.k)
+        log.info("encoded step %d rotation %d: %d x %d bytes in %.2f s", step, rot.r, g.k, size, seconds)

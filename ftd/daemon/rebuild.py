@@ -1,0 +1,187 @@
+"""Rebuild of a node that lost its memory, from the k surviving pieces of every rotation.
+
+A daemon that starts with an empty store while its group peers report a protected step is a
+replacement: it fetches the rotation records, pulls for each rotation any k intact pieces
+(every piece is checked against the record's stripe checksums; a bad one is logged, counted and
+replaced by another survivor's), decodes its own data chunks and parity chunks, turns the data
+back into per-rank sealed segments (each verified against its manifest) and serves its restarted
+ranks like a local restore. When fewer than k pieces survive it says which group lost which
+nodes and gives up at once: memory cannot recover that.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ftd._proto import peer_pb2 as pb
+from ftd.codec import decode_striped
+from ftd.daemon.blob import parse_header
+from ftd.daemon.groups import rotations
+from ftd.daemon.parity import RotationRecord, stripe_checksums
+from ftd.errors import FtdError
+
+if TYPE_CHECKING:
+    from ftd.daemon.protection import Protector
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 16 << 20
+TIMEOUT = 30.0
+
+
+class Unrecoverable(FtdError):
+    """More than m nodes of a group lost their memory."""
+
+
+class Rebuilder:
+    """One rebuild attempt of `protector`'s node."""
+
+    def __init__(self, protector: Protector):
+        self.p = protector
+        self.group = protector.group
+        self.me = protector.membership.me
+
+    def run(self) -> bool:
+        """Rebuild if the group holds a protected step; True when this node now holds it."""
+        invs = self._wait_for_peers()
+        step = max((inv.protected_step for inv in invs.values()), default=-1)
+        if step < 0:
+            log.info("no protected step in group %d: nothing to rebuild", self.group.index)
+            return False
+        self.p.rebuilding = True
+        try:
+            self._rebuild(step, invs)
+            return True
+        except Unrecoverable as exc:
+            log.error("%s", exc)
+            return False
+        except FtdError as exc:
+            log.error("rebuild of node %d step %d failed: %s", self.me, step, exc)
+            return False
+        finally:
+            self.p.rebuilding = False
+            self.p.metrics.rebuild_progress.set(0)
+
+    def _wait_for_peers(self) -> dict[int, pb.Inventory]:
+        """Inventories of the group peers that answer within rebuild_wait (all of them, usually sooner)."""
+        deadline = time.monotonic() + self.p.config.rebuild_wait
+        while True:
+            invs = self.p.table.inventories()
+            if len(invs) >= self.group.size - 1 or time.monotonic() > deadline:
+                return {n: inv for n, inv in invs.items() if not inv.rebuilding}
+            time.sleep(0.1)
+
+    def _holders(self, step: int, record: RotationRecord, invs: dict[int, pb.Inventory]) -> dict[int, int]:
+        """Codec index -> node that can serve that piece of `record`'s rotation."""
+        holders = {}
+        for i, (pos, _) in enumerate(record.data):
+            node = record.members[pos]
+            if node in invs and any(s.step == step for s in invs[node].steps):
+                holders[i] = node
+        for j, pos in enumerate(record.parity):
+            node = record.members[pos]
+            if node in invs and any((p.step, p.rotation, p.j) == (step, record.rotation, j) for p in invs[node].parity):
+                holders[record.k + j] = node
+        return holders
+
+    def _record(self, step: int, rot: int, invs: dict[int, pb.Inventory]) -> RotationRecord:
+        for node in invs:
+            try:
+                client = self.p.client(node)
+                key = {"kind": "record_size", "step": step, "rot": rot}
+                size = int(bytes(client.get(key, 0, 16, TIMEOUT)))
+                raw = bytearray(size)
+                client.get_range({"kind": "record", "step": step, "rot": rot}, 0, size, memoryview(raw), TIMEOUT)
+                return RotationRecord.from_json(bytes(raw))
+            except FtdError as exc:
+                log.warning("record of step %d rotation %d not available from node %d: %s", step, rot, node, exc)
+        raise Unrecoverable(f"no surviving node of group {self.group.index} holds the record of step {step} "
+                            f"rotation {rot}")
+
+    def _rebuild(self, step: int, invs: dict[int, pb.Inventory]) -> None:
+        g, position = self.group, self.group.position(self.me)
+        t0 = time.perf_counter()
+        records = [self._record(step, rot.r, invs) for rot in rotations(g.size, g.m)]
+        plans = []
+        for record in records:
+            holders = self._holders(step, record, invs)
+            mine = next(i for i, (pos, _) in enumerate(record.data) if pos == position) if any(
+                pos == position for pos, _ in record.data) else record.k + record.parity.index(position)
+            holders.pop(mine, None)
+            if len(holders) < record.k:
+                lost = sorted((set(g.members) - set(invs)) | {self.me})
+                raise Unrecoverable(
+                    f"group {g.index} {list(g.members)} lost nodes {lost} ({record.k}+{record.m} tolerates "
+                    f"{record.m}): rotation {record.rotation} of step {step} has {len(holders)} of the {record.k} "
+                    f"pieces it needs; memory cannot recover node {self.me}'s snapshots")
+            plans.append((record, mine, holders))
+        size = records[0].chunk_bytes
+        blob = bytearray(size * g.k)
+        total = size * len(plans)
+        done, next_report = 0, 0.1
+        log.info("rebuilding node %d step %d from %d peers: %d rotations of %d bytes", self.me, step, len(invs),
+                 len(plans), size)
+        for record, mine, holders in plans:
+            if mine < record.k:
+                chunk_no = record.data[mine][1]
+                target = memoryview(blob)[chunk_no * size:(chunk_no + 1) * size]
+            else:
+                target = memoryview(self.p.parity.create(step, record.rotation, mine - record.k, size))
+            for start in range(0, size, BATCH_BYTES):
+                n = min(BATCH_BYTES, size - start)
+                present = self._fetch(step, record, holders, start, n)
+                decode_striped(self.p.codec, present, [mine], record.stripe_bytes, out={mine: target[start:start + n]})
+                done += n
+                self.p.metrics.rebuild_progress.set(done / total)
+                if done / total >= next_report:
+                    log.info("rebuild of node %d: %3.0f%% (%d of %d bytes)", self.me, 100 * done / total, done, total)
+                    next_report += 0.1
+        self.p.metrics.ec_decode_bytes.inc(total)
+        _, node, parts = parse_header(blob, len(blob))
+        if node != self.me:
+            raise FtdError(f"rebuilt blob belongs to node {node}, not {self.me}")
+        for part in parts:
+            self.p.store.install_sealed(part.rank, step, part.manifest_json,
+                                        memoryview(blob)[part.offset:part.offset + part.nbytes])
+        for record in records:
+            self.p._accept_record(record)
+        self.p.protected_step = step
+        seconds = time.perf_counter() - t0
+        self.p.metrics.rebuild_seconds.observe(seconds)
+        log.info("rebuilt node %d step %d from peers in %.2f s (%d bytes, %.2f GB/s); %d rank(s) restored",
+                 self.me, step, seconds, total, total / max(seconds, 1e-9) / 1e9, len(parts))
+
+    def _fetch(self, step: int, record: RotationRecord, holders: dict[int, int], start: int,
+               n: int) -> dict[int, bytes]:
+        """k verified pieces [start, start + n) of the rotation; a piece that fails its checksum is not used."""
+        present: dict[int, bytes] = {}
+        first = start // record.stripe_bytes
+        for index, node in sorted(holders.items()):
+            if len(present) == record.k:
+                break
+            if index < record.k:
+                key = {"kind": "data", "step": step, "chunk": record.data[index][1], "C": record.chunk_bytes}
+            else:
+                key = {"kind": "parity", "step": step, "rot": record.rotation, "j": index - record.k}
+            buf = bytearray(n)
+            try:
+                self.p.client(node).get_range(key, start, n, memoryview(buf), TIMEOUT)
+            except FtdError as exc:
+                log.warning("piece %d of step %d rotation %d from node %d unavailable: %s", index, step,
+                            record.rotation, node, exc)
+                continue
+            expected = record.checksums[index][first:first + len(stripe_checksums(buf, record.stripe_bytes))]
+            if stripe_checksums(buf, record.stripe_bytes) != expected:
+                kind = "data" if index < record.k else "parity"
+                log.error("piece %d (%s) of step %d rotation %d from node %d fails its checksum; not used",
+                          index, kind, step, record.rotation, node)
+                self.p.metrics.checksum_failures.labels(kind).inc()
+                continue
+            self.p.metrics.peer_received_bytes.inc(n)
+            present[index] = bytes(buf)
+        if len(present) < record.k:
+            raise Unrecoverable(f"only {len(present)} intact pieces of step {step} rotation {record.rotation} "
+                                f"(need {record.k}); memory cannot recover node {self.me}'s snapshots")
+        return present
