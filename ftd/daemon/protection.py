@@ -69,7 +69,7 @@ class Protector:
         self.keys = curve_keys(config.cluster_token)
         self.protected_step = max(self._own_protected_candidates(), default=-1)
         self.ready = threading.Event()
-        self.rebuilding = False
+        self.rebuilding = store.is_empty()  # until the rebuild check has run, an empty node holds nothing
         self._encoding: int | None = None
         self._last_encoded = -1
         self._served: dict[int, float] = {}

@@ -35,6 +35,11 @@ class Unrecoverable(FtdError):
     """More than m nodes of a group lost their memory."""
 
 
+def _holds(inv: pb.Inventory | None, step: int) -> bool:
+    """Whether a peer's inventory shows any data or parity of `step`."""
+    return inv is not None and (any(s.step == step for s in inv.steps) or any(p.step == step for p in inv.parity))
+
+
 class Rebuilder:
     """One rebuild attempt of `protector`'s node."""
 
@@ -45,13 +50,13 @@ class Rebuilder:
 
     def run(self) -> bool:
         """Rebuild if the group holds a protected step; True when this node now holds it."""
-        invs = self._wait_for_peers()
-        step = max((inv.protected_step for inv in invs.values()), default=-1)
-        if step < 0:
-            log.info("no protected step in group %d: nothing to rebuild", self.group.index)
-            return False
         self.p.rebuilding = True
         try:
+            invs = self._wait_for_peers()
+            step = max((inv.protected_step for inv in invs.values()), default=-1)
+            if step < 0:
+                log.info("no protected step in group %d: nothing to rebuild", self.group.index)
+                return False
             self._rebuild(step, invs)
             return True
         except Unrecoverable as exc:
@@ -111,7 +116,7 @@ class Rebuilder:
                 pos == position for pos, _ in record.data) else record.k + record.parity.index(position)
             holders.pop(mine, None)
             if len(holders) < record.k:
-                lost = sorted((set(g.members) - set(invs)) | {self.me})
+                lost = sorted({n for n in g.members if not _holds(invs.get(n), step)} | {self.me})
                 raise Unrecoverable(
                     f"group {g.index} {list(g.members)} lost nodes {lost} ({record.k}+{record.m} tolerates "
                     f"{record.m}): rotation {record.rotation} of step {step} has {len(holders)} of the {record.k} "

@@ -58,7 +58,7 @@ from ftd.errors import ConfigError, FtdError
 
 log = logging.getLogger(__name__)
 
-Reader = Callable[[dict[str, Any], int, int], "memoryview | bytes"]
+Reader = Callable[[dict[str, Any], int, int], memoryview | bytes]
 """(key, offset, length) -> exactly `length` bytes. Raise (KeyError, ValueError, FtdError, ...) to refuse."""
 Writer = Callable[[dict[str, Any], int, memoryview], None]
 """(key, offset, data): copy `data` into place; the view is only valid during the call."""
@@ -237,7 +237,10 @@ class BulkServer:
         self.port = int(self.endpoint.rsplit(":", 1)[1])
         self._thread = threading.Thread(target=self._serve, name=THREAD_NAME, daemon=True)
         self._thread.start()
-        log.info("bulk server on %s (curve %s, max_chunk %d)", self.endpoint, "on" if curve else "OFF", max_chunk)
+        if curve:
+            log.info("bulk server on %s (CurveZMQ, max_chunk %d)", self.endpoint, max_chunk)
+        else:
+            log.warning("bulk server on %s WITHOUT encryption or authentication (benchmarks only)", self.endpoint)
 
     def __enter__(self) -> BulkServer:
         return self

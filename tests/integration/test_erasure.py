@@ -113,3 +113,69 @@ def test_ddp_node_loss_resumes_bit_exact(nodes4: list[Node], tmp_path: Path):
         assert read_losses(n.losses, n.index) == ref_losses[n.index], f"rank {n.index} losses differ"
         got = torch.load(n.root / f"params-{n.index}.pt", weights_only=True)
         assert all(torch.equal(got[k], v) for k, v in ref_params[n.index].items())
+
+
+def test_losing_more_than_m_nodes_says_so_and_nothing_hangs(nodes4: list[Node]):
+    """3+1 over 4 nodes: nodes 1 and 2 lose their memory at once. Their replacements report which
+    group lost which nodes and that memory cannot recover it; a trainer there starts fresh at once."""
+    procs = [n.trainer(["--steps", str(STEPS), "--stop-at", "6"]) for n in nodes4]
+    assert all(p.wait(120) == 0 for p in procs)
+    wait_protected(nodes4, 6)
+    for n in (nodes4[1], nodes4[2]):
+        n.lose_everything()
+    for n in (nodes4[1], nodes4[2]):
+        n.start_daemon()
+    t0 = time.monotonic()
+    proc = nodes4[1].trainer(["--steps", str(STEPS), "--stop-at", "2"])
+    assert proc.wait(120) == 0
+    assert time.monotonic() - t0 < 60
+    for n in (nodes4[1], nodes4[2]):
+        log = n.daemon_log.read_text()
+        assert "group 0 [0, 1, 2, 3] lost nodes [1, 2] (3+1 tolerates 1)" in log, log[-2000:]
+        assert f"memory cannot recover node {n.index}'s snapshots" in log
+    assert "resumed at step" not in nodes4[1].log.read_text().split("done:")[-1]
+
+
+def test_unauthenticated_peer_cannot_read_or_write(nodes4: list[Node]):
+    import grpc
+
+    from ftd._proto import peer_pb2 as pb
+    from ftd._proto import peer_pb2_grpc as pb_grpc
+    from ftd.daemon import auth
+    from ftd.daemon.transport import BulkClient, PeerUnavailable, curve_keys
+    from tests.integration.multinode import TOKEN
+
+    procs = [n.trainer(["--steps", str(STEPS), "--stop-at", "4"]) for n in nodes4]
+    assert all(p.wait(120) == 0 for p in procs)
+    step = wait_protected(nodes4, 4)
+    target = nodes4[0]
+    peers = target.env["FTD_PEERS"].split(",")
+    channel = grpc.insecure_channel(peers[0])
+    stub = pb_grpc.PeerStub(channel)
+    request = pb.HeartbeatRequest(inventory=pb.Inventory(job="ectest", node=1))
+    method = "/ftd.v1.Peer/Heartbeat"
+    try:
+        for metadata in ([], [(auth.METADATA_KEY, auth.sign("wrong-token", "ectest", 1, method))],
+                         [(auth.METADATA_KEY, auth.sign(TOKEN, "other-job", 1, method))],
+                         [(auth.METADATA_KEY, "1:0:deadbeef")]):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Heartbeat(request, metadata=metadata, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value.details()
+        good = [(auth.METADATA_KEY, auth.sign(TOKEN, "ectest", 1, method))]
+        assert stub.Heartbeat(request, metadata=good, timeout=5).inventory.node == 0
+    finally:
+        channel.close()
+
+    host, port = peers[0].rsplit(":", 1)
+    intruder = BulkClient(f"tcp://{host}:{int(port) + 1}", curve_keys("wrong-token"))
+    try:
+        with pytest.raises(PeerUnavailable):
+            intruder.get({"kind": "data", "step": step, "chunk": 0, "C": 1 << 20}, 0, 4096, timeout=2)
+        with pytest.raises(PeerUnavailable):
+            intruder.put({"kind": "parity", "step": step + 1, "rot": 0, "j": 0, "size": 4096}, 0, b"x" * 4096,
+                         timeout=2)
+    finally:
+        intruder.close()
+    assert not list(target.shm.glob(f"ftd-*/parity/s{step + 1}-*")), "an unauthenticated write landed"
+    assert "refused peer call" in target.daemon_log.read_text()
+    assert target.status().protected_step >= step
