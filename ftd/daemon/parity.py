@@ -158,24 +158,38 @@ class ParityStore:
     def held(self) -> list[tuple[int, int, int, int]]:
         """(step, rotation, j, chunk bytes) of every parity chunk with a record."""
         out = []
-        records = {(int(a), int(b)) for a, b in (_REC_RE.match(p.name).groups() for p in self.root.iterdir()
-                                                   if _REC_RE.match(p.name))}
-        for path in self.root.iterdir():
-            match = _PAR_RE.match(path.name)
+        names = self._names()
+        records = {(int(a), int(b)) for a, b in (_REC_RE.match(n).groups() for n in names if _REC_RE.match(n))}
+        for name in names:
+            path = self.root / name
+            match = _PAR_RE.match(name)
             if match:
                 step, rot, j = (int(x) for x in match.groups())
                 if (step, rot) in records:
-                    out.append((step, rot, j, path.stat().st_size))
+                    try:
+                        out.append((step, rot, j, path.stat().st_size))
+                    except FileNotFoundError:
+                        continue
         return sorted(out)
 
+    def _names(self) -> list[str]:
+        """File names in the parity directory (recreated, with a warning, if someone removed it)."""
+        try:
+            return [p.name for p in self.root.iterdir()]
+        except FileNotFoundError:
+            log.warning("parity directory %s vanished; recreating it", self.root)
+            self.root.mkdir(parents=True, exist_ok=True)
+            return []
+
     def record_steps(self) -> set[int]:
-        return {int(_REC_RE.match(p.name).group(1)) for p in self.root.iterdir() if _REC_RE.match(p.name)}
+        return {int(_REC_RE.match(n).group(1)) for n in self._names() if _REC_RE.match(n)}
 
     def drop_except(self, keep_steps: set[int]) -> None:
         """Delete parity and records of every step not in `keep_steps`."""
         with self._lock:
-            for path in list(self.root.iterdir()):
-                match = _PAR_RE.match(path.name) or _REC_RE.match(path.name)
+            for name in self._names():
+                path = self.root / name
+                match = _PAR_RE.match(name) or _REC_RE.match(name)
                 if match and int(match.group(1)) not in keep_steps:
                     key = tuple(int(x) for x in match.groups())
                     m = self._maps.pop(key, None) if len(key) == 3 else None  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,7 @@ class Cluster:
 def node(tmp_path: Path) -> Iterator[Cluster]:
     """A node with its own shm directory (under /dev/shm when it exists) and a running daemon."""
     shm_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
-    shm = shm_root / f"ftd-test-{tmp_path.name}-{id(tmp_path):x}"
+    shm = shm_root / f"ftd-test-{uuid.uuid4().hex[:12]}"
     cluster = Cluster(tmp_path, ftd_env(tmp_path, "itest", FTD_SHM_DIR=str(shm), FTD_LOG_LEVEL="INFO"))
     cluster.start_daemon()
     try:

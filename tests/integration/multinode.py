@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,13 +105,14 @@ class Node:
 
 def make_nodes(tmp_path: Path, count: int, ec: str, **env: str) -> list[Node]:
     ports = [free_port_pair() for _ in range(count)]
+    tag = uuid.uuid4().hex[:8]  # shm paths are global: never share one with another run
     peers = ",".join(f"127.0.0.1:{p}" for p in ports)
     nodes = []
     for i in range(count):
         root = tmp_path / f"node{i}"
         root.mkdir()
         shm_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else root
-        node_env = ftd_env(root, "ectest", FTD_SHM_DIR=str(shm_root / f"ftd-test-{tmp_path.name}-n{i}"),
+        node_env = ftd_env(root, "ectest", FTD_SHM_DIR=str(shm_root / f"ftd-test-{tag}-n{i}"),
                            FTD_NODE=str(i), FTD_PEERS=peers, FTD_EC=ec, FTD_CLUSTER_TOKEN=TOKEN,
                            FTD_HEARTBEAT_INTERVAL="0.2", FTD_PEER_TIMEOUT="2", FTD_REBUILD_WAIT="20",
                            FTD_LOG_LEVEL="INFO", **env)
