@@ -180,10 +180,11 @@ class DaemonConfig:
             raise ConfigError(f"keep must be at least 1, got {values['keep']}")
         if values["peers_file"] and not values["peers"]:
             try:
-                lines = open(values["peers_file"]).read().split()
+                lines = open(values["peers_file"]).read().splitlines()
             except OSError as exc:
                 raise ConfigError(f"cannot read peers file {values['peers_file']}: {exc}") from exc
-            values["peers"] = ",".join(line for line in lines if line and not line.startswith("#"))
+            entries = [line.split("#", 1)[0].strip() for line in lines]
+            values["peers"] = ",".join(entry for entry in entries if entry)
         if values["peers"] and not values["cluster_token"]:
             raise ConfigError("peers are configured but FTD_CLUSTER_TOKEN is empty: peers must share a secret")
         for name in ("heartbeat_interval", "peer_timeout", "rebuild_wait"):

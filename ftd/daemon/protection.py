@@ -186,13 +186,16 @@ class Protector:
         if self.store.is_empty():
             Rebuilder(self).run()
         self.ready.set()
+        last_error = ""
         while not self._stop.wait(0.2):
             try:
                 self._tick()
-            except FtdError as exc:
-                log.warning("protection: %s", exc)
-            except Exception:  # a daemon thread must survive anything a peer sends
-                log.exception("protection loop error")
+                last_error = ""
+            except Exception as exc:  # a daemon thread must survive anything a peer sends
+                message = f"{type(exc).__name__}: {exc}"
+                if message != last_error:  # once per distinct failure, not five times a second
+                    log.warning("protection: %s", message, exc_info=not isinstance(exc, FtdError))
+                last_error = message
 
     def _tick(self) -> None:
         invs = self.table.inventories()
