@@ -10,11 +10,28 @@ import logging
 import os
 
 import psutil
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
 _SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _CpuCollector(Collector):
+    """ftd_process_cpu_seconds_total: user + system CPU time of the daemon (psutil)."""
+
+    def __init__(self, proc: psutil.Process):
+        self.proc = proc
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        times = self.proc.cpu_times()
+        family = CounterMetricFamily("ftd_process_cpu_seconds", "Daemon CPU time (user + system)")
+        family.add_metric([], times.user + times.system)
+        yield family
 
 
 class DaemonMetrics:
@@ -47,9 +64,14 @@ class DaemonMetrics:
                                            buckets=_SECONDS_BUCKETS, registry=r)
         self.ec_encode_bytes = Counter("ftd_ec_encode_bytes", "Data bytes erasure-encoded", registry=r)
         self.ec_decode_bytes = Counter("ftd_ec_decode_bytes", "Bytes rebuilt by erasure decoding", registry=r)
-        self.peer_sent_bytes = Counter("ftd_peer_sent_bytes", "Bulk bytes sent to peers", registry=r)
-        self.peer_received_bytes = Counter("ftd_peer_received_bytes", "Bulk bytes received from peers",
+        self.peer_sent_bytes = Counter("ftd_peer_sent_bytes", "Bulk bytes sent to a peer", ["peer"], registry=r)
+        self.peer_received_bytes = Counter("ftd_peer_received_bytes", "Bulk bytes received from a peer", ["peer"],
                                            registry=r)
+        self.snapshot_age = Gauge("ftd_snapshot_age_seconds", "Seconds since the rank's newest snapshot was sealed",
+                                  ["rank"], registry=r)
+        self.recoveries = Counter("ftd_recoveries", "Restores completed by ranks, by source", ["source"], registry=r)
+        self.recovery_seconds = Histogram("ftd_recovery_seconds", "Duration of a rank's restore, by source",
+                                          ["source"], buckets=_SECONDS_BUCKETS, registry=r)
         self.rebuild_progress = Gauge("ftd_rebuild_progress_ratio", "Fraction of the current rebuild done",
                                       registry=r)
         self.rebuild_seconds = Histogram("ftd_rebuild_seconds", "Duration of completed rebuilds",
@@ -63,6 +85,7 @@ class DaemonMetrics:
         Gauge("ftd_process_rss_bytes", "Daemon resident memory", registry=r).set_function(
             lambda: proc.memory_info().rss)
         Gauge("ftd_process_threads", "Daemon threads", registry=r).set_function(proc.num_threads)
+        r.register(_CpuCollector(proc))
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose the registry on http://addr:port/metrics (0: do nothing)."""

@@ -122,14 +122,36 @@ class OpenRequest(_message.Message):
     def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class OpenReply(_message.Message):
-    __slots__ = ("path", "capacity", "manifest_json")
+    __slots__ = ("path", "capacity", "manifest_json", "source")
     PATH_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     path: str
     capacity: int
     manifest_json: bytes
-    def __init__(self, path: _Optional[str] = ..., capacity: _Optional[int] = ..., manifest_json: _Optional[bytes] = ...) -> None: ...
+    source: str
+    def __init__(self, path: _Optional[str] = ..., capacity: _Optional[int] = ..., manifest_json: _Optional[bytes] = ..., source: _Optional[str] = ...) -> None: ...
+
+class RecoveredRequest(_message.Message):
+    __slots__ = ("job", "rank", "step", "seconds", "bytes", "source")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    step: int
+    seconds: float
+    bytes: int
+    source: str
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+
+class RecoveredReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class DiscardRequest(_message.Message):
     __slots__ = ("job", "rank", "above_step")

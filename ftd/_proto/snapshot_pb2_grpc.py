@@ -75,6 +75,11 @@ class SnapshotStub:
                 request_serializer=ftd_dot_v1_dot_snapshot__pb2.StatusRequest.SerializeToString,
                 response_deserializer=ftd_dot_v1_dot_snapshot__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Recovered = channel.unary_unary(
+                '/ftd.v1.Snapshot/Recovered',
+                request_serializer=ftd_dot_v1_dot_snapshot__pb2.RecoveredRequest.SerializeToString,
+                response_deserializer=ftd_dot_v1_dot_snapshot__pb2.RecoveredReply.FromString,
+                _registered_method=True)
 
 
 class SnapshotServicer:
@@ -136,6 +141,13 @@ class SnapshotServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Recovered(self, request, context):
+        """A rank reports a completed restore (exported as ftd_recoveries_total / ftd_recovery_seconds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SnapshotServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +190,11 @@ def add_SnapshotServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=ftd_dot_v1_dot_snapshot__pb2.StatusRequest.FromString,
                     response_serializer=ftd_dot_v1_dot_snapshot__pb2.StatusReply.SerializeToString,
+            ),
+            'Recovered': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recovered,
+                    request_deserializer=ftd_dot_v1_dot_snapshot__pb2.RecoveredRequest.FromString,
+                    response_serializer=ftd_dot_v1_dot_snapshot__pb2.RecoveredReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +413,33 @@ class Snapshot:
             '/ftd.v1.Snapshot/Status',
             ftd_dot_v1_dot_snapshot__pb2.StatusRequest.SerializeToString,
             ftd_dot_v1_dot_snapshot__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Recovered(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftd.v1.Snapshot/Recovered',
+            ftd_dot_v1_dot_snapshot__pb2.RecoveredRequest.SerializeToString,
+            ftd_dot_v1_dot_snapshot__pb2.RecoveredReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,13 +34,14 @@ class RestoreResult:
     nbytes: int
     extra: dict[str, Any] | None
     failures: list[str]
+    source: str = "none"
 
 
 class OpenedSnapshot:
     """A sealed snapshot mapped read-only and verified."""
 
-    def __init__(self, manifest: Manifest, segment: MappedSegment):
-        self.manifest, self.segment = manifest, segment
+    def __init__(self, manifest: Manifest, segment: MappedSegment, source: str = "local"):
+        self.manifest, self.segment, self.source = manifest, segment, source
         self._entries = manifest.entry_map()
 
     def view(self, name: str) -> torch.Tensor:
@@ -77,7 +78,7 @@ def open_verified(client: DaemonClient, job: str, rank: int, world_size: int, st
     except BaseException:
         segment.close()
         raise
-    return OpenedSnapshot(manifest, segment)
+    return OpenedSnapshot(manifest, segment, reply.source or "local")
 
 
 def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: torch.nn.Module,
@@ -112,9 +113,14 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
             opened.close()
         _discard_above(client, step)
         seconds = time.perf_counter() - t0
-        log.info("rank %d: recovered step %d from local in %.2f s (%d bytes)", rank, step, seconds,
-                 opened.manifest.data_bytes)
-        return RestoreResult(step, seconds, opened.manifest.data_bytes, decoded, failures)
+        nbytes = opened.manifest.data_bytes
+        log.info("rank %d: recovered step %d from %s in %.2f s (%d bytes)", rank, step, opened.source, seconds,
+                 nbytes)
+        try:
+            client.recovered(step, seconds, nbytes, opened.source)
+        except FtdError as exc:
+            log.debug("could not report the recovery: %s", exc)
+        return RestoreResult(step, seconds, nbytes, decoded, failures, opened.source)
     if local:
         # Nothing is discarded here: a launch with the wrong model must not wipe good snapshots.
         log.error("rank %d: none of the held steps %s could be restored on every rank; starting from step 0",

@@ -84,6 +84,10 @@ class DaemonClient:
         reply = self._rpc(self._stub.Discard, pb.DiscardRequest(job=self.job, rank=self.rank, above_step=above_step))
         return list(reply.dropped)
 
+    def recovered(self, step: int, seconds: float, nbytes: int, source: str) -> None:
+        self._rpc(self._stub.Recovered, pb.RecoveredRequest(job=self.job, rank=self.rank, step=step, seconds=seconds,
+                                                            bytes=nbytes, source=source))
+
     def status(self) -> pb.StatusReply:
         return self._rpc(self._stub.Status, pb.StatusRequest())
 

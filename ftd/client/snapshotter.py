@@ -48,6 +48,7 @@ class SnapshotStats:
     stalls_s: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
     restored_step: int | None = None
     restore_s: float = 0.0
+    restore_source: str = "none"
 
     @property
     def median_stall_s(self) -> float:
@@ -167,6 +168,7 @@ class Snapshotter:
                                      self.optimizer, self.scheduler, self.extra, restore_rng,
                                      self.config.restore_timeout)
         self.stats.restored_step, self.stats.restore_s = result.step, result.seconds
+        self.stats.restore_source = result.source
         self.restored_extra = result.extra
         return result.step
 

@@ -26,7 +26,8 @@ from ftd.daemon.groups import rotations
 from ftd.daemon.parity import ParityStore, RotationRecord, stripe_checksums
 from ftd.daemon.peers import HeartbeatLoop, Membership, PeerServer, PeerServicer, PeerTable
 from ftd.daemon.store import SegmentStore
-from ftd.daemon.transport import BulkClient, BulkServer, curve_keys
+from ftd.daemon.links import PeerLink
+from ftd.daemon.transport import BulkServer, curve_keys
 from ftd.errors import FtdError
 from ftd.metrics import DaemonMetrics
 
@@ -75,7 +76,7 @@ class Protector:
         self._served: dict[int, float] = {}
         self._blobs: dict[tuple[Any, ...], NodeBlob] = {}
         self._lock = threading.Lock()
-        self._clients: dict[int, BulkClient] = {}
+        self._links: dict[int, PeerLink] = {}
         self._stop = threading.Event()
         grpc_addr, data_addr = membership.listen_addresses(config.listen)
         self.bulk = BulkServer(data_addr, self.keys, self._read, self._write)
@@ -99,8 +100,8 @@ class Protector:
         self.heartbeat.stop()
         self.peer_server.stop()
         self.bulk.close()
-        for client in self._clients.values():
-            client.close()
+        for link in self._links.values():
+            link.close()
         with self._lock:
             for blob in self._blobs.values():
                 blob.close()
@@ -154,12 +155,12 @@ class Protector:
             data = self.parity.record(int(key["step"]), int(key["rot"])).to_json()[offset:offset + length]
         else:
             raise KeyError(f"unknown kind {kind!r}")
-        self.metrics.peer_sent_bytes.inc(len(data))
+        self.metrics.peer_sent_bytes.labels(self._peer_label(key)).inc(len(data))
         return data
 
     def _write(self, key: dict[str, Any], offset: int, data: memoryview) -> None:
         kind = key.get("kind")
-        self.metrics.peer_received_bytes.inc(len(data))
+        self.metrics.peer_received_bytes.labels(self._peer_label(key)).inc(len(data))
         if kind == "parity":
             self.parity.write(int(key["step"]), int(key["rot"]), int(key["j"]), int(key["size"]), offset, data)
         elif kind == "record":
@@ -251,10 +252,15 @@ class Protector:
 
     # ---- encoding -----------------------------------------------------------------------------
 
-    def client(self, node: int) -> BulkClient:
-        if node not in self._clients:
-            self._clients[node] = BulkClient(self.membership.data_endpoint(node), self.keys)
-        return self._clients[node]
+    def client(self, node: int) -> PeerLink:
+        if node not in self._links:
+            self._links[node] = PeerLink(self.membership.me, node, self.membership.data_endpoint(node), self.keys,
+                                         self.metrics)
+        return self._links[node]
+
+    def _peer_label(self, key: dict[str, Any]) -> str:
+        sender = key.get("from")
+        return str(sender) if isinstance(sender, int) and sender in self.group.members else "unknown"
 
     def encode(self, step: int, blob_sizes: dict[int, int]) -> None:
         """Encode this node's rotation of `step` and distribute parity and the record."""

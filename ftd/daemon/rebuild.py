@@ -184,7 +184,6 @@ class Rebuilder:
                           index, kind, step, record.rotation, node)
                 self.p.metrics.checksum_failures.labels(kind).inc()
                 continue
-            self.p.metrics.peer_received_bytes.inc(n)
             present[index] = bytes(buf)
         if len(present) < record.k:
             raise Unrecoverable(f"only {len(present)} intact pieces of step {step} rotation {record.rotation} "

@@ -106,8 +106,17 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenReply:
         self._wait_ready(context)
-        path, capacity, manifest = self._call(context, lambda: self.store.open(request.job, request.rank, request.step))
-        return pb.OpenReply(path=path, capacity=capacity, manifest_json=manifest)
+        path, capacity, manifest, source = self._call(context, lambda: self.store.open(request.job, request.rank,
+                                                                                       request.step))
+        return pb.OpenReply(path=path, capacity=capacity, manifest_json=manifest, source=source)
+
+    def Recovered(self, request: pb.RecoveredRequest, context: grpc.ServicerContext) -> pb.RecoveredReply:
+        source = request.source if request.source in ("local", "peers", "checkfree", "none") else "other"
+        self.store.metrics.recoveries.labels(source).inc()
+        self.store.metrics.recovery_seconds.labels(source).observe(max(0.0, request.seconds))
+        log.info("rank %d recovered step %d from %s in %.2f s (%d bytes)", request.rank, request.step, source,
+                 request.seconds, request.bytes)
+        return pb.RecoveredReply()
 
     def Discard(self, request: pb.DiscardRequest, context: grpc.ServicerContext) -> pb.DiscardReply:
         dropped = self._call(context, lambda: self.store.discard(request.job, request.rank, request.above_step))

@@ -49,6 +49,7 @@ class Slot:
     data_bytes: int = 0  # bytes the sealed manifest covers
     unfilled: bool = False  # created, its pages not yet allocated and touched
     filling: bool = False  # being pre-faulted in the background: not to be handed out yet
+    rebuilt: bool = False  # sealed by a rebuild from peers, not by a local rank
 
     @property
     def manifest_path(self) -> Path:
@@ -71,6 +72,7 @@ class Slot:
         self._move(SlotState.FREE)
         self.step = self.lease = self.manifest_json = None
         self.sealed_at_ns = self.data_bytes = 0
+        self.rebuilt = False
 
     def _move(self, new: SlotState) -> None:
         if (self.state, new) not in _ALLOWED:

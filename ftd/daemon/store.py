@@ -57,6 +57,7 @@ class SegmentStore:
         self.root = Path(config.shm_dir) / f"ftd-{config.job}"
         self._slots: dict[int, list[Slot]] = {}
         self._pinned: set[int] = set()
+        self._age_tracked: set[int] = set()
         self._lock = threading.Lock()
         self.metrics.shm_budget_bytes.set(config.memory_budget)
 
@@ -84,6 +85,7 @@ class SegmentStore:
                         continue
                     slot.adopt_sealed(step, manifest_json, slot.manifest_path.stat().st_mtime_ns)
                     slot.data_bytes = Manifest.from_json(manifest_json).data_bytes
+                    self._track_age(rank)
                     self._slots.setdefault(rank, []).append(slot)
                     adopted += 1
                     log.info("re-adopted rank %d step %d (%s, %d bytes)", rank, step, seg.name, slot.capacity)
@@ -153,6 +155,7 @@ class SegmentStore:
                     self._evict(other, "replaced by a newer copy of the same step")
             slot.seal(manifest_json, time.time_ns())
             slot.data_bytes = manifest.data_bytes
+            self._track_age(rank)
             self.metrics.commit_latency.observe(time.monotonic() - slot.begun_at)
             self.metrics.snapshots_sealed.labels(str(rank)).inc()
             self.metrics.snapshot_bytes.labels(str(rank)).inc(manifest.data_bytes)
@@ -175,8 +178,8 @@ class SegmentStore:
         with self._lock:
             return self._sealed_steps(rank)
 
-    def open(self, job: str, rank: int, step: int) -> tuple[str, int, bytes]:
-        """(path, capacity, manifest JSON) of a sealed step.
+    def open(self, job: str, rank: int, step: int) -> tuple[str, int, bytes, str]:
+        """(path, capacity, manifest JSON, "local" | "peers") of a sealed step.
 
         The manifest is read back from shared memory, not from the copy taken at seal: what is
         restored is what is there now, and the reader verifies it.
@@ -190,7 +193,7 @@ class SegmentStore:
                     except OSError as exc:
                         raise NotFound(f"rank {rank} step {step}: manifest {slot.manifest_path} is gone: {exc}") from exc
                     self.metrics.restores_served.inc()
-                    return str(slot.path), slot.capacity, manifest_json
+                    return str(slot.path), slot.capacity, manifest_json, "peers" if slot.rebuilt else "local"
         raise NotFound(f"job {job!r} rank {rank} step {step} is not held here (held: {self.list_steps(job, rank)})")
 
     def discard(self, job: str, rank: int, above_step: int) -> list[int]:
@@ -262,6 +265,8 @@ class SegmentStore:
             os.replace(tmp, slot.manifest_path)
             slot.seal(manifest_json, time.time_ns())
             slot.data_bytes = manifest.data_bytes
+            slot.rebuilt = True
+            self._track_age(rank)
             self._retain(rank)
             self._update_gauges(rank)
         log.info("installed rebuilt rank %d step %d (%d bytes)", rank, step, len(data))
@@ -414,6 +419,19 @@ class SegmentStore:
                          and s.step not in self._pinned), key=lambda s: (s.sealed_at_ns, s.step or 0))
         for slot in sealed[:max(0, len(sealed) - self.config.keep)]:
             self._evict(slot, f"keeping the newest {self.config.keep}")
+
+    def _track_age(self, rank: int) -> None:
+        """Export ftd_snapshot_age_seconds{rank}: now minus the newest seal of that rank."""
+        if rank not in self._age_tracked:
+            self._age_tracked.add(rank)
+
+            def age() -> float:
+                with self._lock:
+                    newest = max((s.sealed_at_ns for s in self._slots.get(rank, [])
+                                  if s.state is SlotState.SEALED), default=0)
+                return (time.time_ns() - newest) / 1e9 if newest else float("nan")
+
+            self.metrics.snapshot_age.labels(str(rank)).set_function(age)
 
     def _update_gauges(self, rank: int) -> None:
         steps = self._sealed_steps(rank)

@@ -94,7 +94,8 @@ def test_begin_commit_list_open(tmp_path):
     raw = manifest.to_json()
     assert store.commit(JOB, 0, 4, lease.lease, raw) == [4]
     assert store.list_steps(JOB, 0) == [4]
-    path, capacity, got = store.open(JOB, 0, 4)
+    path, capacity, got, source = store.open(JOB, 0, 4)
+    assert source == "local"
     assert (path, capacity, got) == (lease.path, lease.capacity, raw)
     assert Path(path).with_suffix(".manifest.json").read_bytes() == raw
     # the bytes the rank wrote are still there and verify against the manifest
@@ -370,7 +371,7 @@ def test_adopt_after_restart(tmp_path):
     assert not Path(half.path).exists()
     assert len(_segs(again)) == 2
     for step in (1, 2):
-        path, capacity, raw = again.open(JOB, 0, step)
+        path, capacity, raw, _ = again.open(JOB, 0, step)
         assert raw == raws[step]
         assert capacity == os.path.getsize(path)
         with open(path, "rb") as f:
