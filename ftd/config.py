@@ -100,7 +100,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("memory_reserve", parse_size, 1 << 30, "host memory that must stay available after a new segment", (DAEMON,)),
     Setting("preallocate", parse_bool, True, "prepare all keep + 1 segments of a rank in the background after its "
             "first snapshot", (DAEMON,)),
-    Setting("metrics_port", int, 0, "port of the Prometheus endpoint (0: off)", (DAEMON,)),
+    Setting("metrics_port", int, 9400, "port of the Prometheus endpoint /metrics (0: off)", (DAEMON,)),
     Setting("log_level", str, "INFO", "log level (DEBUG, INFO, WARNING, ERROR)", (DAEMON, CLIENT)),
     Setting("enabled", parse_bool, True, "take snapshots at all (0 turns the client into a no-op)", (CLIENT,)),
     Setting("rpc_timeout", float, 10.0, "seconds a call to the daemon may take", (CLIENT,)),

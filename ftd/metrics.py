@@ -88,11 +88,21 @@ class DaemonMetrics:
         r.register(_CpuCollector(proc))
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Expose the registry on http://addr:port/metrics (0: do nothing)."""
+        """Expose the registry on http://addr:port/metrics (0: do nothing). A busy port is a warning, not fatal."""
         if port <= 0:
             return
         try:
-            start_http_server(port, addr=addr, registry=self.registry)
+            self._http = start_http_server(port, addr=addr, registry=self.registry)
             log.info("metrics on http://%s:%d/metrics", addr, port)
         except OSError as exc:
             log.warning("metrics endpoint not started on port %d: %s", port, exc)
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint, if one is running."""
+        http = getattr(self, "_http", None)
+        if http is not None:
+            server, thread = http
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+            self._http = None

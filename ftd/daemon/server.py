@@ -238,6 +238,7 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.config.socket)
             log.info("daemon stopped")
+        self.metrics.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None

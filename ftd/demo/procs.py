@@ -18,7 +18,7 @@ def ftd_env(workdir: Path, job: str, **extra: str) -> dict[str, str]:
     """An environment in which a daemon and its trainers agree on job, socket and shm directory."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FTD_")}
     env.update(FTD_JOB=job, FTD_SOCKET=str(workdir / "ftd.sock"), FTD_SHM_DIR=str(workdir / "shm"),
-               FTD_MEMORY_RESERVE="0", FTD_RPC_TIMEOUT="5", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+               FTD_MEMORY_RESERVE="0", FTD_RPC_TIMEOUT="5", FTD_METRICS_PORT="0", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.update(extra)
     return env
 
