@@ -57,7 +57,10 @@ class DaemonClient:
                                                            pid=os.getpid()))
 
     def begin(self, step: int, nbytes: int) -> pb.BeginReply:
-        return self._rpc(self._stub.Begin, pb.BeginRequest(job=self.job, rank=self.rank, step=step, nbytes=nbytes))
+        """Reserve a segment. A first Begin may allocate and pre-fault it, so its deadline grows with the
+        size (at 200 MB/s, far below what tmpfs does); it runs on the copy thread, never the training thread."""
+        return self._rpc(self._stub.Begin, pb.BeginRequest(job=self.job, rank=self.rank, step=step, nbytes=nbytes),
+                         self.timeout + nbytes / 200e6)
 
     def commit(self, step: int, lease: int, manifest_json: bytes, copy_seconds: float,
                stall_seconds: float) -> list[int]:
