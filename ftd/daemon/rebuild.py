@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from ftd._proto import peer_pb2 as pb
@@ -124,26 +125,44 @@ class Rebuilder:
             plans.append((record, mine, holders))
         size = records[0].chunk_bytes
         blob = bytearray(size * g.k)
-        total = size * len(plans)
-        done, next_report = 0, 0.1
         log.info("rebuilding node %d step %d from %d peers: %d rotations of %d bytes", self.me, step, len(invs),
                  len(plans), size)
+        with ThreadPoolExecutor(g.k + g.m, thread_name_prefix="ftd-rebuild") as pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="ftd-prefetch") as prefetch:
+            done = self._decode_all(step, plans, size, blob, pool, prefetch)
+        self.p.metrics.ec_decode_bytes.inc(done)
+        self._install(step, records, blob, size * len(plans), t0)
+
+    def _decode_all(self, step: int, plans: list[tuple[RotationRecord, int, dict[int, int]]], size: int,
+                    blob: bytearray, pool: ThreadPoolExecutor, prefetch: ThreadPoolExecutor) -> int:
+        """Decode this node's chunk of every rotation into `blob` (data) or its parity files; return bytes."""
+        total = size * len(plans)
+        done, next_report = 0, 0.1
         for record, mine, holders in plans:
             if mine < record.k:
                 chunk_no = record.data[mine][1]
                 target = memoryview(blob)[chunk_no * size:(chunk_no + 1) * size]
             else:
                 target = memoryview(self.p.parity.create(step, record.rotation, mine - record.k, size))
-            for start in range(0, size, BATCH_BYTES):
+            starts = list(range(0, size, BATCH_BYTES))
+            pending = prefetch.submit(self._fetch, pool, step, record, holders, 0, min(BATCH_BYTES, size))
+            for i, start in enumerate(starts):
                 n = min(BATCH_BYTES, size - start)
-                present = self._fetch(step, record, holders, start, n)
+                present = pending.result()
+                if i + 1 < len(starts):  # pull the next batch while this one decodes
+                    nxt = starts[i + 1]
+                    pending = prefetch.submit(self._fetch, pool, step, record, holders, nxt,
+                                              min(BATCH_BYTES, size - nxt))
                 decode_striped(self.p.codec, present, [mine], record.stripe_bytes, out={mine: target[start:start + n]})
                 done += n
                 self.p.metrics.rebuild_progress.set(done / total)
                 if done / total >= next_report:
                     log.info("rebuild of node %d: %3.0f%% (%d of %d bytes)", self.me, 100 * done / total, done, total)
                     next_report += 0.1
-        self.p.metrics.ec_decode_bytes.inc(total)
+        return done
+
+    def _install(self, step: int, records: list[RotationRecord], blob: bytearray, total: int, t0: float) -> None:
+        """Seal the rebuilt ranks' segments and the parity chunks; this node is whole again."""
         _, node, parts = parse_header(blob, len(blob))
         if node != self.me:
             raise FtdError(f"rebuilt blob belongs to node {node}, not {self.me}")
@@ -153,39 +172,53 @@ class Rebuilder:
         for record in records:
             self.p._accept_record(record)
         self.p.protected_step = step
+        self.p.metrics.protected_step.set(step)
+        self.p.metrics.group_protected.set(1)
         seconds = time.perf_counter() - t0
         self.p.metrics.rebuild_seconds.observe(seconds)
-        log.info("rebuilt node %d step %d from peers in %.2f s (%d bytes, %.2f GB/s); %d rank(s) restored",
-                 self.me, step, seconds, total, total / max(seconds, 1e-9) / 1e9, len(parts))
+        data = sum(part.nbytes for part in parts)
+        log.info("rebuilt node %d step %d from peers in %.2f s (%d bytes, %.2f GB/s decoded; %d bytes of rank data, "
+                 "%.2f GB/s); %d rank(s) restored", self.me, step, seconds, total, total / max(seconds, 1e-9) / 1e9,
+                 data, data / max(seconds, 1e-9) / 1e9, len(parts))
 
-    def _fetch(self, step: int, record: RotationRecord, holders: dict[int, int], start: int,
-               n: int) -> dict[int, bytes]:
-        """k verified pieces [start, start + n) of the rotation; a piece that fails its checksum is not used."""
-        present: dict[int, bytes] = {}
-        first = start // record.stripe_bytes
-        for index, node in sorted(holders.items()):
-            if len(present) == record.k:
-                break
-            if index < record.k:
-                key = {"kind": "data", "step": step, "chunk": record.data[index][1], "C": record.chunk_bytes}
-            else:
-                key = {"kind": "parity", "step": step, "rot": record.rotation, "j": index - record.k}
-            buf = bytearray(n)
-            try:
-                self.p.client(node).get_range(key, start, n, memoryview(buf), TIMEOUT)
-            except FtdError as exc:
-                log.warning("piece %d of step %d rotation %d from node %d unavailable: %s", index, step,
-                            record.rotation, node, exc)
-                continue
-            expected = record.checksums[index][first:first + len(stripe_checksums(buf, record.stripe_bytes))]
-            if stripe_checksums(buf, record.stripe_bytes) != expected:
-                kind = "data" if index < record.k else "parity"
-                log.error("piece %d (%s) of step %d rotation %d from node %d fails its checksum; not used",
-                          index, kind, step, record.rotation, node)
-                self.p.metrics.checksum_failures.labels(kind).inc()
-                continue
-            present[index] = bytes(buf)
+    def _fetch(self, pool: ThreadPoolExecutor, step: int, record: RotationRecord, holders: dict[int, int],
+               start: int, n: int) -> dict[int, bytearray]:
+        """k verified pieces [start, start + n) of the rotation, pulled from k peers in parallel.
+
+        A piece that is unavailable or fails its checksum is not used; another survivor's is fetched.
+        """
+        present: dict[int, bytearray] = {}
+        candidates = sorted(holders.items())
+        while len(present) < record.k and candidates:
+            want = record.k - len(present)
+            batch, candidates = candidates[:want], candidates[want:]
+            for index, buf in pool.map(lambda item: self._fetch_one(step, record, *item, start, n), batch):
+                if buf is not None:
+                    present[index] = buf
         if len(present) < record.k:
             raise Unrecoverable(f"only {len(present)} intact pieces of step {step} rotation {record.rotation} "
                                 f"(need {record.k}); memory cannot recover node {self.me}'s snapshots")
         return present
+
+    def _fetch_one(self, step: int, record: RotationRecord, index: int, node: int, start: int,
+                   n: int) -> tuple[int, bytearray | None]:
+        if index < record.k:
+            key = {"kind": "data", "step": step, "chunk": record.data[index][1], "C": record.chunk_bytes}
+        else:
+            key = {"kind": "parity", "step": step, "rot": record.rotation, "j": index - record.k}
+        buf = bytearray(n)
+        try:
+            self.p.client(node).get_range(key, start, n, memoryview(buf), TIMEOUT)
+        except FtdError as exc:
+            log.warning("piece %d of step %d rotation %d from node %d unavailable: %s", index, step,
+                        record.rotation, node, exc)
+            return index, None
+        first = start // record.stripe_bytes
+        got = stripe_checksums(buf, record.stripe_bytes)
+        if got != record.checksums[index][first:first + len(got)]:
+            kind = "data" if index < record.k else "parity"
+            log.error("piece %d (%s) of step %d rotation %d from node %d fails its checksum; not used",
+                      index, kind, step, record.rotation, node)
+            self.p.metrics.checksum_failures.labels(kind).inc()
+            return index, None
+        return index, buf
