@@ -111,7 +111,7 @@ LOG_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ftd\[(\d+)\] (\w+)
 ENCODED_RE = re.compile(r"encoded step (\d+) rotation (\d+): (\d+) x (\d+) bytes in ([\d.]+) s")
 PROTECTED_RE = re.compile(r"group (\d+): step (\d+) is protected")
 SEALED_RE = re.compile(r"sealed rank (\d+) step (\d+) \((\d+) bytes\)")
-REBUILT_RE = re.compile(r"rebuilt node (\d+) step (\d+) from peers in ([\d.]+) s \((\d+) bytes, ([\d.]+) GB/s\)")
+REBUILT_RE = re.compile(r"rebuilt node (\d+) step (\d+) from peers in ([\d.]+) s \((\d+) bytes, ([\d.]+) GB/s decoded")
 REBUILDING_RE = re.compile(r"rebuilding node (\d+) step (\d+) from (\d+) peers: (\d+) rotations of (\d+) bytes")
 ALLOCATED_RE = re.compile(r"allocated segment \S+ \((\d+) bytes, pre-faulted in ([\d.]+) s\)")
 

@@ -28,7 +28,12 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     _setup_logging(config.log_level)
     daemon = Daemon(config).start()
 
+    stopping = []
+
     def stop(signum: int, frame: Any) -> None:
+        if stopping:  # a second SIGTERM/SIGINT while shutting down changes nothing
+            return
+        stopping.append(signum)
         log.info("signal %d: stopping", signum)
         daemon.stop()
 
