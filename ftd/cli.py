@@ -60,7 +60,9 @@ def cmd_status(args: argparse.Namespace) -> int:
            "node_index": st.node_index, "group": list(st.group), "ec": st.ec,
            "protected_step": st.protected_step, "rebuilding": st.rebuilding,
            "peers": [{"node": p.node, "endpoint": p.endpoint, "up": p.up, "protected_step": p.protected_step,
-                      "rebuilding": p.rebuilding} for p in st.peers]}
+                      "rebuilding": p.rebuilding, "ranks": list(p.ranks), "steps": list(p.steps),
+                      "parity_chunks": p.parity_chunks, "seconds_since_heartbeat": round(p.seconds_since_heartbeat, 3)}
+                     for p in st.peers]}
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -74,10 +76,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     if st.node_index >= 0:
         state = "rebuilding" if st.rebuilding else f"newest protected step {st.protected_step}"
         print(f"EC {st.ec}: node {st.node_index} in group {list(st.group)}, {state}")
-        print(f"{'peer':>6}  {'endpoint':<24} {'up':<5} protected")
-        for p in doc["peers"]:
-            print(f"{p['node']:>6}  {p['endpoint']:<24} {str(p['up']):<5} "
-                  f"{'rebuilding' if p['rebuilding'] else p['protected_step']}")
+        if args.cluster:
+            print(f"{'node':>6}  {'endpoint':<24} {'up':<5} {'protected':<10} {'ranks':<10} {'steps held':<16} "
+                  f"parity  heartbeat")
+            print(f"{st.node_index:>6}  {'(this node)':<24} {'True':<5} {st.protected_step:<10} "
+                  f"{str([r['rank'] for r in doc['ranks']]):<10} {'-':<16} -       -")
+            for p in doc["peers"]:
+                protected = "rebuilding" if p["rebuilding"] else p["protected_step"]
+                ago = f"{p['seconds_since_heartbeat']:.1f} s ago" if p["seconds_since_heartbeat"] >= 0 else "never"
+                print(f"{p['node']:>6}  {p['endpoint']:<24} {str(p['up']):<5} {str(protected):<10} "
+                      f"{str(p['ranks']):<10} {str(p['steps']):<16} {p['parity_chunks']:<7} {ago}")
+        else:
+            print(f"{'peer':>6}  {'endpoint':<24} {'up':<5} protected")
+            for p in doc["peers"]:
+                print(f"{p['node']:>6}  {p['endpoint']:<24} {str(p['up']):<5} "
+                      f"{'rebuilding' if p['rebuilding'] else p['protected_step']}")
     return 0
 
 
@@ -98,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="summarise what a daemon holds")
     add_arguments(status, CLIENT)
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument("--cluster", action="store_true", help="also show every peer of this node's EC group "
+                        "(from their heartbeats)")
     status.set_defaults(func=cmd_status)
     demo = sub.add_parser("demo", help="train through a trainer crash and a daemon crash, then compare bit for bit")
     demo.add_argument("--steps", type=int, default=60)

@@ -186,18 +186,26 @@ class RankStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., sealed_steps: _Optional[_Iterable[int]] = ..., held_bytes: _Optional[int] = ..., writing: _Optional[bool] = ...) -> None: ...
 
 class PeerStatus(_message.Message):
-    __slots__ = ("node", "endpoint", "up", "protected_step", "rebuilding")
+    __slots__ = ("node", "endpoint", "up", "protected_step", "rebuilding", "ranks", "steps", "parity_chunks", "seconds_since_heartbeat")
     NODE_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     UP_FIELD_NUMBER: _ClassVar[int]
     PROTECTED_STEP_FIELD_NUMBER: _ClassVar[int]
     REBUILDING_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    PARITY_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     node: int
     endpoint: str
     up: bool
     protected_step: int
     rebuilding: bool
-    def __init__(self, node: _Optional[int] = ..., endpoint: _Optional[str] = ..., up: _Optional[bool] = ..., protected_step: _Optional[int] = ..., rebuilding: _Optional[bool] = ...) -> None: ...
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    parity_chunks: int
+    seconds_since_heartbeat: float
+    def __init__(self, node: _Optional[int] = ..., endpoint: _Optional[str] = ..., up: _Optional[bool] = ..., protected_step: _Optional[int] = ..., rebuilding: _Optional[bool] = ..., ranks: _Optional[_Iterable[int]] = ..., steps: _Optional[_Iterable[int]] = ..., parity_chunks: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("job", "node", "shm_dir", "held_bytes", "budget_bytes", "available_bytes", "ranks", "version", "node_index", "group", "ec", "protected_step", "rebuilding", "peers")

@@ -13,6 +13,7 @@ import os
 import socket as socketlib
 import stat
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
@@ -138,11 +139,18 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
             reply.node_index, reply.ec = p.membership.me, f"{p.group.k}+{p.group.m}"
             reply.group.extend(p.group.members)
             reply.protected_step, reply.rebuilding = p.protected_step, p.rebuilding
+            now = time.monotonic()
             for state in p.table.states():
                 inv = state.inventory
-                reply.peers.append(pb.PeerStatus(node=state.node, endpoint=p.membership.peers[state.node],
-                                                 up=state.up, protected_step=inv.protected_step if inv else -1,
-                                                 rebuilding=bool(inv and inv.rebuilding)))
+                peer = pb.PeerStatus(node=state.node, endpoint=p.membership.peers[state.node], up=state.up,
+                                     protected_step=inv.protected_step if inv else -1,
+                                     rebuilding=bool(inv and inv.rebuilding),
+                                     seconds_since_heartbeat=now - state.last_seen if state.last_seen else -1)
+                if inv is not None:
+                    peer.ranks.extend(inv.ranks)
+                    peer.steps.extend(s.step for s in inv.steps)
+                    peer.parity_chunks = len(inv.parity)
+                reply.peers.append(peer)
         return reply
 
 

@@ -180,6 +180,20 @@ def test_unauthenticated_peer_cannot_read_or_write(nodes4: list[Node]):
     assert "refused peer call" in target.daemon_log.read_text()
     assert target.status().protected_step >= step
 
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "ftd", "status", "--cluster", "--json"], env=target.env,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    doc = json.loads(out)
+    assert doc["ec"] == "3+1" and doc["group"] == [0, 1, 2, 3] and doc["node_index"] == 0
+    assert sorted(p["node"] for p in doc["peers"]) == [1, 2, 3]
+    assert all(p["up"] and p["protected_step"] >= step and p["ranks"] == [0] for p in doc["peers"])
+    human = subprocess.run([sys.executable, "-m", "ftd", "status", "--cluster"], env=target.env,
+                           capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "EC 3+1: node 0 in group [0, 1, 2, 3]" in human and "(this node)" in human
+
 
 @pytest.mark.parametrize("nodes4", [("2+2", "auto")], indirect=True, ids=["2+2"])
 def test_losing_m_nodes_at_once_resumes_bit_exact(nodes4: list[Node], reference):
