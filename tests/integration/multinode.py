@@ -103,10 +103,11 @@ class Node:
         shutil.rmtree(self.shm, ignore_errors=True)
 
 
-def make_nodes(tmp_path: Path, count: int, ec: str, **env: str) -> list[Node]:
+def make_nodes(tmp_path: Path, count: int, ec: str, host: str = "127.0.0.1", **env: str) -> list[Node]:
+    """`count` nodes whose peer list names `host` (a DNS name such as "localhost" works like an address)."""
     ports = [free_port_pair() for _ in range(count)]
     tag = uuid.uuid4().hex[:8]  # shm paths are global: never share one with another run
-    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+    peers = ",".join(f"{host}:{p}" for p in ports)
     nodes = []
     for i in range(count):
         root = tmp_path / f"node{i}"

@@ -19,8 +19,8 @@ STEPS = 24
 
 @pytest.fixture
 def nodes4(tmp_path: Path, request: pytest.FixtureRequest):
-    ec, codec = getattr(request, "param", ("3+1", "auto"))
-    nodes = make_nodes(tmp_path, 4, ec, FTD_CODEC=codec)
+    ec, codec, *host = getattr(request, "param", ("3+1", "auto"))
+    nodes = make_nodes(tmp_path, 4, ec, *host, FTD_CODEC=codec)
     try:
         for node in nodes:
             node.start_daemon()
@@ -195,10 +195,12 @@ def test_unauthenticated_peer_cannot_read_or_write(nodes4: list[Node]):
     assert "EC 3+1: node 0 in group [0, 1, 2, 3]" in human and "(this node)" in human
 
 
-@pytest.mark.parametrize("nodes4", [("2+2", "auto")], indirect=True, ids=["2+2"])
+@pytest.mark.parametrize("nodes4", [("2+2", "auto", "localhost")], indirect=True, ids=["2+2-by-dns-name"])
 def test_losing_m_nodes_at_once_resumes_bit_exact(nodes4: list[Node], reference):
-    """2+2 over 4 nodes: nodes 1 and 3 lose everything at once; both replacements rebuild from the
-    two survivors and every node's trainer finishes bit-exact against an uninterrupted run."""
+    """2+2 over 4 nodes named by DNS ("localhost:port", as a headless service's pods are): nodes 1 and 3
+    lose everything at once; both replacements rebuild from the two survivors and every node's trainer
+    finishes bit-exact against an uninterrupted run."""
+    assert nodes4[0].env["FTD_PEERS"].startswith("localhost:")
     from tests.integration.cluster import STEPS as REF_STEPS
 
     assert REF_STEPS == STEPS
