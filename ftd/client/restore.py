@@ -56,9 +56,9 @@ class OpenedSnapshot:
 
 
 def open_verified(client: DaemonClient, job: str, rank: int, world_size: int, step: int,
-                  model: torch.nn.Module) -> OpenedSnapshot:
+                  model: torch.nn.Module, timeout: float | None = None) -> OpenedSnapshot:
     """Open (job, rank, step) from the daemon and run every check; SnapshotCorrupt on the first failure."""
-    reply = client.open(step)
+    reply = client.open(step, timeout=timeout)
     manifest = Manifest.from_json(reply.manifest_json)
     if manifest.job != job:
         raise SnapshotCorrupt(f"snapshot belongs to job {manifest.job!r}, not {job!r}", rank=rank, step=step)
@@ -97,7 +97,7 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
     for step in candidates:
         opened = None
         try:
-            opened = open_verified(client, job, rank, world_size, step, model)
+            opened = open_verified(client, job, rank, world_size, step, model, list_timeout)
         except FtdError as exc:
             log.error("rank %d: step %d is unusable: %s", rank, step, exc)
             failures.append(str(exc))

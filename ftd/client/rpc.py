@@ -79,9 +79,10 @@ class DaemonClient:
                           timeout)
         return list(reply.steps)
 
-    def open(self, step: int, rank: int | None = None) -> pb.OpenReply:
+    def open(self, step: int, rank: int | None = None, timeout: float | None = None) -> pb.OpenReply:
+        """A sealed step; the daemon may first fetch it from a peer, hence the separate timeout."""
         return self._rpc(self._stub.Open, pb.OpenRequest(job=self.job, rank=self.rank if rank is None else rank,
-                                                         step=step))
+                                                         step=step), timeout)
 
     def discard(self, above_step: int) -> list[int]:
         reply = self._rpc(self._stub.Discard, pb.DiscardRequest(job=self.job, rank=self.rank, above_step=above_step))

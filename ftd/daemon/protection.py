@@ -21,6 +21,7 @@ from typing import Any
 from ftd._proto import peer_pb2 as pb
 from ftd.codec import Codec, encode_striped
 from ftd.config import DaemonConfig
+from ftd.daemon import remote
 from ftd.daemon.blob import NodeBlob
 from ftd.daemon.groups import rotations
 from ftd.daemon.parity import ParityStore, RotationRecord, stripe_checksums
@@ -125,10 +126,14 @@ class Protector:
 
     # ---- serving peers ------------------------------------------------------------------------
 
+    def pin_served(self, step: int) -> None:
+        """Keep `step` sealed for a while: a peer is reading it."""
+        self._served[step] = time.monotonic()
+        self._update_pins()
+
     def _blob(self, step: int, pin: bool = True) -> NodeBlob:
         if pin:
-            self._served[step] = time.monotonic()
-            self._update_pins()
+            self.pin_served(step)
         parts = self.store.complete_steps().get(step)
         if parts is None:
             raise KeyError(f"node {self.membership.me} does not hold step {step} for every local rank")
@@ -153,6 +158,8 @@ class Protector:
             data = b"%16d" % len(self.parity.record(int(key["step"]), int(key["rot"])).to_json())
         elif kind == "record":
             data = self.parity.record(int(key["step"]), int(key["rot"])).to_json()[offset:offset + length]
+        elif kind in ("segment_manifest_size", "segment_manifest", "segment_size", "segment"):
+            data = remote.serve(self, key, offset, length)
         else:
             raise KeyError(f"unknown kind {kind!r}")
         self.metrics.peer_sent_bytes.labels(self._peer_label(key)).inc(len(data))

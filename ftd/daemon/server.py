@@ -25,6 +25,7 @@ from ftd import __version__
 from ftd._proto import snapshot_pb2 as pb
 from ftd._proto import snapshot_pb2_grpc as pb_grpc
 from ftd.config import DaemonConfig
+from ftd.daemon import remote
 from ftd.daemon.store import SegmentStore
 from ftd.errors import FtdError, ManifestError, NotFound, OutOfMemory, RequestRejected
 from ftd.metrics import DaemonMetrics
@@ -101,14 +102,40 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
                                                      request.reason))
         return pb.AbortReply()
 
+    def _wait_for_peer_rebuilds(self, context: grpc.ServicerContext) -> None:
+        """A peer that is rebuilding may be the one that will hold this rank: wait for it (bounded)."""
+        deadline = time.monotonic() + max(0.0, (context.time_remaining() or 60.0) - 1.0)
+        while any(inv.rebuilding for inv in self.protector.table.inventories().values()):
+            if time.monotonic() > deadline:
+                log.warning("a peer is still rebuilding; answering with what the group holds now")
+                return
+            time.sleep(0.2)
+
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListReply:
+        """Steps held here for the rank; when none are, the steps its group peers hold for it."""
         self._wait_ready(context)
-        return pb.ListReply(steps=self._call(context, lambda: self.store.list_steps(request.job, request.rank)))
+        steps = self._call(context, lambda: self.store.list_steps(request.job, request.rank))
+        if not steps and self.protector is not None:
+            self._wait_for_peer_rebuilds(context)
+            steps = remote.remote_steps(self.protector, request.rank)
+            if steps:
+                log.info("rank %d has no snapshot on this node; peers hold steps %s", request.rank, steps)
+        return pb.ListReply(steps=steps)
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenReply:
+        """A sealed step of a rank; fetched from the peer that holds it when it is not here."""
         self._wait_ready(context)
-        path, capacity, manifest, source = self._call(context, lambda: self.store.open(request.job, request.rank,
-                                                                                       request.step))
+
+        def open_here_or_fetch() -> tuple[str, int, bytes, str]:
+            try:
+                return self.store.open(request.job, request.rank, request.step)
+            except NotFound:
+                if self.protector is None:
+                    raise
+                remote.fetch(self.protector, request.job, request.rank, request.step)
+                return self.store.open(request.job, request.rank, request.step)
+
+        path, capacity, manifest, source = self._call(context, open_here_or_fetch)
         return pb.OpenReply(path=path, capacity=capacity, manifest_json=manifest, source=source)
 
     def Recovered(self, request: pb.RecoveredRequest, context: grpc.ServicerContext) -> pb.RecoveredReply:
