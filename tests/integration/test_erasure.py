@@ -30,8 +30,26 @@ def nodes4(tmp_path: Path, request: pytest.FixtureRequest):
             node.close()
 
 
+def _references(tmp_path: Path, ranks: range) -> dict[int, tuple[dict[int, str], dict[str, torch.Tensor]]]:
+    """Uninterrupted runs without ftd, one per rank (ranks differ in their data)."""
+    from ftd.demo.procs import ftd_env, start_trainer
+
+    procs = {}
+    for rank in ranks:
+        root = tmp_path / f"reference-{rank}"
+        root.mkdir()
+        procs[rank] = (root, start_trainer(["--steps", str(STEPS), "--no-ftd", "--losses", str(root / "l.jsonl"),
+                                            "--out", str(root / "p.pt")], dict(ftd_env(root, "ref"), RANK=str(rank)),
+                                           root / "train.log"))
+    out = {}
+    for rank, (root, proc) in procs.items():
+        assert proc.wait(180) == 0
+        out[rank] = (read_losses(root / "l.jsonl", rank), torch.load(root / "p.pt", weights_only=True))
+    return out
+
+
 def _segment_bytes(node: Node, step: int) -> bytes:
-    for manifest in node.shm.glob("ftd-*/rank-0/*.manifest.json"):
+    for manifest in node.shm.glob(f"ftd-*/rank-{node.index}/*.manifest.json"):
         if f'"step":{step},' in manifest.read_text():
             return Path(str(manifest).removesuffix(".manifest.json") + ".seg").read_bytes()
     raise AssertionError(f"node {node.index} holds no sealed step {step}")
@@ -41,7 +59,7 @@ def _segment_bytes(node: Node, step: int) -> bytes:
 def test_lost_node_is_rebuilt_bit_exact_even_with_a_corrupt_piece(nodes4: list[Node]):
     """2+2 over 4 nodes, one independent trainer per node. Node 1 loses its memory and a survivor's
     parity is corrupted: the rebuild detects the bad piece, uses another, and restores exact bytes."""
-    procs = [n.trainer(["--steps", str(STEPS), "--stop-at", "8"]) for n in nodes4]
+    procs = [n.trainer(["--steps", str(STEPS), "--stop-at", "8"], RANK=str(n.index)) for n in nodes4]
     assert all(p.wait(120) == 0 for p in procs)
     step = wait_protected(nodes4, 8)
     before = _segment_bytes(nodes4[1], step)
@@ -58,7 +76,7 @@ def test_lost_node_is_rebuilt_bit_exact_even_with_a_corrupt_piece(nodes4: list[N
     nodes4[1].lose_everything()
     t0 = time.monotonic()
     nodes4[1].start_daemon()
-    client = DaemonClient(nodes4[1].env["FTD_SOCKET"], "ectest", 0, timeout=60)
+    client = DaemonClient(nodes4[1].env["FTD_SOCKET"], "ectest", 1, timeout=60)
     try:
         assert client.list_steps() == [step]  # held until the rebuild is done
     finally:
@@ -118,7 +136,7 @@ def test_ddp_node_loss_resumes_bit_exact(nodes4: list[Node], tmp_path: Path):
 def test_losing_more_than_m_nodes_says_so_and_nothing_hangs(nodes4: list[Node]):
     """3+1 over 4 nodes: nodes 1 and 2 lose their memory at once. Their replacements report which
     group lost which nodes and that memory cannot recover it; a trainer there starts fresh at once."""
-    procs = [n.trainer(["--steps", str(STEPS), "--stop-at", "6"]) for n in nodes4]
+    procs = [n.trainer(["--steps", str(STEPS), "--stop-at", "6"], RANK=str(n.index)) for n in nodes4]
     assert all(p.wait(120) == 0 for p in procs)
     wait_protected(nodes4, 6)
     for n in (nodes4[1], nodes4[2]):
@@ -126,7 +144,7 @@ def test_losing_more_than_m_nodes_says_so_and_nothing_hangs(nodes4: list[Node]):
     for n in (nodes4[1], nodes4[2]):
         n.start_daemon()
     t0 = time.monotonic()
-    proc = nodes4[1].trainer(["--steps", str(STEPS), "--stop-at", "2"])
+    proc = nodes4[1].trainer(["--steps", str(STEPS), "--stop-at", "2"], RANK="1")
     assert proc.wait(120) == 0
     assert time.monotonic() - t0 < 60
     for n in (nodes4[1], nodes4[2]):
@@ -145,7 +163,7 @@ def test_unauthenticated_peer_cannot_read_or_write(nodes4: list[Node]):
     from ftd.daemon.transport import BulkClient, PeerUnavailable, curve_keys
     from tests.integration.multinode import TOKEN
 
-    procs = [n.trainer(["--steps", str(STEPS), "--stop-at", "4"]) for n in nodes4]
+    procs = [n.trainer(["--steps", str(STEPS), "--stop-at", "4"], RANK=str(n.index)) for n in nodes4]
     assert all(p.wait(120) == 0 for p in procs)
     step = wait_protected(nodes4, 4)
     target = nodes4[0]
@@ -189,22 +207,20 @@ def test_unauthenticated_peer_cannot_read_or_write(nodes4: list[Node]):
     doc = json.loads(out)
     assert doc["ec"] == "3+1" and doc["group"] == [0, 1, 2, 3] and doc["node_index"] == 0
     assert sorted(p["node"] for p in doc["peers"]) == [1, 2, 3]
-    assert all(p["up"] and p["protected_step"] >= step and p["ranks"] == [0] for p in doc["peers"])
+    assert all(p["up"] and p["protected_step"] >= step and p["ranks"] == [p["node"]] for p in doc["peers"])
     human = subprocess.run([sys.executable, "-m", "ftd", "status", "--cluster"], env=target.env,
                            capture_output=True, text=True, timeout=60, check=True).stdout
     assert "EC 3+1: node 0 in group [0, 1, 2, 3]" in human and "(this node)" in human
 
 
 @pytest.mark.parametrize("nodes4", [("2+2", "auto", "localhost")], indirect=True, ids=["2+2-by-dns-name"])
-def test_losing_m_nodes_at_once_resumes_bit_exact(nodes4: list[Node], reference):
+def test_losing_m_nodes_at_once_resumes_bit_exact(nodes4: list[Node], tmp_path: Path):
     """2+2 over 4 nodes named by DNS ("localhost:port", as a headless service's pods are): nodes 1 and 3
     lose everything at once; both replacements rebuild from the two survivors and every node's trainer
     finishes bit-exact against an uninterrupted run."""
     assert nodes4[0].env["FTD_PEERS"].startswith("localhost:")
-    from tests.integration.cluster import STEPS as REF_STEPS
-
-    assert REF_STEPS == STEPS
-    procs = [n.trainer(["--steps", str(STEPS), "--stop-at", "10"]) for n in nodes4]
+    refs = _references(tmp_path, range(4))
+    procs = [n.trainer(["--steps", str(STEPS), "--stop-at", "10"], RANK=str(n.index)) for n in nodes4]
     assert all(p.wait(120) == 0 for p in procs)
     step = wait_protected(nodes4, 10)
     originals = {i: _segment_bytes(nodes4[i], step) for i in (1, 3)}
@@ -213,19 +229,19 @@ def test_losing_m_nodes_at_once_resumes_bit_exact(nodes4: list[Node], reference)
     for i in (1, 3):
         nodes4[i].start_daemon()
     for i in (1, 3):
-        client = DaemonClient(nodes4[i].env["FTD_SOCKET"], "ectest", 0, timeout=60)
+        client = DaemonClient(nodes4[i].env["FTD_SOCKET"], "ectest", i, timeout=60)
         try:
             assert client.list_steps() == [step]  # returns once the rebuild is done
         finally:
             client.close()
         assert f"rebuilt node {i} step {step} from peers" in nodes4[i].daemon_log.read_text()
         assert originals[i] == _segment_bytes(nodes4[i], step)
-    procs = [n.trainer(["--steps", str(STEPS)]) for n in nodes4]
+    procs = [n.trainer(["--steps", str(STEPS)], RANK=str(n.index)) for n in nodes4]
     assert all(p.wait(180) == 0 for p in procs)
-    ref_losses, ref_params = reference
     for n in nodes4:
         log = n.log.read_text()
         assert f"resumed at step {step}" in log, log[-2000:]
-        assert read_losses(n.losses) == ref_losses
-        got = torch.load(n.root / "params-0.pt", weights_only=True)
+        ref_losses, ref_params = refs[n.index]
+        assert read_losses(n.losses, n.index) == ref_losses
+        got = torch.load(n.root / f"params-{n.index}.pt", weights_only=True)
         assert all(torch.equal(got[k], v) for k, v in ref_params.items())
