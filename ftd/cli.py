@@ -101,6 +101,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(steps=args.steps, workdir=args.workdir, seed=args.seed)
 
 
+def cmd_bench(argv: list[str]) -> int:
+    from ftd.bench.compare import main as bench_main
+
+    return bench_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftd", description="In-memory fault tolerance for training jobs.")
     parser.add_argument("--version", action="version", version=f"ftd {__version__}")
@@ -119,10 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=None, help="seed of the kill points (default: random)")
     demo.add_argument("--workdir", default=None, help="keep files here (default: a temporary directory)")
     demo.set_defaults(func=cmd_demo)
+    # `ftd bench` needs torch and more; its flags live in ftd.bench.compare, imported only when used
+    # (the daemon must start without importing torch).
+    bench = sub.add_parser("bench", add_help=False, help="compare ftd with torch.save, DCP and torchsnapshot "
+                           "(ftd bench --help for its flags)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # parsed by ftd.bench.compare itself
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -111,4 +111,3 @@ def run_loop(args: Any, ws: Workspace) -> dict[str, Any]:
     return out
 
 
-__all__ = ["run_loop", "Path"]

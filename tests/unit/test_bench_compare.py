@@ -25,7 +25,7 @@ def test_compare_tiny(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "ftd.bench.compare", "--sizes", "8MiB", "--repeats", "1", "--methods",
          ",".join(METHODS), "--compute-s", "0.05", "--restore", "inprocess", "--no-loop", "--no-scaling",
-         "--no-plots", "--out-dir", str(out), "--tag", "-test"],
+         "--no-plots", "--out-dir", str(out), "--tag=-test"],
         capture_output=True, text=True, timeout=110, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jsons, mds = list(out.glob("compare-*-test.json")), list(out.glob("compare-*-test.md"))
