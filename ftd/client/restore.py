@@ -35,6 +35,7 @@ class RestoreResult:
     extra: dict[str, Any] | None
     failures: list[str]
     source: str = "none"
+    meta: dict[str, Any] | None = None
 
 
 class OpenedSnapshot:
@@ -120,7 +121,7 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
             client.recovered(step, seconds, nbytes, opened.source)
         except FtdError as exc:
             log.debug("could not report the recovery: %s", exc)
-        return RestoreResult(step, seconds, nbytes, decoded, failures, opened.source)
+        return RestoreResult(step, seconds, nbytes, decoded, failures, opened.source, opened.manifest.meta)
     if local:
         # Nothing is discarded here: a launch with the wrong model must not wipe good snapshots.
         log.error("rank %d: none of the held steps %s could be restored on every rank; starting from step 0",

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ftd.client import jsonsafe
 from ftd.client import restore as restore_mod
 from ftd.client import state
 from ftd.client.copier import CopyEngine, CopyJob
@@ -72,6 +73,7 @@ class Snapshotter:
         self.config = ClientConfig.load(**settings)
         logging.getLogger("ftd").setLevel(self.config.log_level.upper())
         self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
+        self._state_optimizer = _local_optimizer(optimizer)
         self.rank = _rank() if rank is None else rank
         self.world_size = _world_size() if world_size is None else world_size
         self.stats = SnapshotStats()
@@ -96,7 +98,11 @@ class Snapshotter:
         self.stats.requested += 1
         self._wait_copied(self._inflight, "snapshot")
         try:
-            captured = state.capture(step, self.model, self.optimizer, self.scheduler, self.extra)
+            captured = state.capture(step, self.model, self._state_optimizer, self.scheduler, self.extra)
+            if self._state_optimizer is not self.optimizer and self.optimizer is not None:
+                captured.meta["outer_param_groups"] = jsonsafe.encode(
+                    [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
+                    "outer_groups", _refuse_tensor)
         except (TypeError, ValueError) as exc:
             self._skip(step, "capture", f"state cannot be captured: {exc}")
             return
@@ -165,8 +171,14 @@ class Snapshotter:
             return 0
         self.wait()
         result = restore_mod.restore(self.client, self.config.job, self.rank, self.world_size, self.model,
-                                     self.optimizer, self.scheduler, self.extra, restore_rng,
+                                     self._state_optimizer, self.scheduler, self.extra, restore_rng,
                                      self.config.restore_timeout)
+        outer_groups = (result.meta or {}).get("outer_param_groups")
+        if result.step and outer_groups is not None and self.optimizer is not None:
+            # ZeRO: the outer optimizer's groups (what schedulers change) as they were at the snapshot; its
+            # next step pushes them into the restored partition's optimizer.
+            for group, saved in zip(self.optimizer.param_groups, jsonsafe.decode(outer_groups, _no_tensors)):
+                group.update(saved)
         self.stats.restored_step, self.stats.restore_s = result.step, result.seconds
         self.stats.restore_source = result.source
         self.restored_extra = result.extra
@@ -203,6 +215,30 @@ class Snapshotter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _refuse_tensor(name: str, tensor: torch.Tensor) -> None:
+    raise TypeError(f"{name}: tensors in the optimizer's param_groups are not supported with ZeRO")
+
+
+def _no_tensors(name: str) -> torch.Tensor:
+    raise TypeError(f"{name}: unexpected tensor reference")
+
+
+def _local_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
+    """The optimizer whose state this rank holds.
+
+    ZeroRedundancyOptimizer keeps each rank's partition in `.optim` (its own `state_dict()` needs a
+    collective consolidation first): a rank snapshots and restores just its partition. The
+    pre-hook stays on the outer optimizer, whose step mutates the parameters.
+    """
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+    except ImportError:  # torch built without distributed
+        return optimizer
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        return optimizer.optim
+    return optimizer
 
 
 def _rank() -> int:

@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--losses", default="", help="append {'step', 'loss'} JSON lines here")
     p.add_argument("--out", default="", help="write final parameters here ({rank} is replaced)")
     p.add_argument("--no-ftd", action="store_true", help="train without snapshots (the reference run)")
+    p.add_argument("--zero", action="store_true", help="shard the optimizer state (ZeroRedundancyOptimizer)")
     return p.parse_args(argv)
 
 
@@ -63,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         x, _ = batch(0, rank, 2, args.context, args.seed)
         net(x).sum().backward()
         model.zero_grad(set_to_none=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    if args.zero and world > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        optimizer: torch.optim.Optimizer = ZeroRedundancyOptimizer(
+            model.parameters(), optimizer_class=torch.optim.AdamW, lr=args.lr, weight_decay=0.1)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     scheduler = warmup_cosine(optimizer, warmup=max(1, args.steps // 10), total=args.steps)
     data_position = {"step": 0}
     snap = None if args.no_ftd else ftd.Snapshotter(model, optimizer, scheduler=scheduler, extra=data_position)

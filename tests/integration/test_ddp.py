@@ -38,19 +38,22 @@ def worker_of_rank(agent: subprocess.Popen[bytes], rank: int) -> psutil.Process:
     raise AssertionError(f"no worker of rank {rank} under torchrun {agent.pid}")
 
 
-@pytest.fixture(scope="module")
-def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=[[], ["--zero"]], ids=["adamw", "zero-sharded-adamw"])
+def ddp_reference(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("ddp-reference")
     agent = torchrun(["--steps", str(STEPS), "--no-ftd", "--losses", str(root / "losses.jsonl"),
-                      "--out", str(root / "params-{rank}.pt")], ftd_env(root, "ref"), root / "train.log")
+                      "--out", str(root / "params-{rank}.pt"), *request.param], ftd_env(root, "ref"),
+                     root / "train.log")
     assert agent.wait(300) == 0, (root / "train.log").read_text()[-4000:]
-    return root
+    return root, request.param
 
 
-def test_ddp_rank_killed_resumes_bit_exact(node: Cluster, ddp_reference: Path):
+def test_ddp_rank_killed_resumes_bit_exact(node: Cluster, ddp_reference: tuple[Path, list[str]]):
+    """Plain AdamW, and ZeroRedundancyOptimizer (each rank snapshots only its optimizer partition)."""
+    ddp_reference, extra = ddp_reference
     kill_at = random.Random().randrange(3, STEPS - 4)
     agent = torchrun(["--steps", str(STEPS), "--step-sleep", "0.1", "--losses", str(node.losses),
-                      "--out", str(node.root / "params-{rank}.pt")], node.env, node.log)
+                      "--out", str(node.root / "params-{rank}.pt"), *extra], node.env, node.log)
     node.procs.append(agent)
     wait_for_step(node.losses, kill_at, agent, timeout=120, rank=1)
     worker_of_rank(agent, 1).send_signal(signal.SIGKILL)
