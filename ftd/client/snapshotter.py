@@ -232,12 +232,10 @@ def _local_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Opt
     collective consolidation first): a rank snapshots and restores just its partition. The
     pre-hook stays on the outer optimizer, whose step mutates the parameters.
     """
-    try:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-    except ImportError:  # torch built without distributed
-        return optimizer
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
-        return optimizer.optim
+    # Recognised by name: importing torch.distributed.optim costs time and deprecation warnings for everyone.
+    kind = type(optimizer)
+    if kind.__name__ == "ZeroRedundancyOptimizer" and kind.__module__.startswith("torch.distributed.optim"):
+        return optimizer.optim  # type: ignore[union-attr]
     return optimizer
 
 
