@@ -88,6 +88,7 @@ class Protector:
         self._thread = threading.Thread(target=self._run, name="ftd-protect", daemon=True)
 
     def start(self) -> Protector:
+        self._update_pins()  # a restarted daemon keeps the protected step it re-adopted
         self.heartbeat.start()
         self._thread.start()
         g = self.group

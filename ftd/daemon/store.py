@@ -228,12 +228,19 @@ class SegmentStore:
                 self._retain(rank)
 
     def complete_steps(self) -> dict[int, list[tuple[int, str, int, bytes]]]:
-        """Steps every local rank has sealed -> (rank, segment path, data bytes, manifest JSON) per rank."""
+        """Steps every *current* local rank has sealed -> (rank, segment path, data bytes, manifest JSON).
+
+        A rank whose newest step lags the node's newest by more than keep + 2 has moved away (torchrun
+        reassigns ranks when a node is replaced) and no longer holds back the node's complete steps.
+        """
         with self._lock:
-            per_rank = {rank: {s.step: s for s in slots if s.state is SlotState.SEALED}
+            per_rank = {rank: {s.step: s for s in slots if s.state is SlotState.SEALED and s.step is not None}
                         for rank, slots in self._slots.items()}
+        per_rank = {rank: steps for rank, steps in per_rank.items() if steps}
         if not per_rank:
             return {}
+        newest = max(max(steps) for steps in per_rank.values())
+        per_rank = {rank: steps for rank, steps in per_rank.items() if max(steps) >= newest - self.config.keep - 2}
         common = set.intersection(*(set(steps) for steps in per_rank.values()))
         out: dict[int, list[tuple[int, str, int, bytes]]] = {}
         for step in common:

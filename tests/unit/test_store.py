@@ -490,3 +490,25 @@ def test_preallocation_prepares_keep_plus_one(tmp_path):
     for seg in (tmp_path / "shm").rglob("*.seg"):
         assert seg.stat().st_size == lease.capacity
         assert seg.stat().st_blocks * 512 >= lease.capacity, f"{seg.name} was not pre-faulted"
+
+
+def test_a_rank_that_moved_away_does_not_block_complete_steps(tmp_path):
+    """torchrun reassigns ranks: rank 2's old snapshots stay, rank 0 now trains here."""
+    store = _store(tmp_path, keep=2)
+    for rank, steps in ((2, (5, 6)), (0, (6, 7, 8, 9, 10, 11))):
+        for step in steps:
+            _snapshot(store, step, rank)
+    complete = store.complete_steps()
+    assert sorted(complete) == [10, 11], "rank 2 lags by more than keep + 2 steps: only rank 0 counts"
+    assert [rank for rank, *_ in complete[11]] == [0]
+
+
+def test_pinned_steps_survive_retention(tmp_path):
+    store = _store(tmp_path, keep=2)
+    _snapshot(store, 1)
+    store.pin({1})
+    for step in (2, 3, 4):
+        _snapshot(store, step)
+    assert store.list_steps(JOB, 0) == [1, 3, 4]
+    store.pin(set())
+    assert store.list_steps(JOB, 0) == [3, 4]
