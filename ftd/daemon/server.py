@@ -112,15 +112,20 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
             time.sleep(0.2)
 
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListReply:
-        """Steps held here for the rank; when none are, the steps its group peers hold for it."""
+        """Steps of the rank held here or by any group peer (Open fetches the ones that are not here).
+
+        After a node is replaced, ranks move: a rank may find an old step of its own here and its
+        newest protected step on a peer; the union lets every rank agree on that newest step.
+        """
         self._wait_ready(context)
-        steps = self._call(context, lambda: self.store.list_steps(request.job, request.rank))
-        if not steps and self.protector is not None:
-            self._wait_for_peer_rebuilds(context)
-            steps = remote.remote_steps(self.protector, request.rank)
-            if steps:
-                log.info("rank %d has no snapshot on this node; peers hold steps %s", request.rank, steps)
-        return pb.ListReply(steps=steps)
+        local = self._call(context, lambda: self.store.list_steps(request.job, request.rank))
+        if self.protector is None:
+            return pb.ListReply(steps=local)
+        self._wait_for_peer_rebuilds(context)
+        elsewhere = sorted(set(remote.remote_steps(self.protector, request.rank)) - set(local))
+        if elsewhere:
+            log.info("rank %d: steps %s here, %s on peers", request.rank, local, elsewhere)
+        return pb.ListReply(steps=sorted(set(local) | set(elsewhere)))
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenReply:
         """A sealed step of a rank; fetched from the peer that holds it when it is not here."""
