@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import tempfile
 import time
 import uuid
@@ -21,28 +20,13 @@ import torch
 from torch import nn
 
 from ftd.bench.common import MIB, log
+from ftd.demo.procs import free_port_pair
 from ftd.errors import FtdError
 
 TOKEN = "ftd-bench-cluster-token-" + uuid.uuid4().hex
 REBUILT_RE = re.compile(r"rebuilt node (\d+) step (\d+) from peers in ([\d.]+) s")
 LOST = 1
 
-
-def free_port_pair() -> int:
-    """A port p such that p and p + 1 are both free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65534:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair")
 
 
 def node_envs(root: Path, count: int, ec: str, job: str) -> list[dict[str, str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -11,33 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftd.client.rpc import DaemonClient
-from ftd.demo.procs import DaemonProcess, ftd_env, start_trainer
+from ftd.demo.procs import DaemonProcess, free_port, free_port_pair, ftd_env, start_trainer
 from ftd.errors import FtdError
 
 TOKEN = "test-cluster-token-5f2c9a"
-
-
-def free_port_pair() -> int:
-    """A port p such that p and p + 1 are both free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65534:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
