@@ -68,7 +68,7 @@ from ftd.codec import available_codecs, decode_striped, encode_striped, make_cod
 from ftd.daemon.groups import ECShape  # noqa: E402
 from ftd.daemon.protection import STRIPE_BYTES as DAEMON_STRIPE_BYTES  # noqa: E402
 from ftd.errors import FtdError  # noqa: E402
-from tests.integration.multinode import Node, make_nodes  # noqa: E402
+from ftd.demo.cluster import LocalNode as Node, make_nodes  # noqa: E402
 
 MIB, GIB = 1 << 20, 1 << 30
 LOST_NODE = 1

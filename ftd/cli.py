@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from ftd import __version__
@@ -95,10 +96,20 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ftd.demo.crash_resume import run_demo
-
     _setup_logging("WARNING")
-    return run_demo(steps=args.steps, workdir=args.workdir, seed=args.seed)
+    workdir = Path(args.workdir) if args.workdir else None
+    if args.chaos:
+        from ftd.demo.chaos import ChaosOptions, run_chaos
+
+        result = run_chaos(ChaosOptions(kills=args.chaos, nodes=args.nodes, ec=args.ec, seed=args.seed,
+                                        workdir=workdir))
+        print(result.table())
+        return 0 if result.ok else 1
+    from ftd.demo.cluster_demo import DemoOptions, run_cluster_demo
+
+    faults = tuple(f for f in args.faults.split(",") if f) if args.faults != "none" else ()
+    return run_cluster_demo(DemoOptions(nodes=args.nodes, ec=args.ec, steps=args.steps, faults=faults, dim=args.dim,
+                                       layers=args.layers, step_sleep=args.step_sleep, workdir=workdir))
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -120,9 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--cluster", action="store_true", help="also show every peer of this node's EC group "
                         "(from their heartbeats)")
     status.set_defaults(func=cmd_status)
-    demo = sub.add_parser("demo", help="train through a trainer crash and a daemon crash, then compare bit for bit")
-    demo.add_argument("--steps", type=int, default=60)
-    demo.add_argument("--seed", type=int, default=None, help="seed of the kill points (default: random)")
+    demo = sub.add_parser("demo", help="a local cluster of daemons and torchrun agents trains through a rank crash, "
+                          "a daemon crash and a node loss, then compares bit for bit with a failure-free run")
+    demo.add_argument("--nodes", type=int, default=4, help="simulated nodes (a daemon + a torchrun agent each)")
+    demo.add_argument("--ec", default="2+1", help="erasure code k+m across the nodes")
+    demo.add_argument("--steps", type=int, default=160)
+    demo.add_argument("--faults", default="rank,daemon,node", help="comma-separated: rank, daemon, node (or none)")
+    demo.add_argument("--dim", type=int, default=64, help="model width")
+    demo.add_argument("--layers", type=int, default=2, help="transformer blocks")
+    demo.add_argument("--step-sleep", type=float, default=0.05, help="seconds each step sleeps (slows the run "
+                      "so that failures strike at visible moments)")
+    demo.add_argument("--chaos", type=int, default=0, metavar="N", help="instead: N random SIGKILLs of ranks, "
+                      "daemons and nodes (the chaos run), then the bit-exact check")
+    demo.add_argument("--seed", type=int, default=None, help="chaos seed (default: random, printed)")
     demo.add_argument("--workdir", default=None, help="keep files here (default: a temporary directory)")
     demo.set_defaults(func=cmd_demo)
     # `ftd bench` needs torch and more; its flags live in ftd.bench.compare, imported only when used

@@ -1,0 +1,312 @@
+"""Chaos run: random SIGKILLs of ranks, daemons and whole nodes during one elastic torchrun job.
+
+A local cluster (ftd.demo.cluster): a rendezvous store off the nodes, one daemon and one torchrun
+agent (c10d, one worker) per node. Kinds of kill, chosen with weights:
+
+- rank:   SIGKILL the worker of one node (its agent restarts the group, every rank restores);
+- daemon: SIGKILL one daemon and start it again at once (its shared memory survives; training
+          goes on, snapshots are skipped while it is down);
+- node:   SIGKILL the node's agent, worker and daemon, wipe its shm directory, then start a
+          replacement daemon and agent with the same node identity (torchrun reassigns ranks;
+          the replacement's data comes back by erasure decoding from the peers).
+
+After each kill the run waits until every rank has written new losses (a recovery past
+`recovery_timeout` is a hang and ends the run), then a random pause. Finally training runs to the
+end and every (rank, step) loss ever recorded and the final parameters are compared bit for bit
+with a reference run without ftd.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftd.demo.cluster import (LocalNode, LossTail, RendezvousStore, all_losses, compare, make_nodes,
+                              reference_run, stamp)
+from ftd.errors import FtdError
+
+KINDS = ("rank", "daemon", "node")
+
+
+@dataclass
+class ChaosOptions:
+    kills: int = 50
+    nodes: int = 3
+    ec: str = "2+1"
+    steps: int = 0  # 0: 80 per kill + 300
+    step_sleep: float = 0.02
+    train_seed: int = 0
+    seed: int | None = None
+    weights: tuple[float, float, float] = (50.0, 25.0, 25.0)
+    kinds: tuple[str, ...] = ()  # a fixed sequence of kinds instead of weighted draws (nodes and moments stay random)
+    min_wait: float = 0.5
+    max_wait: float = 5.0
+    recovery_lines: int = 3
+    recovery_timeout: float = 180.0
+    finish_timeout: float = 900.0
+    lost_threshold: int = 50
+    max_restarts: int = 100000
+    workdir: Path | None = None
+
+    def train_args(self) -> list[str]:
+        return ["--steps", str(self.steps), "--seed", str(self.train_seed)]
+
+
+@dataclass
+class Kill:
+    n: int
+    kind: str
+    node: int
+    step_at_kill: int
+    t: float
+    pid: int | None = None
+    recovery_s: float | None = None
+    restart_step: int | None = None
+    progress_lost: int = 0
+    hang: bool = False
+    note: str = ""
+
+
+@dataclass
+class ChaosResult:
+    options: dict[str, Any]
+    kills: list[Kill] = field(default_factory=list)
+    hangs: int = 0
+    divergent: int = 0
+    param_mismatch: list[str] = field(default_factory=list)
+    missing: int = 0
+    compared: int = 0
+    torn_lines: int = 0
+    restarts_from_0: int = 0
+    unrecoverable_lines: int = 0
+    resumes_logged: int = 0
+    rebuilt_lines: int = 0
+    finished: bool = False
+    errors: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    reference_s: float = 0.0
+    workdir: str = ""
+
+    @property
+    def recoveries(self) -> list[Kill]:
+        return [k for k in self.kills if not k.hang and k.recovery_s is not None]
+
+    @property
+    def ok(self) -> bool:
+        return (self.finished and not self.hangs and not self.divergent and not self.param_mismatch
+                and not self.missing and not self.errors)
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["recovered"] = len(self.recoveries)
+        doc["ok"] = self.ok
+        return doc
+
+    def table(self) -> str:
+        """The summary printed at the end of a run."""
+        lines = ["=" * 64, f"chaos: {self.options['nodes']} nodes, EC {self.options['ec']}, "
+                 f"{self.options['steps']} steps, seed {self.options['seed']}",
+                 f"{'kind':<8} {'kills':>6} {'recovered':>10} {'median s':>9} {'max s':>8}"]
+        for kind in (*KINDS, "total"):
+            kills = [k for k in self.kills if kind in ("total", k.kind)]
+            secs = [k.recovery_s for k in kills if not k.hang and k.recovery_s is not None]
+            med = f"{statistics.median(secs):.2f}" if secs else "-"
+            top = f"{max(secs):.2f}" if secs else "-"
+            lines.append(f"{kind:<8} {len(kills):>6} {len(secs):>10} {med:>9} {top:>8}")
+        lost = [(k.n, k.kind, k.step_at_kill, k.restart_step) for k in self.kills if k.progress_lost]
+        lines += ["-" * 64,
+                  f"recoveries          {len(self.recoveries)}",
+                  f"hangs               {self.hangs}",
+                  f"divergences         {self.divergent + len(self.param_mismatch)} ({self.divergent} (rank, step) "
+                  f"losses, {len(self.param_mismatch)} parameter files)",
+                  f"losses compared     {self.compared} (rank, step); {self.missing} missing; "
+                  f"{self.torn_lines} torn lines",
+                  f"progress lost       {len(lost)} kills went back > {self.options['lost_threshold']} steps {lost[:8]}",
+                  f"restarts from 0     {self.restarts_from_0} rank lines; {self.unrecoverable_lines} daemon "
+                  "'memory cannot recover' lines",
+                  f"resumes logged      {self.resumes_logged}; nodes rebuilt {self.rebuilt_lines}",
+                  f"training finished   {self.finished}",
+                  f"errors              {self.errors or 'none'}",
+                  f"wall time           {self.wall_s:.1f} s (reference {self.reference_s:.1f} s)",
+                  "=" * 64]
+        return "\n".join(lines)
+
+
+def _say(msg: str) -> None:
+    print(f"[{stamp()}] {msg}", flush=True)
+
+
+class _Job:
+    """The cluster under chaos: nodes, their agents, the store and a tail of the loss files."""
+
+    def __init__(self, opts: ChaosOptions, root: Path):
+        self.opts = opts
+        self.nodes = make_nodes(root, opts.nodes, opts.ec, job="chaos")
+        self.store = RendezvousStore()
+        self.agents: list[Any] = []
+        self.tail = LossTail([n.losses for n in self.nodes])
+        self.train = [*opts.train_args(), "--step-sleep", str(opts.step_sleep)]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start_daemon()
+        self.agents = [self._agent(node) for node in self.nodes]
+
+    def _agent(self, node: LocalNode) -> Any:
+        return node.agent(self.store.port, self.opts.nodes, self.train, "chaos", self.opts.max_restarts)
+
+    def failed_agent(self) -> str | None:
+        for i, agent in enumerate(self.agents):
+            if agent.poll() not in (None, 0):
+                return f"agent of node {i} exited with {agent.returncode}"
+        return None
+
+    def done(self) -> bool:
+        return bool(self.agents) and all(a.poll() == 0 for a in self.agents)
+
+    def every_rank_wrote(self, lines: int, before: dict[int, int] | None = None) -> bool:
+        base = before or {}
+        return all(self.tail.lines_per_rank[r] - base.get(r, 0) >= lines for r in range(self.opts.nodes))
+
+    def kill(self, kind: str, i: int, kill: Kill) -> None:
+        node = self.nodes[i]
+        if kind == "rank":
+            workers = node.workers()
+            if not workers:
+                kill.note = "no worker running (between restarts): nothing killed"
+            for worker in workers:
+                kill.pid = worker.pid
+                try:
+                    worker.kill()
+                except Exception:  # noqa: BLE001 - it died on its own meanwhile
+                    pass
+        elif kind == "daemon":
+            assert node.daemon is not None and node.daemon.proc is not None
+            kill.pid = node.daemon.proc.pid
+            node.daemon.kill()
+            node.start_daemon(attempts=5)
+        else:
+            kill.pid = self.agents[i].pid
+            node.lose_everything()
+            node.start_daemon(attempts=5)
+            self.agents[i] = self._agent(node)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            try:
+                node.close()
+            except Exception as exc:  # noqa: BLE001 - clean up the rest regardless
+                _say(f"cleanup of node {node.index}: {exc}")
+        self.store.stop()
+
+
+def run_chaos(opts: ChaosOptions, say: Callable[[str], None] = _say) -> ChaosResult:
+    """Run the chaos job described by `opts`; the result holds every kill and the bit-exact verdict."""
+    if opts.steps <= 0:
+        opts.steps = 80 * opts.kills + 300
+    if opts.seed is None:
+        opts.seed = random.SystemRandom().randrange(2**31)
+    rng = random.Random(opts.seed)
+    work = opts.workdir or Path(tempfile.mkdtemp(prefix="ftd-chaos-"))
+    result = ChaosResult(options={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+                         workdir=str(work))
+    say(f"chaos: {opts.kills} kills, {opts.nodes} nodes, EC {opts.ec}, {opts.steps} steps, "
+        f"step-sleep {opts.step_sleep}, seed {opts.seed}, files in {work}")
+    t_start = time.monotonic()
+    say("reference run (no ftd, no failures) ...")
+    # step-sleep only sleeps; it cannot change a bit, so the reference runs without it
+    reference, reference_params = reference_run(work / "reference", opts.nodes, opts.train_args())
+    result.reference_s = round(time.monotonic() - t_start, 1)
+    say(f"reference done in {result.reference_s} s")
+
+    job = _Job(opts, work / "cluster")
+    tail = job.tail
+    t_chaos = time.monotonic()
+    try:
+        job.start()
+        _wait(lambda: job.every_rank_wrote(opts.recovery_lines), job, opts.recovery_timeout, "training did not start")
+        say(f"training running (step {tail.max_step}) after {time.monotonic() - t_chaos:.1f} s")
+        for n in range(1, opts.kills + 1):
+            time.sleep(rng.uniform(opts.min_wait, opts.max_wait))
+            tail.poll()
+            if job.done() or tail.frontier() >= opts.steps - 10:
+                say(f"training (nearly) finished at step {tail.max_step}; stopping after {n - 1} kills")
+                break
+            kind = opts.kinds[(n - 1) % len(opts.kinds)] if opts.kinds else rng.choices(KINDS, opts.weights)[0]
+            i = rng.randrange(opts.nodes)
+            kill = Kill(n, kind, i, tail.mark(), round(time.monotonic() - t_chaos, 2))
+            before = dict(tail.lines_per_rank)
+            t_kill = time.monotonic()
+            job.kill(kind, i, kill)
+            say(f"kill {n}/{opts.kills}: {kind} on node {i} (pid {kill.pid}) at step {kill.step_at_kill}")
+            recovered = _wait(lambda: job.every_rank_wrote(opts.recovery_lines, before) or job.done(), job,
+                              opts.recovery_timeout, None)
+            kill.recovery_s = round(time.monotonic() - t_kill, 2)
+            kill.restart_step = tail.min_since_mark
+            if kill.restart_step is not None and kill.step_at_kill - kill.restart_step > opts.lost_threshold:
+                kill.progress_lost = kill.step_at_kill - kill.restart_step
+                say(f"  PROGRESS LOST: the group went back from step {kill.step_at_kill} to {kill.restart_step}")
+            result.kills.append(kill)
+            if not recovered:
+                kill.hang = True
+                result.hangs += 1
+                say(f"  HANG: no recovery within {opts.recovery_timeout} s")
+                break
+            say(f"  recovered in {kill.recovery_s:.2f} s (restarted at step {kill.restart_step}, "
+                f"now {tail.frontier()})")
+            tail.mark()  # the next kill's frontier counts only steps written after this recovery
+        if not result.hangs:
+            say("chaos over; letting training finish ...")
+            if _wait(job.done, job, opts.finish_timeout, None):
+                result.finished = True
+                say("training finished")
+            else:
+                result.hangs += 1
+                say(f"HANG: training did not finish within {opts.finish_timeout} s (step {tail.max_step})")
+    except FtdError as exc:
+        result.errors.append(str(exc))
+        say(f"ERROR: {exc}")
+    finally:
+        job.close()
+
+    tail.poll()
+    got = all_losses([n.losses for n in job.nodes])
+    params = sorted((work / "cluster").glob("node*/params-*.pt")) if result.finished else []
+    verdict = compare(reference, got, reference_params, params)
+    result.divergent, result.compared, result.torn_lines = len(verdict.divergent), verdict.compared, tail.torn_lines
+    result.param_mismatch = verdict.param_mismatch + ([] if params or not result.finished else ["no parameter files"])
+    result.missing = len(verdict.missing) if result.finished else 0
+    for key in verdict.divergent[:10]:
+        say(f"DIVERGENCE rank {key[0]} step {key[1]}: got {sorted(got[key])} want {sorted(reference.get(key, []))}")
+    logs = "\n".join(n.log.read_text(errors="replace") for n in job.nodes if n.log.exists())
+    daemon_logs = "\n".join(n.daemon_log.read_text(errors="replace") for n in job.nodes if n.daemon_log.exists())
+    result.resumes_logged = len(re.findall(r"rank \d+ resumed at step \d+", logs))
+    result.restarts_from_0 = len(re.findall(r"could be restored on every rank; starting from step 0", logs))
+    result.unrecoverable_lines = len(re.findall(r"memory cannot recover", daemon_logs))
+    result.rebuilt_lines = len(re.findall(r"rebuilt node", daemon_logs))
+    result.wall_s = round(time.monotonic() - t_start, 1)
+    return result
+
+
+def _wait(ready: Callable[[], bool], job: _Job, timeout: float, error: str | None) -> bool:
+    """Poll until `ready()`; False on timeout (FtdError with `error` if given). FtdError if an agent fails."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job.tail.poll()
+        if ready():
+            return True
+        if (failed := job.failed_agent()) is not None:
+            raise FtdError(failed)
+        if time.monotonic() > deadline:
+            if error:
+                raise FtdError(error)
+            return False
+        time.sleep(0.05)
