@@ -28,7 +28,7 @@ class ParityHeld(_message.Message):
     def __init__(self, step: _Optional[int] = ..., rotation: _Optional[int] = ..., j: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class Inventory(_message.Message):
-    __slots__ = ("job", "node", "incarnation", "steps", "parity", "protected_step", "rebuilding", "ranks")
+    __slots__ = ("job", "node", "incarnation", "steps", "parity", "protected_step", "rebuilding", "ranks", "encoding_step")
     JOB_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class Inventory(_message.Message):
     PROTECTED_STEP_FIELD_NUMBER: _ClassVar[int]
     REBUILDING_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_STEP_FIELD_NUMBER: _ClassVar[int]
     job: str
     node: int
     incarnation: int
@@ -45,7 +46,8 @@ class Inventory(_message.Message):
     protected_step: int
     rebuilding: bool
     ranks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job: _Optional[str] = ..., node: _Optional[int] = ..., incarnation: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepData, _Mapping]]] = ..., parity: _Optional[_Iterable[_Union[ParityHeld, _Mapping]]] = ..., protected_step: _Optional[int] = ..., rebuilding: _Optional[bool] = ..., ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+    encoding_step: int
+    def __init__(self, job: _Optional[str] = ..., node: _Optional[int] = ..., incarnation: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepData, _Mapping]]] = ..., parity: _Optional[_Iterable[_Union[ParityHeld, _Mapping]]] = ..., protected_step: _Optional[int] = ..., rebuilding: _Optional[bool] = ..., ranks: _Optional[_Iterable[int]] = ..., encoding_step: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("inventory",)

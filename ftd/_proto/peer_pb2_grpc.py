@@ -46,7 +46,8 @@ class PeerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Heartbeat(self, request, context):
-        """Liveness plus what the sender holds; the reply is what the receiver holds.
+        """Liveness plus what the sender holds; the reply is what the receiver holds. Nodes of other
+        EC groups exchange only job, node, incarnation, protected_step and encoding_step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

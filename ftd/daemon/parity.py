@@ -181,6 +181,11 @@ class ParityStore:
             self.root.mkdir(parents=True, exist_ok=True)
             return []
 
+    def steps(self) -> set[int]:
+        """Steps of every parity file and record on this node."""
+        matches = (_PAR_RE.match(n) or _REC_RE.match(n) for n in self._names())
+        return {int(m.group(1)) for m in matches if m}
+
     def record_steps(self) -> set[int]:
         return {int(_REC_RE.match(n).group(1)) for n in self._names() if _REC_RE.match(n)}
 

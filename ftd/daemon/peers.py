@@ -4,6 +4,10 @@
 newest inventory and liveness of every group peer; `HeartbeatLoop` exchanges inventories on a
 fixed interval and marks a peer down when it misses `peer_timeout` (logged and exported; it
 destroys nothing). Every call is signed with the cluster token (ftd/daemon/auth.py).
+
+Nodes of *other* groups get a slim heartbeat too (protected and encoding step only): a restore
+needs one step that every rank holds, and after a node loss its group can only give back the
+step it protected, so every node keeps the steps that any group protects or is encoding.
 """
 
 from __future__ import annotations
@@ -112,6 +116,7 @@ class PeerTable:
     metrics: DaemonMetrics
     peer_timeout: float
     _peers: dict[int, PeerState] = field(default_factory=dict)
+    _outside: dict[int, tuple[int, int]] = field(default_factory=dict)  # node -> (protected, encoding)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -123,6 +128,8 @@ class PeerTable:
         with self._lock:
             state = self._peers.get(inventory.node)
             if state is None:
+                if inventory.node != self.membership.me and 0 <= inventory.node < len(self.membership.peers):
+                    self._outside[inventory.node] = (inventory.protected_step, inventory.encoding_step)
                 return
             if state.incarnation and inventory.incarnation != state.incarnation:
                 log.warning("peer %d restarted (new incarnation)", inventory.node)
@@ -140,6 +147,12 @@ class PeerTable:
                     state.up = False
                     log.warning("peer %d is down: no heartbeat for %.1f s", state.node, now - state.last_seen)
                     self.metrics.peer_up.labels(str(state.node)).set(0)
+
+    def other_groups_steps(self) -> set[int]:
+        """Steps nodes of other groups last said they protect or encode (kept even when they go down:
+        a lost node's group can give back only its protected step, so the rest of the job keeps it)."""
+        with self._lock:
+            return {s for pair in self._outside.values() for s in pair if s >= 0}
 
     def inventories(self) -> dict[int, pb.Inventory]:
         """Newest inventory of every peer that is up."""
@@ -163,11 +176,18 @@ class PeerServicer(pb_grpc.PeerServicer):
         if inv.job != self.job:
             log.warning("refused heartbeat from node %d of job %r (this is job %r)", inv.node, inv.job, self.job)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"this node serves job {self.job!r}, not {inv.job!r}")
-        if inv.node not in self.membership.group.members or inv.node == self.membership.me:
+        if not 0 <= inv.node < len(self.membership.peers) or inv.node == self.membership.me:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {inv.node} is not a peer of node "
-                          f"{self.membership.me}'s group {list(self.membership.group.members)}")
+                          f"{self.membership.me} ({len(self.membership.peers)} nodes)")
         self.table.seen(inv)
-        return pb.HeartbeatReply(inventory=self.inventory())
+        mine = self.inventory()
+        return pb.HeartbeatReply(inventory=mine if inv.node in self.membership.group.members else slim(mine))
+
+
+def slim(inventory: pb.Inventory) -> pb.Inventory:
+    """What nodes of other groups need of an inventory: who, and which steps to keep."""
+    return pb.Inventory(job=inventory.job, node=inventory.node, incarnation=inventory.incarnation,
+                        protected_step=inventory.protected_step, encoding_step=inventory.encoding_step)
 
 
 class PeerServer:
@@ -189,7 +209,8 @@ class PeerServer:
 
 
 class HeartbeatLoop:
-    """Thread `ftd-heartbeat`: sends this node's inventory to every group peer each interval."""
+    """Thread `ftd-heartbeat`: sends this node's inventory to every group peer (a slim one to every
+    other node) each interval."""
 
     def __init__(self, membership: Membership, table: PeerTable, token: str, job: str, interval: float,
                  inventory: Callable[[], pb.Inventory]):
@@ -197,7 +218,7 @@ class HeartbeatLoop:
         self.interval, self.inventory = interval, inventory
         self._channels = {n: grpc.insecure_channel(membership.grpc_target(n), options=[
             ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)])
-            for n in membership.group.members if n != membership.me}
+            for n in range(len(membership.peers)) if n != membership.me}
         self._stubs = {n: pb_grpc.PeerStub(c) for n, c in self._channels.items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ftd-heartbeat", daemon=True)
@@ -207,11 +228,14 @@ class HeartbeatLoop:
         return self
 
     def beat_once(self) -> None:
-        request = pb.HeartbeatRequest(inventory=self.inventory())
+        inventory = self.inventory()
+        full, outside = pb.HeartbeatRequest(inventory=inventory), pb.HeartbeatRequest(inventory=slim(inventory))
+        group = self.membership.group.members
         for node, stub in self._stubs.items():
             metadata = [(auth.METADATA_KEY, auth.sign(self.token, self.job, self.membership.me, HEARTBEAT_METHOD))]
             try:
-                reply = stub.Heartbeat(request, timeout=max(0.5, self.interval * 2), metadata=metadata)
+                reply = stub.Heartbeat(full if node in group else outside, timeout=max(0.5, self.interval * 2),
+                                       metadata=metadata)
             except grpc.RpcError as exc:
                 if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
                     log.error("peer %d refused this node: %s", node, exc.details())
@@ -226,6 +250,7 @@ class HeartbeatLoop:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.is_alive():
+            self._thread.join(5)
         for channel in self._channels.values():
             channel.close()

@@ -5,7 +5,9 @@ the k contributors' data chunks over the bulk transport, encodes m parity chunks
 stripe, keeps parity 0, pushes parity j to parity node j, and sends the rotation record to every
 group member. A step is *protected* once every rotation's parity nodes report their parity in
 their heartbeat inventory. The newest protected step, the step being encoded and every step a
-peer read recently stay pinned in the store, so eviction never breaks a protected step.
+peer read recently stay pinned in the store, so eviction never breaks a protected step; so do
+the steps other groups protect or encode (see ftd.daemon.peers), so one step stays restorable
+on every rank of the job whichever group loses a node.
 """
 
 from __future__ import annotations
@@ -38,6 +40,17 @@ STRIPE_BYTES = 1 << 20
 BATCH_BYTES = 16 << 20
 SERVE_PIN_SECONDS = 60.0
 TRANSFER_TIMEOUT = 30.0
+UNPROTECTED_KEPT = 4  # steps above the protected one whose parity and records are kept
+
+
+def parity_steps_to_keep(protected: int, on_disk: set[int]) -> set[int]:
+    """The protected step and the few newest steps above it.
+
+    Steps above it are kept whether or not any inventory mentions them yet: a rotation record can
+    arrive before its coordinator's next heartbeat, and dropping it then leaves that rotation
+    without a record on every other node once the step becomes protected.
+    """
+    return {protected, *sorted(s for s in on_disk if s > protected)[-UNPROTECTED_KEPT:]}
 
 
 def chunk_bytes(max_blob: int, k: int) -> int:
@@ -75,6 +88,7 @@ class Protector:
         self._encoding: int | None = None
         self._last_encoded = -1
         self._served: dict[int, float] = {}
+        self._outside_pins: set[int] = set()
         self._blobs: dict[tuple[Any, ...], NodeBlob] = {}
         self._lock = threading.Lock()
         self._links: dict[int, PeerLink] = {}
@@ -115,9 +129,10 @@ class Protector:
         steps = [pb.StepData(step=s, blob_bytes=self._blob(s, pin=False).size) for s in self._complete_steps()]
         parity = [pb.ParityHeld(step=s, rotation=r, j=j, chunk_bytes=n) for s, r, j, n in self.parity.held()]
         ranks = [r.rank for r in self.store.summary()]
+        encoding = self._encoding
         return pb.Inventory(job=self.config.job, node=self.membership.me, incarnation=self.incarnation, steps=steps,
                             parity=parity, protected_step=self.protected_step, rebuilding=self.rebuilding,
-                            ranks=ranks)
+                            ranks=ranks, encoding_step=-1 if encoding is None else encoding)
 
     def _complete_steps(self) -> list[int]:
         return sorted(self.store.complete_steps()) if self.ready.is_set() else []
@@ -207,13 +222,17 @@ class Protector:
                 last_error = message
 
     def _tick(self) -> None:
+        if self.table.other_groups_steps() != self._outside_pins:
+            self._update_pins()
+        newest = self._follow_timeline()
         invs = self.table.inventories()
         invs[self.membership.me] = self.inventory()
         self._update_protected(invs)
         if len(invs) < self.group.size:
             return
         common = set.intersection(*({s.step for s in inv.steps} for inv in invs.values()))
-        candidates = [s for s in common if s > self._last_encoded and s > self.protected_step]
+        candidates = [s for s in common if s > self._last_encoded and s > self.protected_step
+                      and (newest is None or s <= newest)]
         if not candidates:
             return
         step = max(candidates)
@@ -224,6 +243,26 @@ class Protector:
         finally:
             self._last_encoded = step
             self._encoding = None
+
+    def _follow_timeline(self) -> int | None:
+        """Notice training going back below the protected step; return the newest sealed step.
+
+        A restore to an older step (or a fresh start when nothing was usable) begins a new timeline:
+        its steps are numbered below the protected one yet are the newer state. The old timeline's
+        protection is dropped and the new steps are protected from then on; steps numbered above
+        the newest seal are never encoded again.
+        """
+        newest = self.store.newest_sealed_step()
+        if newest is None or self.protected_step < 0 or newest >= self.protected_step or self.rebuilding:
+            return newest
+        log.warning("training went back to step %d, below the protected step %d (a restore to an older step or "
+                    "a fresh start): protecting the new timeline from now on", newest, self.protected_step)
+        self.protected_step = self._last_encoded = -1
+        self.metrics.protected_step.set(-1)
+        self.metrics.group_protected.set(0)
+        self.parity.drop_except({s for s in self.parity.steps() if s <= newest})
+        self._update_pins()
+        return newest
 
     def _update_protected(self, invs: dict[int, pb.Inventory]) -> None:
         g = self.group
@@ -242,15 +281,15 @@ class Protector:
             self.metrics.protected_step.set(protected)
             self.metrics.group_protected.set(1)
             self._update_pins()
-            newest = max(steps, default=protected)
-            self.parity.drop_except({s for s in steps if s >= protected and s >= newest - 2} | {protected})
+            self.parity.drop_except(parity_steps_to_keep(protected, self.parity.steps()))
 
     def _update_pins(self) -> None:
         now = time.monotonic()
         for step, at in list(self._served.items()):
             if now - at > SERVE_PIN_SECONDS:
                 del self._served[step]
-        pins = {self.protected_step, *self._served}
+        self._outside_pins = self.table.other_groups_steps()
+        pins = {self.protected_step, *self._served, *self._outside_pins}
         if self._encoding is not None:
             pins.add(self._encoding)
         self.store.pin({p for p in pins if p >= 0})

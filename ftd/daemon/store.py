@@ -251,6 +251,13 @@ class SegmentStore:
             out[int(step)] = parts  # type: ignore[index]
         return out
 
+    def newest_sealed_step(self) -> int | None:
+        """The step most recently sealed on this node (by seal time, not number); None when none is."""
+        with self._lock:
+            sealed = [(s.sealed_at_ns, s.step) for slots in self._slots.values() for s in slots
+                      if s.state is SlotState.SEALED and s.step is not None]
+        return int(max(sealed)[1]) if sealed else None  # type: ignore[arg-type]
+
     def is_empty(self) -> bool:
         with self._lock:
             return not any(self._slots.values())

@@ -84,19 +84,37 @@ class LocalNode:
         return proc
 
     def agent(self, store_port: int, nnodes: int, train_args: list[str], rdzv_id: str = "ftd",
-              max_restarts: int = 100) -> subprocess.Popen[bytes]:
-        """A torchrun agent (elastic, c10d rendezvous on the external store) running one demo trainer."""
+              max_restarts: int = 100, program: list[str] | None = None) -> subprocess.Popen[bytes]:
+        """A torchrun agent (elastic, c10d rendezvous on the external store) running one worker.
+
+        The worker is the demo trainer (with this node's loss and params files), or `program`
+        (e.g. [script.py]) with `train_args` and `--losses <node's loss file>`.
+        """
         env = dict(self.env, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", OMP_NUM_THREADS="1")
+        if program is None:
+            worker = ["-m", TRAIN_MODULE, *train_args, "--losses", str(self.losses),
+                      "--out", str(self.root / "params-{rank}.pt")]
+        else:
+            worker = [*program, *train_args, "--losses", str(self.losses)]
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{store_port}", f"--rdzv-id={rdzv_id}",
                f"--max-restarts={max_restarts}",
                "--rdzv-conf=is_host=0,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=300",
-               "--monitor-interval=0.5", "-m", TRAIN_MODULE, *train_args,
-               "--losses", str(self.losses), "--out", str(self.root / "params-{rank}.pt")]
+               "--monitor-interval=0.5", *worker]
         with open(self.log, "ab") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.trainers.append(proc)
         return proc
+
+    def worker_ranks(self) -> list[int]:
+        """The RANK of each worker running on this node now."""
+        ranks = []
+        for worker in self.workers():
+            try:
+                ranks.append(int(worker.environ()["RANK"]))
+            except (psutil.Error, KeyError, ValueError):
+                pass
+        return ranks
 
     def workers(self) -> list[psutil.Process]:
         """The training processes running under this node's agents right now."""
@@ -110,7 +128,7 @@ class LocalNode:
                 continue
             for kid in kids:
                 try:
-                    if TRAIN_MODULE in " ".join(kid.cmdline()):
+                    if "RANK" in kid.environ() and "torch.distributed.run" not in " ".join(kid.cmdline()):
                         found.append(kid)
                 except psutil.Error:
                     pass

@@ -512,3 +512,16 @@ def test_pinned_steps_survive_retention(tmp_path):
     assert store.list_steps(JOB, 0) == [1, 3, 4]
     store.pin(set())
     assert store.list_steps(JOB, 0) == [3, 4]
+
+
+def test_newest_sealed_step_follows_seal_time_not_step_number(tmp_path):
+    """After a fresh start the newest state has a lower step number than stale snapshots still held."""
+    store = _store(tmp_path, keep=3)
+    assert store.newest_sealed_step() is None
+    for step in (40, 41):
+        _snapshot(store, step)
+    assert store.newest_sealed_step() == 41
+    _snapshot(store, 1)  # training started again from scratch
+    assert store.newest_sealed_step() == 1
+    _snapshot(store, 2, rank=1)
+    assert store.newest_sealed_step() == 2
