@@ -50,3 +50,7 @@ class ManifestError(SnapshotCorrupt):
 
 class RestoreError(FtdError):
     """No consistent step could be restored although snapshots exist."""
+
+
+class CheckFreeError(FtdError, ValueError):
+    """A lost pipeline stage cannot be rebuilt from its neighbours (structures differ, no neighbour, bad norm)."""

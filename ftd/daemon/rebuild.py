@@ -36,6 +36,17 @@ class Unrecoverable(FtdError):
     """More than m nodes of a group lost their memory."""
 
 
+def _candidate_steps(invs: dict[int, pb.Inventory]) -> list[int]:
+    """Steps worth trying, newest first: every protected step the peers report and every step they
+    hold parity of at or below the newest protected one (older ones survive a lost record)."""
+    newest = max((inv.protected_step for inv in invs.values()), default=-1)
+    if newest < 0:
+        return []
+    steps = {inv.protected_step for inv in invs.values() if inv.protected_step >= 0}
+    steps |= {p.step for inv in invs.values() for p in inv.parity if p.step <= newest}
+    return sorted(steps, reverse=True)
+
+
 def _holds(inv: pb.Inventory | None, step: int) -> bool:
     """Whether a peer's inventory shows any data or parity of `step`."""
     return inv is not None and (any(s.step == step for s in inv.steps) or any(p.step == step for p in inv.parity))
@@ -54,17 +65,18 @@ class Rebuilder:
         self.p.rebuilding = True
         try:
             invs = self._wait_for_peers()
-            step = max((inv.protected_step for inv in invs.values()), default=-1)
-            if step < 0:
+            candidates = _candidate_steps(invs)
+            if not candidates:
                 log.info("no protected step in group %d: nothing to rebuild", self.group.index)
                 return False
-            self._rebuild(step, invs)
-            return True
-        except Unrecoverable as exc:
-            log.error("%s", exc)
-            return False
-        except FtdError as exc:
-            log.error("rebuild of node %d step %d failed: %s", self.me, step, exc)
+            for step in candidates:
+                try:
+                    self._rebuild(step, invs)
+                    return True
+                except FtdError as exc:
+                    log.error("rebuild of node %d step %d failed: %s", self.me, step, exc)
+            log.error("memory cannot recover node %d's snapshots: none of the steps %s the group holds parity for "
+                      "could be rebuilt", self.me, candidates)
             return False
         finally:
             self.p.rebuilding = False
@@ -109,7 +121,16 @@ class Rebuilder:
     def _rebuild(self, step: int, invs: dict[int, pb.Inventory]) -> None:
         g, position = self.group, self.group.position(self.me)
         t0 = time.perf_counter()
-        records = [self._record(step, rot.r, invs) for rot in rotations(g.size, g.m)]
+        records = []
+        for rot in rotations(g.size, g.m):
+            try:
+                records.append(self._record(step, rot.r, invs))
+            except Unrecoverable:
+                if position not in rot.parity:
+                    raise
+                # This node holds only parity in that rotation: its data comes back without it, and
+                # the next step the group encodes is whole again.
+                log.warning("rebuilding step %d without parity of rotation %d (its record is gone)", step, rot.r)
         plans = []
         for record in records:
             holders = self._holders(step, record, invs)
