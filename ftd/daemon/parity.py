@@ -186,8 +186,15 @@ class ParityStore:
         matches = (_PAR_RE.match(n) or _REC_RE.match(n) for n in self._names())
         return {int(m.group(1)) for m in matches if m}
 
-    def record_steps(self) -> set[int]:
-        return {int(_REC_RE.match(n).group(1)) for n in self._names() if _REC_RE.match(n)}
+    def whole_steps(self, rotations: int) -> set[int]:
+        """Steps whose records of every rotation 0..rotations-1 are here: each coordinator sent its
+        record after its parity, so every rotation of such a step was encoded and distributed."""
+        seen: dict[int, set[int]] = {}
+        for name in self._names():
+            match = _REC_RE.match(name)
+            if match:
+                seen.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+        return {step for step, rots in seen.items() if rots >= set(range(rotations))}
 
     def drop_except(self, keep_steps: set[int]) -> None:
         """Delete parity and records of every step not in `keep_steps`."""

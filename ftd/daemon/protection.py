@@ -138,7 +138,8 @@ class Protector:
         return sorted(self.store.complete_steps()) if self.ready.is_set() else []
 
     def _own_protected_candidates(self) -> list[int]:
-        return sorted(self.parity.record_steps())
+        # Not any step with a record: a step some coordinators never encoded is not protected.
+        return sorted(self.parity.whole_steps(self.group.size))
 
     # ---- serving peers ------------------------------------------------------------------------
 

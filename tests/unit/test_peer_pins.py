@@ -81,3 +81,22 @@ def test_parity_of_steps_newer_than_the_protected_one_is_kept(tmp_path):
     assert store.steps() == {13, 17}
     store.record(17, 0)  # still readable by a replacement
     assert parity_steps_to_keep(5, set(range(100))) == {5, *range(100 - UNPROTECTED_KEPT, 100)}
+
+
+def test_a_restarted_daemon_claims_only_steps_every_rotation_encoded(tmp_path):
+    """Records of some rotations of a step (its other coordinators never encoded it) do not make it
+    protected: a replacement would be sent to rebuild a step that lacks a rotation."""
+    from ftd.daemon.parity import ParityStore, RotationRecord
+
+    store = ParityStore(tmp_path)
+
+    def record(step: int, rot: int) -> RotationRecord:
+        return RotationRecord(step, rot, "isal", 2, 1, 4096, 4096, [0, 1, 2], [[1, 0], [2, 0]], [0], [[0], [0], [0]])
+
+    for rot in range(3):
+        store.put_record(record(20, rot))
+    store.put_record(record(25, 0))
+    store.put_record(record(25, 1))
+    assert store.whole_steps(3) == {20}
+    store.put_record(record(25, 2))
+    assert store.whole_steps(3) == {20, 25}
