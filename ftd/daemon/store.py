@@ -230,8 +230,10 @@ class SegmentStore:
     def complete_steps(self) -> dict[int, list[tuple[int, str, int, bytes]]]:
         """Steps every *current* local rank has sealed -> (rank, segment path, data bytes, manifest JSON).
 
-        A rank whose newest step lags the node's newest by more than keep + 2 has moved away (torchrun
-        reassigns ranks when a node is replaced) and no longer holds back the node's complete steps.
+        A rank that stopped sealing has moved away (torchrun reassigns ranks when a node is replaced)
+        and no longer holds back the node's complete steps: it sealed nothing since the oldest seal the
+        rank that sealed last still holds, and its newest step is more than keep + 2 behind that rank's
+        or ahead of it (a fresh start numbers the current ranks' steps below the stale ones).
         """
         with self._lock:
             per_rank = {rank: {s.step: s for s in slots if s.state is SlotState.SEALED and s.step is not None}
@@ -239,8 +241,17 @@ class SegmentStore:
         per_rank = {rank: steps for rank, steps in per_rank.items() if steps}
         if not per_rank:
             return {}
-        newest = max(max(steps) for steps in per_rank.values())
-        per_rank = {rank: steps for rank, steps in per_rank.items() if max(steps) >= newest - self.config.keep - 2}
+        latest = {rank: max(steps.values(), key=lambda s: s.sealed_at_ns) for rank, steps in per_rank.items()}
+        leader = max(latest, key=lambda rank: latest[rank].sealed_at_ns)
+        lead_step = int(latest[leader].step)  # type: ignore[arg-type]
+        cutoff = min(s.sealed_at_ns for s in per_rank[leader].values())
+
+        def moved_away(rank: int) -> bool:
+            newest = latest[rank]
+            step = int(newest.step)  # type: ignore[arg-type]
+            return newest.sealed_at_ns < cutoff and (step < lead_step - self.config.keep - 2 or step > lead_step)
+
+        per_rank = {rank: steps for rank, steps in per_rank.items() if not moved_away(rank)}
         common = set.intersection(*(set(steps) for steps in per_rank.values()))
         out: dict[int, list[tuple[int, str, int, bytes]]] = {}
         for step in common:

@@ -525,3 +525,23 @@ def test_newest_sealed_step_follows_seal_time_not_step_number(tmp_path):
     assert store.newest_sealed_step() == 1
     _snapshot(store, 2, rank=1)
     assert store.newest_sealed_step() == 2
+
+
+def test_after_a_fresh_start_stale_higher_steps_do_not_block_complete_steps(tmp_path):
+    """Rank 1 moved away at step 40; training then started again from scratch with rank 0 here."""
+    store = _store(tmp_path, keep=2)
+    for step in (39, 40):
+        _snapshot(store, step, rank=1)
+    for step in (1, 2, 3):
+        _snapshot(store, step, rank=0)
+    assert sorted(store.complete_steps()) == [2, 3]
+
+
+def test_ranks_in_lockstep_all_count_whichever_sealed_last(tmp_path):
+    store = _store(tmp_path, keep=2)
+    for rank, step in ((0, 4), (1, 4), (0, 5), (1, 5), (0, 6)):
+        _snapshot(store, step, rank=rank)
+    assert sorted(store.complete_steps()) == [5]
+    assert sorted(rank for rank, *_ in store.complete_steps()[5]) == [0, 1]
+    _snapshot(store, 6, rank=1)
+    assert sorted(store.complete_steps()) == [5, 6]
