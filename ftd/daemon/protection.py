@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 STRIPE_BYTES = 1 << 20
 BATCH_BYTES = 16 << 20
 SERVE_PIN_SECONDS = 60.0
+SERVED_PINS = 3  # a peer reads the steps it encodes or fetches: keep the most recently read few sealed
 TRANSFER_TIMEOUT = 30.0
 UNPROTECTED_KEPT = 4  # steps above the protected one whose parity and records are kept
 
@@ -286,9 +287,11 @@ class Protector:
 
     def _update_pins(self) -> None:
         now = time.monotonic()
-        for step, at in list(self._served.items()):
-            if now - at > SERVE_PIN_SECONDS:
-                del self._served[step]
+        served = dict(self._served)  # bulk-server threads add to it meanwhile
+        recent = sorted(served, key=lambda step: served[step], reverse=True)[:SERVED_PINS]
+        for step, at in served.items():
+            if now - at > SERVE_PIN_SECONDS or step not in recent:
+                self._served.pop(step, None)
         self._outside_pins = self.table.other_groups_steps()
         pins = {self.protected_step, *self._served, *self._outside_pins}
         if self._encoding is not None:
