@@ -108,6 +108,8 @@ SETTINGS: tuple[Setting, ...] = (
             (CLIENT,)),
     Setting("max_stall", float, 120.0, "seconds optimizer.step waits for a copy before the snapshot is abandoned", (CLIENT,)),
     Setting("chunk_bytes", parse_size, 4 << 20, "bytes per checksummed chunk", (CLIENT,)),
+    Setting("shard_replicated", parse_bool, False, "parameters and optimizer state are identical on every rank "
+            "(plain data parallelism): each of the dp ranks snapshots 1/dp of them; restore gathers them", (CLIENT,)),
     Setting("debug_pause_copy_at_step", int, -1, "testing: pause the copy of this step half-way for 600 s", (CLIENT,)),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -211,6 +213,7 @@ class ClientConfig:
     max_stall: float
     chunk_bytes: int
     debug_pause_copy_at_step: int
+    shard_replicated: bool = False
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ClientConfig:

@@ -9,6 +9,10 @@
 `snapshot()` returns at once; the copy runs on a background thread while the next
 forward/backward computes, and a pre-hook on `optimizer.step` waits for it (the *stall*).
 ftd never raises into the training loop: a failed snapshot is logged, counted and skipped.
+
+With `shard_replicated=True` (plain data parallelism) or `replica_group=` (the ranks that hold
+identical state, e.g. the replicate dimension of HSDP) each replica snapshots only its share
+of the parameters and optimizer state (ftd.client.sharding); restore gathers them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import statistics
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +32,12 @@ import torch.distributed as dist
 
 from ftd.client import jsonsafe
 from ftd.client import restore as restore_mod
-from ftd.client import state
+from ftd.client import sharding, state
 from ftd.client.copier import CopyEngine, CopyJob
 from ftd.client.rpc import DaemonClient
+from ftd.client.sharding import Replicas
 from ftd.config import ClientConfig
+from ftd.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +72,26 @@ class Snapshotter:
 
     `extra` is a dict of JSON-safe values and tensors (restored in place) or a callable returning
     one. Settings come from keyword arguments, then `FTD_*` variables (see ftd.config).
+
+    Sharding of replicated state: `shard_replicated=True` (FTD_SHARD_REPLICATED=1) declares that
+    every rank of the default process group holds the same parameters and optimizer state (DDP);
+    `replica_group=` names a ProcessGroup of ranks that do (hybrid layouts). Each of its dp ranks
+    then snapshots ~1/dp of them. A ZeroRedundancyOptimizer's partition is never sharded, nor are
+    DTensor (FSDP) shards unless `replica_group` is given. Every rank must use the same setting.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  scheduler: Any | None = None, extra: state.Extra = None, rank: int | None = None,
-                 world_size: int | None = None, **settings: Any):
+                 world_size: int | None = None, replica_group: dist.ProcessGroup | None = None,
+                 **settings: Any):
         self.config = ClientConfig.load(**settings)
         logging.getLogger("ftd").setLevel(self.config.log_level.upper())
         self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
         self._state_optimizer = _local_optimizer(optimizer)
         self.rank = _rank() if rank is None else rank
         self.world_size = _world_size() if world_size is None else world_size
+        self.replicas = _replicas(self.config.shard_replicated, replica_group)
+        self._shard_dtensors = replica_group is not None
         self.stats = SnapshotStats()
         self._lock = threading.Lock()
         self._inflight: CopyJob | None = None
@@ -103,6 +119,8 @@ class Snapshotter:
                 captured.meta["outer_param_groups"] = jsonsafe.encode(
                     [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
                     "outer_groups", _refuse_tensor)
+            if self.replicas is not None and self.replicas.size > 1:
+                sharding.shard(captured, self.replicas, self._shardable(captured))
         except (TypeError, ValueError) as exc:
             self._skip(step, "capture", f"state cannot be captured: {exc}")
             return
@@ -117,6 +135,16 @@ class Snapshotter:
         self._engine.submit(job)
         if self.optimizer is None:  # nothing tells us when the state changes next: copy now
             self._wait_copied(job, "snapshot without optimizer")
+
+    def _shardable(self, captured: state.Captured) -> Callable[[str], bool]:
+        """Which captured entries are identical on every replica: live parameters and optimizer state,
+        less a ZeRO optimizer's own partition and (without an explicit replica group) DTensor shards."""
+        zero = self._state_optimizer is not self.optimizer
+
+        def shardable(name: str) -> bool:
+            return (name in captured.live and (self._shard_dtensors or name not in captured.dtensors)
+                    and not (zero and name.startswith("optim/")))
+        return shardable
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the snapshot in flight is sealed or skipped; True when nothing is left in flight."""
@@ -161,18 +189,22 @@ class Snapshotter:
 
     # ---- restoring --------------------------------------------------------------------------
 
-    def restore(self, restore_rng: bool = True) -> int:
+    def restore(self, restore_rng: bool = True, *, steps: list[int] | None = None, abstain: bool = False) -> int:
         """Load the newest step every rank holds into model, optimizer, scheduler, RNG and extra.
 
         Returns that step (0 when there is nothing to restore). With `restore_rng=False` the RNG
         state is left alone; call `restore_rng()` later (e.g. after creating the data iterator).
+        `steps` and `abstain` are for recovery planners (ftd.recovery.pipeline): the candidate
+        steps every rank already agreed on, and a rank that loads nothing but takes part.
         """
+        if abstain and self.replicas is not None:
+            raise ConfigError("a rank with sharded replicated state cannot abstain from a restore")
         if self._engine is None:
             return 0
         self.wait()
         result = restore_mod.restore(self.client, self.config.job, self.rank, self.world_size, self.model,
                                      self._state_optimizer, self.scheduler, self.extra, restore_rng,
-                                     self.config.restore_timeout)
+                                     self.config.restore_timeout, self.replicas, steps, abstain)
         outer_groups = (result.meta or {}).get("outer_param_groups")
         if result.step and outer_groups is not None and self.optimizer is not None:
             # ZeRO: the outer optimizer's groups (what schedulers change) as they were at the snapshot; its
@@ -190,7 +222,7 @@ class Snapshotter:
         if not step:
             return
         opened = restore_mod.open_verified(self.client, self.config.job, self.rank, self.world_size, step,
-                                           self.model)
+                                           self.model, replicas=self.replicas)
         try:
             state.apply_rng(opened.manifest.meta["rng"], lambda name: opened.view(name).clone())
         finally:
@@ -237,6 +269,22 @@ def _local_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Opt
     if kind.__name__ == "ZeroRedundancyOptimizer" and kind.__module__.startswith("torch.distributed.optim"):
         return optimizer.optim  # type: ignore[union-attr]
     return optimizer
+
+
+def _replicas(shard_replicated: bool, group: dist.ProcessGroup | None) -> Replicas | None:
+    """The replica group whose ranks share the snapshot of their identical state; None: no sharding."""
+    if group is not None:
+        if not dist.is_initialized():
+            raise ConfigError("replica_group needs an initialised torch.distributed process group")
+        index = dist.get_rank(group)
+        if index < 0:
+            raise ConfigError("this rank is not a member of replica_group")
+        return Replicas(dist.get_world_size(group), index, group)
+    if not shard_replicated:
+        return None
+    if dist.is_available() and dist.is_initialized():
+        return Replicas(dist.get_world_size(), dist.get_rank())
+    return Replicas(1, 0)
 
 
 def _rank() -> int:

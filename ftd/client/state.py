@@ -4,6 +4,9 @@ Capture splits the state in two. Parameters and optimizer state stay *live* refe
 do not change until the next `optimizer.step()`, so the copy thread reads them while the next
 forward/backward runs. Everything else (buffers, RNG, scheduler, user extra) may change at any
 moment and is cloned on the caller's thread; it is small.
+
+DTensors (FSDP2 `fully_shard`, tensor parallelism) are stored as this rank's local shard
+(`to_local()`) and restored into it; their names are listed in `meta["dtensors"]`.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import Any
 import torch
 
 from ftd.client import jsonsafe
-from ftd.errors import SnapshotCorrupt
 from ftd.client.segments import torch_dtype
+from ftd.client.sharding import full_specs
+from ftd.errors import SnapshotCorrupt
 from ftd.manifest import EntrySpec, Manifest, itemsize
 
 Extra = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
@@ -32,12 +36,19 @@ class Captured:
     specs: list[EntrySpec] = field(default_factory=list)
     sources: list[torch.Tensor] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    live: set[str] = field(default_factory=set)  # entries read from live tensors (parameters, optimizer state)
+    dtensors: set[str] = field(default_factory=set)  # entries that are a DTensor's local shard
     _names: set[str] = field(default_factory=set, repr=False)
 
-    def add(self, name: str, kind: str, tensor: torch.Tensor) -> None:
+    def add(self, name: str, kind: str, tensor: torch.Tensor, live: bool = False) -> None:
         if name in self._names:
             raise ValueError(f"two tensors would be stored as {name!r}")
         self._names.add(name)
+        if is_dtensor(tensor):
+            tensor = tensor.to_local()
+            self.dtensors.add(name)
+        if live:
+            self.live.add(name)
         dtype = str(tensor.dtype).removeprefix("torch.")
         itemsize(dtype)  # unsupported dtypes (quantized, sparse) fail here, at capture
         if tensor.layout is not torch.strided:
@@ -59,12 +70,12 @@ def capture(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer 
         return lambda name, t: cap.add(name, kind, t.detach().clone())
 
     def live(kind: str) -> jsonsafe.TensorSink:
-        return lambda name, t: cap.add(name, kind, t.detach())
+        return lambda name, t: cap.add(name, kind, t.detach(), live=True)
 
     model_sd = model.state_dict(keep_vars=True)
     for name, value in model_sd.items():
         if isinstance(value, torch.nn.Parameter):
-            cap.add(f"model/{name}", "param", value.detach())
+            cap.add(f"model/{name}", "param", value.detach(), live=True)
         elif isinstance(value, torch.Tensor):
             cap.add(f"model/{name}", "buffer", value.detach().clone())
         else:  # a module's get_extra_state()
@@ -82,8 +93,21 @@ def capture(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer 
     if extra is not None:
         values = extra() if callable(extra) else extra
         cap.meta["extra"] = jsonsafe.encode(dict(values), "extra", cloned("extra"))
+    if cap.dtensors:
+        cap.meta["dtensors"] = sorted(cap.dtensors)
     cap.meta["step"] = step
     return cap
+
+
+def is_dtensor(value: Any) -> bool:
+    """True for a torch.distributed DTensor (without importing that module when nothing uses it)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's local shard of a DTensor (a view that writes through); any other tensor as it is."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def capture_rng(sink: jsonsafe.TensorSink) -> dict[str, Any]:
@@ -116,8 +140,11 @@ def apply_rng(rng: Mapping[str, Any], source: jsonsafe.TensorSource) -> None:
 
 
 def check_model(manifest: Manifest, model: torch.nn.Module) -> None:
-    """Raise SnapshotCorrupt naming the first entry whose name, dtype or shape does not fit `model`."""
-    entries = manifest.entry_map()
+    """Raise SnapshotCorrupt naming the first entry whose name, dtype or shape does not fit `model`.
+
+    A DTensor is compared by its local shard; a sharded entry by its full shape.
+    """
+    entries = full_specs(manifest)
     model_sd = model.state_dict(keep_vars=True)
     saved = set(manifest.meta.get("model_keys", []))
     missing = [k for k in model_sd if k not in saved]
@@ -128,36 +155,120 @@ def check_model(manifest: Manifest, model: torch.nn.Module) -> None:
     for name, target in model_sd.items():
         if not isinstance(target, torch.Tensor):
             continue
+        target = local(target)
         entry = entries.get(f"model/{name}")
         if entry is None:
             raise SnapshotCorrupt("missing from the snapshot", rank=manifest.rank, step=manifest.step, entry=name)
-        if torch_dtype(entry.dtype) != target.dtype or tuple(entry.shape) != tuple(target.shape):
+        dtype, shape = entry
+        if torch_dtype(dtype) != target.dtype or shape != tuple(target.shape):
             model_dtype = str(target.dtype).removeprefix("torch.")
-            raise SnapshotCorrupt(f"snapshot holds {entry.dtype}{list(entry.shape)}, the model has "
+            raise SnapshotCorrupt(f"snapshot holds {dtype}{list(shape)}, the model has "
                                   f"{model_dtype}{list(target.shape)}", rank=manifest.rank, step=manifest.step,
                                   entry=name)
 
 
-def _into_live(saved: Any, live: Any) -> Any:
+@dataclass
+class _Shard:
+    """A stored local shard of a DTensor in the optimizer state, on its way back into a DTensor."""
+
+    tensor: torch.Tensor
+    name: str
+
+
+def live_tensors(manifest: Manifest, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
+    """Entry name -> the live tensor (a DTensor's local shard) that `apply` would copy that entry into.
+
+    Optimizer state is paired by the same keys `apply` uses (parameter id, then state key).
+    """
+    out = {f"model/{name}": local(value.detach()) for name, value in model.state_dict(keep_vars=True).items()
+           if isinstance(value, torch.Tensor)}
+    if optimizer is not None and "optim" in manifest.meta:
+        _pair(jsonsafe.decode(manifest.meta["optim"]["state"], _Name), optimizer.state_dict()["state"], out)
+    return out
+
+
+class _Name(str):
+    """An entry name standing where a tensor will be (see live_tensors)."""
+
+
+def _pair(saved: Any, live: Any, out: dict[str, torch.Tensor]) -> None:
+    if isinstance(saved, _Name):
+        if isinstance(live, torch.Tensor):
+            out[saved] = local(live)
+    elif isinstance(saved, dict) and isinstance(live, dict):
+        for key, value in saved.items():
+            _pair(value, live.get(key), out)
+    elif isinstance(saved, (list, tuple)) and isinstance(live, (list, tuple)):
+        for value, other in zip(saved, live):
+            _pair(value, other, out)
+
+
+def check_optimizer(manifest: Manifest, optimizer: torch.optim.Optimizer | None) -> None:
+    """Raise SnapshotCorrupt when the snapshot's parameter groups cannot load into `optimizer`."""
+    if optimizer is None:
+        return
+    meta = manifest.meta
+    try:
+        groups = jsonsafe.decode(meta["optim"]["param_groups"], lambda name: torch.empty(0))
+        saved = [len(g["params"]) for g in groups]
+    except (KeyError, TypeError) as exc:
+        raise SnapshotCorrupt(f"snapshot holds no usable optimizer state ({exc!r})", rank=manifest.rank,
+                              step=manifest.step) from exc
+    live = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != live:
+        raise SnapshotCorrupt(f"optimizer has parameter groups of sizes {live}, the snapshot {saved}",
+                              rank=manifest.rank, step=manifest.step)
+
+
+def _into_live(saved: Any, live: Any, param: Any = None) -> Any:
     """Replace each segment view in `saved` by its live counterpart (copied into) or by a clone.
 
     An optimizer that already has state (a restore inside a running process, or after one step)
     gets its tensors overwritten in place instead of new memory being allocated and faulted in.
+    A DTensor shard goes into the live DTensor's local tensor, or becomes a DTensor laid out like
+    `param` (the parameter this state belongs to) when the optimizer has no state yet.
     """
+    if isinstance(saved, _Shard):
+        if is_dtensor(live) and _fits(local(live), saved.tensor):
+            with torch.no_grad():
+                local(live).copy_(saved.tensor)
+            return live
+        if is_dtensor(param) and local(param).shape == saved.tensor.shape:
+            from torch.distributed.tensor import DTensor
+
+            value = saved.tensor.to(local(param).device, copy=True)
+            return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
+                                      shape=param.shape, stride=param.stride())
+        raise SnapshotCorrupt("a DTensor shard of the optimizer state fits neither the live state nor its "
+                              "parameter; run one optimizer step before restoring", entry=saved.name)
     if isinstance(saved, torch.Tensor):
-        if (isinstance(live, torch.Tensor) and live.shape == saved.shape and live.dtype == saved.dtype
-                and live.layout is torch.strided):
+        if _fits(live, saved):
             with torch.no_grad():
                 live.copy_(saved)
             return live
         return saved.clone()
     if isinstance(saved, dict):
-        return {k: _into_live(v, live.get(k) if isinstance(live, dict) else None) for k, v in saved.items()}
+        return {k: _into_live(v, live.get(k) if isinstance(live, dict) else None, param) for k, v in saved.items()}
     if isinstance(saved, (list, tuple)):
-        items = [_into_live(v, live[i] if isinstance(live, (list, tuple)) and i < len(live) else None)
+        items = [_into_live(v, live[i] if isinstance(live, (list, tuple)) and i < len(live) else None, param)
                  for i, v in enumerate(saved)]
         return type(saved)(items)
     return saved
+
+
+def _fits(live: Any, saved: torch.Tensor) -> bool:
+    return (isinstance(live, torch.Tensor) and not is_dtensor(live) and live.shape == saved.shape
+            and live.dtype == saved.dtype and live.layout is torch.strided)
+
+
+def _params_by_saved_id(groups: Any, optimizer: torch.optim.Optimizer) -> dict[Any, torch.Tensor]:
+    """Map the saved state's parameter ids to the live parameters, as load_state_dict pairs them."""
+    try:
+        ids = [i for g in groups for i in g["params"]]
+    except (TypeError, KeyError):
+        return {}
+    return dict(zip(ids, (p for g in optimizer.param_groups for p in g["params"])))
 
 
 def apply(manifest: Manifest, view: Callable[[str], torch.Tensor], model: torch.nn.Module,
@@ -165,8 +276,9 @@ def apply(manifest: Manifest, view: Callable[[str], torch.Tensor], model: torch.
           restore_rng: bool = True) -> dict[str, Any] | None:
     """Load a verified snapshot into the live objects; return the decoded `extra` (if any).
 
-    `view(name)` returns a read-only tensor over an entry's bytes in the segment: parameters and
-    buffers are copied straight into the model; everything else is cloned out of the segment.
+    `view(name)` returns a read-only tensor over an entry's bytes in the segment (or, for a sharded
+    tensor, the full tensor gathered from the replicas): parameters and buffers are copied straight
+    into the model; everything else is cloned out of the segment.
     """
     check_model(manifest, model)
     meta = manifest.meta
@@ -178,8 +290,17 @@ def apply(manifest: Manifest, view: Callable[[str], torch.Tensor], model: torch.
     if optimizer is not None:
         if "optim" not in meta:
             raise SnapshotCorrupt("snapshot holds no optimizer state", rank=manifest.rank, step=manifest.step)
-        state = _into_live(jsonsafe.decode(meta["optim"]["state"], view), optimizer.state_dict()["state"])
+        dtensors = set(meta.get("dtensors", ()))
+
+        def optim_view(name: str) -> Any:
+            return _Shard(view(name), name) if name in dtensors else view(name)
+
+        saved = jsonsafe.decode(meta["optim"]["state"], optim_view)
         groups = jsonsafe.decode(meta["optim"]["param_groups"], cloned)
+        live, params = optimizer.state_dict()["state"], _params_by_saved_id(groups, optimizer)
+        if not isinstance(saved, dict):
+            raise SnapshotCorrupt("optimizer state is not a mapping", rank=manifest.rank, step=manifest.step)
+        state = {k: _into_live(v, live.get(k), params.get(k)) for k, v in saved.items()}
         try:
             optimizer.load_state_dict({"state": state, "param_groups": groups})
         except (ValueError, KeyError, RuntimeError) as exc:
@@ -188,7 +309,7 @@ def apply(manifest: Manifest, view: Callable[[str], torch.Tensor], model: torch.
     with torch.no_grad():
         for name, target in model.state_dict(keep_vars=True).items():
             if isinstance(target, torch.Tensor):
-                target.copy_(view(f"model/{name}"))
+                local(target).copy_(view(f"model/{name}"))
     model_extra = meta.get("model_extra", {})
     if model_extra:
         model.load_state_dict({k: jsonsafe.decode(v, cloned) for k, v in model_extra.items()}, strict=False)

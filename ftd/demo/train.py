@@ -42,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="", help="write final parameters here ({rank} is replaced)")
     p.add_argument("--no-ftd", action="store_true", help="train without snapshots (the reference run)")
     p.add_argument("--zero", action="store_true", help="shard the optimizer state (ZeroRedundancyOptimizer)")
+    p.add_argument("--shard-replicated", action="store_true", help="each DDP rank snapshots 1/world of the "
+                   "replicated parameters and optimizer state (Snapshotter(shard_replicated=True))")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state with FSDP2 "
+                   "fully_shard instead of DDP (each rank snapshots its local shards)")
     return p.parse_args(argv)
 
 
@@ -57,7 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = TinyGPT(dim=args.dim, layers=args.layers, context=args.context)
     net: torch.nn.Module = model
-    if world > 1:
+    if world > 1 and args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.blocks.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    elif world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
         # A fresh DDP's first backward uses its initial bucket order; one throwaway pass makes a
         # resumed run reduce in the same order as an uninterrupted one (DISTRIBUTED.md rule 4).
@@ -73,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     scheduler = warmup_cosine(optimizer, warmup=max(1, args.steps // 10), total=args.steps)
     data_position = {"step": 0}
-    snap = None if args.no_ftd else ftd.Snapshotter(model, optimizer, scheduler=scheduler, extra=data_position)
+    snap = None if args.no_ftd else ftd.Snapshotter(model, optimizer, scheduler=scheduler, extra=data_position,
+                                                    shard_replicated=args.shard_replicated or None)
     start = snap.restore() if snap else 0
     if start:
         log.info("rank %d resumed at step %d (data position %s)", rank, start, data_position)
@@ -102,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                  s.skipped, dict(s.skip_reasons), s.median_stall_s * 1e3)
         snap.close()
     if args.out:
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, args.out.replace("{rank}", str(rank)))
+        local = {k: v.to_local() if hasattr(v, "to_local") else v  # FSDP: this rank's shards
+                 for k, v in model.state_dict().items()}
+        torch.save({k: v.detach().clone() for k, v in local.items()}, args.out.replace("{rank}", str(rank)))
     if world > 1:
         dist.destroy_process_group()
     return 0
