@@ -127,7 +127,10 @@ class Protector:
     # ---- inventory ----------------------------------------------------------------------------
 
     def inventory(self) -> pb.Inventory:
-        steps = [pb.StepData(step=s, blob_bytes=self._blob(s, pin=False).size) for s in self._complete_steps()]
+        held = set(self._complete_steps())
+        if self.ready.is_set() and self.protected_step >= 0 and self.store.blob_parts(self.protected_step):
+            held.add(self.protected_step)  # servable even after the ranks here changed
+        steps = [pb.StepData(step=s, blob_bytes=self._blob(s, pin=False).size) for s in sorted(held)]
         parity = [pb.ParityHeld(step=s, rotation=r, j=j, chunk_bytes=n) for s, r, j, n in self.parity.held()]
         ranks = [r.rank for r in self.store.summary()]
         encoding = self._encoding
@@ -152,9 +155,9 @@ class Protector:
     def _blob(self, step: int, pin: bool = True) -> NodeBlob:
         if pin:
             self.pin_served(step)
-        parts = self.store.complete_steps().get(step)
-        if parts is None:
-            raise KeyError(f"node {self.membership.me} does not hold step {step} for every local rank")
+        parts = self.store.blob_parts(step)
+        if not parts:
+            raise KeyError(f"node {self.membership.me} holds no data of step {step}")
         # Keyed by the exact segments: a slot reused for another step must never be read as this one.
         signature = (step, tuple((rank, path, hash(manifest)) for rank, path, _, manifest in parts))
         with self._lock:

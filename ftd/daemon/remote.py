@@ -50,7 +50,7 @@ def fetch(protector: Protector, job: str, rank: int, step: int) -> None:
             nbytes = int(bytes(link.get({**key, "kind": "segment_size"}, 0, 16, TIMEOUT)))
             data = bytearray(nbytes)
             link.get_range({**key, "kind": "segment"}, 0, nbytes, memoryview(data), TIMEOUT)
-            protector.store.install_sealed(rank, step, bytes(manifest), memoryview(data))
+            protector.store.install_sealed(rank, step, bytes(manifest), memoryview(data), foreign=True)
         except FtdError as exc:
             errors.append(f"node {node}: {exc}")
             log.warning("fetching rank %d step %d from node %d failed: %s", rank, step, node, exc)

@@ -50,6 +50,7 @@ class Slot:
     unfilled: bool = False  # created, its pages not yet allocated and touched
     filling: bool = False  # being pre-faulted in the background: not to be handed out yet
     rebuilt: bool = False  # sealed by a rebuild from peers, not by a local rank
+    foreign: bool = False  # fetched for a rank that moved here: another node's data, not part of this node's blob
 
     @property
     def manifest_path(self) -> Path:
@@ -72,7 +73,7 @@ class Slot:
         self._move(SlotState.FREE)
         self.step = self.lease = self.manifest_json = None
         self.sealed_at_ns = self.data_bytes = 0
-        self.rebuilt = False
+        self.rebuilt = self.foreign = False
 
     def _move(self, new: SlotState) -> None:
         if (self.state, new) not in _ALLOWED:

@@ -85,6 +85,7 @@ class SegmentStore:
                         continue
                     slot.adopt_sealed(step, manifest_json, slot.manifest_path.stat().st_mtime_ns)
                     slot.data_bytes = Manifest.from_json(manifest_json).data_bytes
+                    slot.foreign = slot.rebuilt = _foreign_marker(slot).exists()
                     self._track_age(rank)
                     self._slots.setdefault(rank, []).append(slot)
                     adopted += 1
@@ -262,6 +263,14 @@ class SegmentStore:
             out[int(step)] = parts  # type: ignore[index]
         return out
 
+    def blob_parts(self, step: int) -> list[tuple[int, str, int, bytes]]:
+        """This node's own data of `step`: every sealed segment of it that was not fetched from a peer,
+        by rank. Unlike `complete_steps` it does not change when ranks move."""
+        with self._lock:
+            found = [(rank, str(s.path), s.data_bytes, s.manifest_json or b"") for rank, slots in self._slots.items()
+                     for s in slots if s.state is SlotState.SEALED and s.step == step and not s.foreign]
+        return sorted(found)
+
     def newest_sealed_step(self) -> int | None:
         """The step most recently sealed on this node (by seal time, not number); None when none is."""
         with self._lock:
@@ -273,8 +282,13 @@ class SegmentStore:
         with self._lock:
             return not any(self._slots.values())
 
-    def install_sealed(self, rank: int, step: int, manifest_json: bytes, data: memoryview) -> None:
-        """Seal a snapshot rebuilt from peers as if rank `rank` had committed it."""
+    def install_sealed(self, rank: int, step: int, manifest_json: bytes, data: memoryview,
+                       foreign: bool = False) -> None:
+        """Seal a snapshot rebuilt from peers as if rank `rank` had committed it.
+
+        `foreign`: fetched for a rank that moved here; it stays out of this node's blob (the node
+        that sealed it protects it), also after a daemon restart (a marker file says so).
+        """
         manifest = Manifest.from_json(manifest_json)
         manifest.validate(len(data))
         manifest.verify(data)
@@ -291,6 +305,11 @@ class SegmentStore:
             slot.seal(manifest_json, time.time_ns())
             slot.data_bytes = manifest.data_bytes
             slot.rebuilt = True
+            slot.foreign = foreign
+            if foreign:
+                _foreign_marker(slot).touch()
+            else:
+                _foreign_marker(slot).unlink(missing_ok=True)
             self._track_age(rank)
             self._retain(rank)
             self._update_gauges(rank)
@@ -428,12 +447,14 @@ class SegmentStore:
 
     def _evict(self, slot: Slot, why: str) -> None:
         slot.manifest_path.unlink(missing_ok=True)
+        _foreign_marker(slot).unlink(missing_ok=True)
         log.debug("evicting step %s (%s): %s", slot.step, slot.path.name, why)
         slot.release()
 
     def _delete(self, rank: int, slot: Slot) -> None:
         slot.path.unlink(missing_ok=True)
         slot.manifest_path.unlink(missing_ok=True)
+        _foreign_marker(slot).unlink(missing_ok=True)
         self._slots[rank].remove(slot)
         self.metrics.shm_held_bytes.set(self._held())
 
@@ -479,3 +500,7 @@ def _parse_rank(name: str) -> int | None:
     except ValueError:
         return None
     return rank if 0 <= rank < MAX_RANK else None
+
+
+def _foreign_marker(slot: Slot) -> Path:
+    return slot.path.with_suffix(".foreign")

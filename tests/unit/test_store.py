@@ -545,3 +545,22 @@ def test_ranks_in_lockstep_all_count_whichever_sealed_last(tmp_path):
     assert sorted(rank for rank, *_ in store.complete_steps()[5]) == [0, 1]
     _snapshot(store, 6, rank=1)
     assert sorted(store.complete_steps()) == [5, 6]
+
+
+def test_blob_parts_leave_out_segments_fetched_for_a_moved_rank_even_after_a_restart(tmp_path):
+    """A node's blob (what EC protects) is its own data of a step, whatever ranks train here now."""
+    store = _store(tmp_path, keep=3)
+    _snapshot(store, 7, rank=0)
+    _, total = layout(_specs(7))
+    data = bytes((7 * 31 + i) % 256 for i in range(total))
+    fetched = _manifest(7, rank=1)
+    fetched = dataclasses.replace(fetched, entries=tuple(
+        dataclasses.replace(e, checksums=chunk_checksums(memoryview(data)[e.offset:e.offset + e.nbytes], CHUNK))
+        for e in fetched.entries))
+    store.install_sealed(1, 7, fetched.to_json(), memoryview(data), foreign=True)
+    assert [rank for rank, *_ in store.blob_parts(7)] == [0]
+    assert sorted(store.complete_steps()[7], key=lambda p: p[0])[1][0] == 1  # both ranks hold step 7
+    again = SegmentStore(_config(tmp_path, keep=3), DaemonMetrics())
+    again.adopt()
+    assert [rank for rank, *_ in again.blob_parts(7)] == [0]
+    assert again.list_steps(JOB, 1) == [7]
