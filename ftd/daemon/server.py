@@ -233,7 +233,7 @@ class Daemon:
     def start(self) -> Daemon:
         self._lock_fd = _lock_directory(self.store.root)
         _claim_socket(self.config.socket)
-        adopted, dropped = self.store.adopt()
+        adopted, dropped = self.store.adopt(retain=not self.config.peer_list)  # with peers: after pinning
         log.info("job %r on node %s: shm %s, re-adopted %d sealed segment(s), dropped %d half-written",
                  self.config.job, self.config.node, self.store.root, adopted, dropped)
         self.protector = self._start_protection()

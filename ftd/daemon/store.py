@@ -63,8 +63,12 @@ class SegmentStore:
 
     # ---- start-up ---------------------------------------------------------------------------
 
-    def adopt(self) -> tuple[int, int]:
-        """Re-adopt sealed segments left by an earlier daemon; drop half-written ones. Returns (adopted, dropped)."""
+    def adopt(self, retain: bool = True) -> tuple[int, int]:
+        """Re-adopt sealed segments left by an earlier daemon; drop half-written ones. Returns (adopted, dropped).
+
+        `retain=False` leaves retention to the first `pin()`: with erasure coding the protected step
+        is older than the newest `keep` and must be pinned before anything is evicted.
+        """
         adopted = dropped = 0
         self.root.mkdir(parents=True, exist_ok=True)
         with self._lock:
@@ -93,7 +97,8 @@ class SegmentStore:
                 for orphan in rank_dir.glob("*.manifest.json"):
                     if not orphan.with_name(orphan.name.removesuffix(".manifest.json") + ".seg").exists():
                         orphan.unlink(missing_ok=True)
-                self._retain(rank)
+                if retain:
+                    self._retain(rank)
                 self._update_gauges(rank)
         self.metrics.segments_adopted.inc(adopted)
         self.metrics.segments_dropped.inc(dropped)

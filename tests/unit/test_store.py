@@ -564,3 +564,14 @@ def test_blob_parts_leave_out_segments_fetched_for_a_moved_rank_even_after_a_res
     again.adopt()
     assert [rank for rank, *_ in again.blob_parts(7)] == [0]
     assert again.list_steps(JOB, 1) == [7]
+
+
+def test_adopt_can_leave_retention_to_the_first_pin(tmp_path):
+    """A restarted daemon with peers pins its protected step (older than the newest `keep`) first."""
+    store = _store(tmp_path, keep=4)
+    for step in (1, 2, 3, 4):
+        _snapshot(store, step)
+    again = SegmentStore(_config(tmp_path, keep=2), DaemonMetrics())
+    assert again.adopt(retain=False) == (4, 0)
+    again.pin({1})
+    assert again.list_steps(JOB, 0) == [1, 3, 4]
