@@ -6,13 +6,12 @@ CheckFree from their neighbours; training goes on to the last step with no manua
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
 from pathlib import Path
 
-from ftd.demo.cluster import RendezvousStore, make_nodes, wait_protected
+from ftd.demo.cluster import RendezvousStore, all_losses, make_nodes, wait_protected
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "pipeline_gpt.py"
 STAGES = 5
@@ -20,16 +19,8 @@ STEPS = 50
 
 
 def _losses(paths: list[Path]) -> dict[int, list[float]]:
-    seen: dict[int, list[float]] = {}
-    for path in paths:
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    doc = json.loads(line)
-                except ValueError:
-                    continue
-                seen.setdefault(doc["step"], []).append(doc["loss"])
-    return seen
+    """step -> every loss the last stage recorded for it (a step re-run after the failure appears twice)."""
+    return {step: sorted(losses) for (_, step), losses in all_losses(paths).items()}
 
 
 def test_lost_middle_stages_are_rebuilt_with_checkfree_and_training_continues(tmp_path: Path):

@@ -15,8 +15,7 @@ import ftd
 from ftd.client import gather, restore, sharding, state
 from ftd.client.rpc import DaemonClient
 from ftd.client.sharding import SPLIT, Layout, Replicas
-from ftd.config import ClientConfig, DaemonConfig
-from ftd.daemon.server import Daemon
+from ftd.config import ClientConfig
 from ftd.errors import SnapshotCorrupt
 from ftd.manifest import EntrySpec, Manifest
 
@@ -35,17 +34,6 @@ def _isolated_globals():
     finally:
         logging.getLogger("ftd").setLevel(level)
         torch.set_rng_state(rng)
-
-
-@pytest.fixture
-def socket_path(tmp_path):
-    config = DaemonConfig.load(environ={}, job=JOB, socket=str(tmp_path / "s.sock"), shm_dir=str(tmp_path / "shm"),
-                               memory_reserve="0")
-    daemon = Daemon(config).start()
-    try:
-        yield config.socket
-    finally:
-        daemon.stop(grace=0.5)
 
 
 # ---- the split ------------------------------------------------------------------------------------

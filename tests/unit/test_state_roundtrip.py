@@ -12,8 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import ftd
-from ftd.config import DaemonConfig
-from ftd.daemon.server import Daemon
 
 JOB = "unit-rt"
 WAIT_S = 30.0
@@ -41,17 +39,6 @@ def _isolated_globals():
         np.random.set_state(np_state)
         torch.set_rng_state(torch_state)
         logging.getLogger("ftd").setLevel(level)
-
-
-@pytest.fixture
-def socket_path(tmp_path):
-    config = DaemonConfig.load(environ={}, job=JOB, socket=str(tmp_path / "s.sock"), shm_dir=str(tmp_path / "shm"),
-                               memory_reserve="0")
-    daemon = Daemon(config).start()
-    try:
-        yield config.socket
-    finally:
-        daemon.stop(grace=0.5)
 
 
 def _snapshotter(socket_path, model, optimizer=None, **kwargs) -> ftd.Snapshotter:
