@@ -52,12 +52,21 @@ class ChaosOptions:
     recovery_lines: int = 3
     recovery_timeout: float = 180.0
     finish_timeout: float = 900.0
+    reference_timeout: float = 1800.0
     lost_threshold: int = 50
     max_restarts: int = 100000
     workdir: Path | None = None
 
     def train_args(self) -> list[str]:
         return ["--steps", str(self.steps), "--seed", str(self.train_seed)]
+
+    def budget_s(self) -> float:
+        """The longest a run may take before one of its own budgets fails it: the reference run, the
+        start, every kill's wait and recovery, and the finish. A caller's own timeout (pytest's) must
+        be above this, or it cuts the run off before the run can say what went wrong."""
+        kills = len(self.kinds) or self.kills
+        return (self.reference_timeout + self.recovery_timeout + kills * (self.max_wait + self.recovery_timeout)
+                + self.finish_timeout)
 
 
 @dataclass
@@ -223,7 +232,8 @@ def run_chaos(opts: ChaosOptions, say: Callable[[str], None] = _say) -> ChaosRes
     t_start = time.monotonic()
     say("reference run (no ftd, no failures) ...")
     # step-sleep only sleeps; it cannot change a bit, so the reference runs without it
-    reference, reference_params = reference_run(work / "reference", opts.nodes, opts.train_args())
+    reference, reference_params = reference_run(work / "reference", opts.nodes, opts.train_args(),
+                                                    opts.reference_timeout)
     result.reference_s = round(time.monotonic() - t_start, 1)
     say(f"reference done in {result.reference_s} s")
 
