@@ -17,6 +17,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import xxhash
@@ -69,11 +70,24 @@ class RotationRecord:
 class ParityStore:
     """Parity files and rotation records of one job on this node. Thread-safe."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, admit: Callable[[int], None] | None = None):
+        """`admit(nbytes)` is asked before a new parity file of `nbytes` is allocated; it raises to refuse."""
         self.root = root / "parity"
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._maps: dict[tuple[int, int, int], mmap.mmap] = {}
+        self._admit = admit
+
+    def held_bytes(self) -> int:
+        """Bytes of every parity file on this node."""
+        total = 0
+        for name in self._names():
+            if _PAR_RE.match(name):
+                try:
+                    total += (self.root / name).stat().st_size
+                except FileNotFoundError:
+                    continue
+        return total
 
     def _par(self, step: int, rot: int, j: int) -> Path:
         return self.root / f"s{step}-r{rot}-p{j}.par"
@@ -88,6 +102,15 @@ class ParityStore:
             if key in self._maps and len(self._maps[key]) == size:
                 return self._maps[key]
             path = self._par(step, rot, j)
+            if self._admit is not None:
+                old = self._maps.pop(key, None)
+                if old is not None:
+                    old.close()
+                try:
+                    replaced = path.stat().st_size
+                except FileNotFoundError:
+                    replaced = 0
+                self._admit(size - replaced)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.ftruncate(fd, size)

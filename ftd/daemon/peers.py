@@ -3,7 +3,9 @@
 `Membership` says who is in the cluster and in this node's EC group; `PeerTable` remembers the
 newest inventory and liveness of every group peer; `HeartbeatLoop` exchanges inventories on a
 fixed interval and marks a peer down when it misses `peer_timeout` (logged and exported; it
-destroys nothing). Every call is signed with the cluster token (ftd/daemon/auth.py).
+destroys nothing). Every call and every reply is signed with the cluster token over its exact
+bytes (ftd/daemon/auth.py), and every inventory is validated (`check_inventory`) before it is
+believed: a process without the token answering on a peer's address is ignored.
 
 Nodes of *other* groups get a slim heartbeat too (protected and encoding step only): a restore
 needs one step that every rank holds, and after a node loss its group can only give back the
@@ -21,6 +23,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ftd._proto import peer_pb2 as pb
 from ftd._proto import peer_pb2_grpc as pb_grpc
@@ -33,6 +36,47 @@ from ftd.metrics import DaemonMetrics
 log = logging.getLogger(__name__)
 
 HEARTBEAT_METHOD = "/ftd.v1.Peer/Heartbeat"
+MAX_INVENTORY_RANKS = 4096
+MAX_INVENTORY_STEPS = 256
+MAX_INVENTORY_PARITY = 4096
+MAX_BLOB_BYTES = 1 << 40
+"""Largest node blob an inventory may announce (1 TiB); the memory budget bounds parity further."""
+MAX_STEP = (1 << 62)
+
+
+class BadInventory(ValueError):
+    """An inventory that breaks the bounds or the shape of the cluster."""
+
+
+def check_inventory(inv: pb.Inventory, membership: Membership, job: str, node: int) -> pb.Inventory:
+    """`inv` when it is a plausible inventory of node `node` of this job; BadInventory otherwise."""
+    if inv.job != job:
+        raise BadInventory(f"inventory of job {inv.job[:64]!r}, this is job {job!r}")
+    if inv.node != node:
+        raise BadInventory(f"inventory says node {inv.node}, it came from node {node}")
+    if len(inv.ranks) > MAX_INVENTORY_RANKS or len(inv.steps) > MAX_INVENTORY_STEPS \
+            or len(inv.parity) > MAX_INVENTORY_PARITY:
+        raise BadInventory(f"inventory of node {node} is too long ({len(inv.ranks)} ranks, {len(inv.steps)} steps, "
+                           f"{len(inv.parity)} parity chunks)")
+    if not -1 <= inv.protected_step <= MAX_STEP or not -1 <= inv.encoding_step <= MAX_STEP:
+        raise BadInventory(f"inventory of node {node}: step out of range")
+    if any(r < 0 for r in inv.ranks) or len(set(inv.ranks)) != len(inv.ranks):
+        raise BadInventory(f"inventory of node {node}: negative or repeated ranks")
+    steps = [s.step for s in inv.steps]
+    if len(set(steps)) != len(steps) or any(not 0 <= s <= MAX_STEP for s in steps):
+        raise BadInventory(f"inventory of node {node}: repeated or out-of-range steps")
+    if any(not 0 < s.blob_bytes <= MAX_BLOB_BYTES for s in inv.steps):
+        raise BadInventory(f"inventory of node {node}: a blob size outside (0, {MAX_BLOB_BYTES}]")
+    group = membership.group
+    if node in group.members:
+        keys = {(p.step, p.rotation, p.j) for p in inv.parity}
+        if len(keys) != len(inv.parity) or any(
+                not 0 <= p.step <= MAX_STEP or not 0 <= p.rotation < group.size or not 0 <= p.j < group.m
+                or not 0 < p.chunk_bytes <= MAX_BLOB_BYTES for p in inv.parity):
+            raise BadInventory(f"inventory of node {node}: parity entries outside the group's shape")
+    elif inv.steps or inv.parity or inv.ranks or inv.rebuilding:
+        raise BadInventory(f"node {node} of another group sent more than a slim inventory")
+    return inv
 
 
 def split_host_port(entry: str) -> tuple[str, int]:
@@ -179,6 +223,13 @@ class PeerServicer(pb_grpc.PeerServicer):
         if not 0 <= inv.node < len(self.membership.peers) or inv.node == self.membership.me:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {inv.node} is not a peer of node "
                           f"{self.membership.me} ({len(self.membership.peers)} nodes)")
+        caller = auth.current_caller()
+        try:
+            check_inventory(inv, self.membership, self.job, caller if caller >= 0 else inv.node)
+        except BadInventory as exc:
+            log.warning("refused a heartbeat: %s", exc)
+            self.table.metrics.peer_refused.inc()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         self.table.seen(inv)
         mine = self.inventory()
         return pb.HeartbeatReply(inventory=mine if inv.node in self.membership.group.members else slim(mine))
@@ -194,13 +245,19 @@ class PeerServer:
     """The TCP gRPC server of the peer service, with HMAC authentication."""
 
     def __init__(self, address: str, servicer: PeerServicer, token: str, job: str, metrics: DaemonMetrics):
-        interceptor = auth.AuthInterceptor(token, job, lambda reason: metrics.peer_refused.inc())
+        interceptor = auth.AuthInterceptor(token, job, servicer.membership.me, lambda reason: metrics.peer_refused.inc())
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="ftd-peer-rpc"),
-                                  interceptors=[interceptor])
+                                  interceptors=[interceptor], options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_PeerServicer_to_server(servicer, self.server)
-        self.port = self.server.add_insecure_port(address)
+        why = "the address is in use or not local"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc raises here when the port is taken
+            self.port, why = 0, str(exc)
         if self.port == 0:
-            raise ConfigError(f"cannot listen for peers on {address}")
+            self.server.stop(0)
+            raise ConfigError(f"cannot listen for peers on {address} ({why}); set FTD_LISTEN, or this node's "
+                              f"entry of FTD_PEERS, to a free host:port")
         self.server.start()
         log.info("peer service on %s", address)
 
@@ -219,8 +276,11 @@ class HeartbeatLoop:
         self._channels = {n: grpc.insecure_channel(membership.grpc_target(n), options=[
             ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)])
             for n in range(len(membership.peers)) if n != membership.me}
-        self._stubs = {n: pb_grpc.PeerStub(c) for n, c in self._channels.items()}
+        self._calls = {n: auth.SignedCaller(c, HEARTBEAT_METHOD, token, job, membership.me)
+                       for n, c in self._channels.items()}
         self._stop = threading.Event()
+        self._distrusted: set[int] = set()
+        self.errors = 0  # beats that failed with an unexpected exception (also ftd_thread_errors_total)
         self._thread = threading.Thread(target=self._run, name="ftd-heartbeat", daemon=True)
 
     def start(self) -> HeartbeatLoop:
@@ -231,21 +291,43 @@ class HeartbeatLoop:
         inventory = self.inventory()
         full, outside = pb.HeartbeatRequest(inventory=inventory), pb.HeartbeatRequest(inventory=slim(inventory))
         group = self.membership.group.members
-        for node, stub in self._stubs.items():
-            metadata = [(auth.METADATA_KEY, auth.sign(self.token, self.job, self.membership.me, HEARTBEAT_METHOD))]
+        for node, call in self._calls.items():
             try:
-                reply = stub.Heartbeat(full if node in group else outside, timeout=max(0.5, self.interval * 2),
-                                       metadata=metadata)
+                reply = call(full if node in group else outside, pb.HeartbeatReply, node,
+                             timeout=max(0.5, self.interval * 2))
+                check_inventory(reply.inventory, self.membership, self.job, node)
             except grpc.RpcError as exc:
-                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION,
+                                  grpc.StatusCode.INVALID_ARGUMENT):
                     log.error("peer %d refused this node: %s", node, exc.details())
+                continue
+            except (PermissionError, BadInventory, DecodeError) as exc:
+                self._distrust(node, str(exc))
                 continue
             self.table.seen(reply.inventory)
         self.table.expire()
 
+    def _distrust(self, node: int, reason: str) -> None:
+        """A reply that is not node `node`'s, or not a valid inventory: believe nothing of it."""
+        first = node not in self._distrusted
+        self._distrusted.add(node)
+        log.log(logging.WARNING if first else logging.DEBUG, "ignored a heartbeat reply from %s (node %d): %s",
+                self.membership.peers[node], node, reason)
+        self.table.metrics.peer_refused.inc()
+
     def _run(self) -> None:
+        last = ""
         while not self._stop.is_set():
-            self.beat_once()
+            try:
+                self.beat_once()
+                last = ""
+            except Exception as exc:  # noqa: BLE001 - the heartbeat thread must outlive any one beat
+                self.errors += 1
+                self.table.metrics.thread_errors.labels("ftd-heartbeat").inc()
+                message = f"{type(exc).__name__}: {exc}"
+                if message != last:
+                    log.error("heartbeat failed (the thread goes on): %s", message, exc_info=True)
+                last = message
             self._stop.wait(self.interval)
 
     def stop(self) -> None:

@@ -41,6 +41,7 @@ BATCH_BYTES = 16 << 20
 SERVE_PIN_SECONDS = 60.0
 SERVED_PINS = 3  # a peer reads the steps it encodes or fetches: keep the most recently read few sealed
 TRANSFER_TIMEOUT = 30.0
+"""Longest stall of a bulk transfer; protection uses the peer timeout when it is shorter."""
 UNPROTECTED_KEPT = 4  # steps above the protected one whose parity and records are kept
 
 
@@ -79,7 +80,7 @@ class Protector:
                  metrics: DaemonMetrics):
         self.config, self.membership, self.store, self.codec, self.metrics = config, membership, store, codec, metrics
         self.group = membership.group
-        self.parity = ParityStore(store.root)
+        self.parity = ParityStore(store.root, admit=self._admit_parity)
         self.incarnation = secrets.randbits(63)
         self.table = PeerTable(membership, metrics, config.peer_timeout)
         self.keys = curve_keys(config.cluster_token)
@@ -130,7 +131,12 @@ class Protector:
         held = set(self._complete_steps())
         if self.ready.is_set() and self.protected_step >= 0 and self.store.blob_parts(self.protected_step):
             held.add(self.protected_step)  # servable even after the ranks here changed
-        steps = [pb.StepData(step=s, blob_bytes=self._blob(s, pin=False).size) for s in sorted(held)]
+        steps = []
+        for s in sorted(held):
+            try:
+                steps.append(pb.StepData(step=s, blob_bytes=self._blob(s, pin=False).size))
+            except KeyError:  # evicted since it was listed: not held any more, so not announced
+                continue
         parity = [pb.ParityHeld(step=s, rotation=r, j=j, chunk_bytes=n) for s, r, j, n in self.parity.held()]
         ranks = [r.rank for r in self.store.summary()]
         encoding = self._encoding
@@ -190,7 +196,14 @@ class Protector:
         kind = key.get("kind")
         self.metrics.peer_received_bytes.labels(self._peer_label(key)).inc(len(data))
         if kind == "parity":
-            self.parity.write(int(key["step"]), int(key["rot"]), int(key["j"]), int(key["size"]), offset, data)
+            step, rot, j, size = int(key["step"]), int(key["rot"]), int(key["j"]), int(key["size"])
+            if not 0 <= rot < self.group.size or not 0 < j < self.group.m:
+                raise ValueError(f"parity rotation {rot} j {j} is outside group {list(self.group.members)}")
+            limit = self.parity_limit(step)
+            if not 0 < size <= limit:
+                raise ValueError(f"parity chunk of {size} bytes for step {step}: the group's blobs imply at most "
+                                 f"{limit}")
+            self.parity.write(step, rot, j, size, offset, data)
         elif kind == "record":
             record = RotationRecord.from_json(bytes(data))
             self._accept_record(record)
@@ -207,13 +220,51 @@ class Protector:
             if self.parity.seal(record.step, record.rotation, j):
                 log.debug("holding parity %d of step %d rotation %d", j, record.step, record.rotation)
 
+    def parity_limit(self, step: int) -> int:
+        """Largest parity chunk the group's authenticated blob sizes imply for `step` (0: none known).
+
+        The step's own sizes when any inventory announces it; otherwise the largest blob any group
+        inventory announces (a heartbeat may lag the coordinator's PUT by one interval)."""
+        invs = self.table.inventories()
+        own = self._complete_steps()
+        sizes: list[int] = []
+        for s in own:
+            try:
+                sizes.append(self._blob(s, pin=False).size)
+            except KeyError:
+                continue
+        announced = [d.blob_bytes for inv in invs.values() for d in inv.steps]
+        this_step = [d.blob_bytes for inv in invs.values() for d in inv.steps if d.step == step]
+        biggest = max(this_step or [*announced, *sizes], default=0)
+        return chunk_bytes(biggest, self.group.k) if biggest else 0
+
+    def _admit_parity(self, nbytes: int) -> None:
+        """Refuse a parity allocation that would take segments plus parity over the memory budget."""
+        budget = self.config.memory_budget
+        if budget <= 0 or nbytes <= 0:
+            return
+        held = self.store.held_bytes() + self.parity.held_bytes()
+        if held + nbytes > budget:
+            self.metrics.refused.labels("parity_budget").inc()
+            raise FtdError(f"parity of {nbytes} bytes would exceed the memory budget ({held} of {budget} bytes held "
+                           f"in segments and parity)")
+
+    def transfer_timeout(self) -> float:
+        """Longest stall of one bulk transfer of protection: a dead peer costs at most the peer timeout."""
+        return min(TRANSFER_TIMEOUT, max(1.0, self.config.peer_timeout))
+
     # ---- the loop -----------------------------------------------------------------------------
 
     def _run(self) -> None:
         from ftd.daemon.rebuild import Rebuilder
 
-        if self.store.is_empty():
-            Rebuilder(self).run()
+        try:
+            if self.store.is_empty():
+                Rebuilder(self).run()
+        except Exception:  # noqa: BLE001 - a failed rebuild must not end protection
+            self.metrics.thread_errors.labels("ftd-rebuild").inc()
+            log.exception("rebuild failed; this node starts protecting what it holds from now on")
+            self.rebuilding = False
         self.ready.set()
         last_error = ""
         while not self._stop.wait(0.2):
@@ -222,11 +273,14 @@ class Protector:
                 last_error = ""
             except Exception as exc:  # a daemon thread must survive anything a peer sends
                 message = f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, FtdError):
+                    self.metrics.thread_errors.labels("ftd-protect").inc()
                 if message != last_error:  # once per distinct failure, not five times a second
                     log.warning("protection: %s", message, exc_info=not isinstance(exc, FtdError))
                 last_error = message
 
     def _tick(self) -> None:
+        self.metrics.parity_held_bytes.set(self.parity.held_bytes())
         if self.table.other_groups_steps() != self._outside_pins:
             self._update_pins()
         newest = self._follow_timeline()
@@ -322,6 +376,7 @@ class Protector:
         rot = rotations(g.size, g.m)[me]
         size = chunk_bytes(max(blob_sizes.values()), g.k)
         stripe = stripe_for(size)
+        timeout = self.transfer_timeout()
         t0 = time.perf_counter()
         local = self.parity.create(step, rot.r, 0, size)
         sums: list[list[int]] = [[] for _ in range(g.k + g.m)]
@@ -333,7 +388,7 @@ class Protector:
                 def fetch(i: int) -> None:
                     pos, chunk_no = rot.data[i]
                     key = {"kind": "data", "step": step, "chunk": chunk_no, "C": size}
-                    self.client(g.members[pos]).get_range(key, start, n, memoryview(bufs[i]), TRANSFER_TIMEOUT)
+                    self.client(g.members[pos]).get_range(key, start, n, memoryview(bufs[i]), timeout)
 
                 list(pool.map(fetch, range(g.k)))
                 parity = encode_striped(self.codec, bufs, stripe)
@@ -342,8 +397,7 @@ class Protector:
                 local[start:start + n] = parity[0]
                 for j in range(1, g.m):
                     key = {"kind": "parity", "step": step, "rot": rot.r, "j": j, "size": size}
-                    self.client(g.members[rot.parity[j]]).put_range(key, start, memoryview(parity[j]),
-                                                                      TRANSFER_TIMEOUT)
+                    self.client(g.members[rot.parity[j]]).put_range(key, start, memoryview(parity[j]), timeout)
         record = RotationRecord(step, rot.r, self.codec.name, g.k, g.m, size, stripe, list(g.members),
                                 [list(d) for d in rot.data], list(rot.parity), sums)
         raw = record.to_json()
@@ -351,8 +405,7 @@ class Protector:
             if node == self.membership.me:
                 self._accept_record(record)
             else:
-                self.client(node).put({"kind": "record", "step": step, "rot": rot.r}, 0, memoryview(raw),
-                                      TRANSFER_TIMEOUT)
+                self.client(node).put({"kind": "record", "step": step, "rot": rot.r}, 0, memoryview(raw), timeout)
         seconds = time.perf_counter() - t0
         self.metrics.ec_encode_seconds.observe(seconds)
         self.metrics.ec_encode_bytes.inc(size * g.k)

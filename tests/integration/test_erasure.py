@@ -172,14 +172,15 @@ def test_unauthenticated_peer_cannot_read_or_write(nodes4: list[Node]):
     stub = pb_grpc.PeerStub(channel)
     request = pb.HeartbeatRequest(inventory=pb.Inventory(job="ectest", node=1))
     method = "/ftd.v1.Peer/Heartbeat"
+    body = request.SerializeToString(deterministic=True)
     try:
-        for metadata in ([], [(auth.METADATA_KEY, auth.sign("wrong-token", "ectest", 1, method))],
-                         [(auth.METADATA_KEY, auth.sign(TOKEN, "other-job", 1, method))],
+        for metadata in ([], [(auth.METADATA_KEY, auth.sign("wrong-token", "ectest", 1, method, body))],
+                         [(auth.METADATA_KEY, auth.sign(TOKEN, "other-job", 1, method, body))],
                          [(auth.METADATA_KEY, "1:0:deadbeef")]):
             with pytest.raises(grpc.RpcError) as err:
                 stub.Heartbeat(request, metadata=metadata, timeout=5)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value.details()
-        good = [(auth.METADATA_KEY, auth.sign(TOKEN, "ectest", 1, method))]
+        good = [(auth.METADATA_KEY, auth.sign(TOKEN, "ectest", 1, method, body))]
         assert stub.Heartbeat(request, metadata=good, timeout=5).inventory.node == 0
     finally:
         channel.close()

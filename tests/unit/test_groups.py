@@ -83,17 +83,19 @@ def test_peers_need_a_token_and_a_peers_file_works(tmp_path):
 
 
 def test_hmac_signatures():
-    value = auth.sign("secret", "job", 3, "/ftd.v1.Peer/Heartbeat", now=1000)
-    assert auth.verify("secret", "job", "/ftd.v1.Peer/Heartbeat", value, now=1001) == 3
-    for token, job, method, now in [("other", "job", "/ftd.v1.Peer/Heartbeat", 1000),
-                                    ("secret", "job2", "/ftd.v1.Peer/Heartbeat", 1000),
-                                    ("secret", "job", "/ftd.v1.Peer/Other", 1000),
-                                    ("secret", "job", "/ftd.v1.Peer/Heartbeat", 1000 + auth.MAX_SKEW_S + 1)]:
+    body = b"\x0a\x02hi"
+    value = auth.sign("secret", "job", 3, "/ftd.v1.Peer/Heartbeat", body, now=1000)
+    assert auth.verify("secret", "job", "/ftd.v1.Peer/Heartbeat", value, body, now=1001) == 3
+    for token, job, method, raw, now in [("other", "job", "/ftd.v1.Peer/Heartbeat", body, 1000),
+                                         ("secret", "job2", "/ftd.v1.Peer/Heartbeat", body, 1000),
+                                         ("secret", "job", "/ftd.v1.Peer/Other", body, 1000),
+                                         ("secret", "job", "/ftd.v1.Peer/Heartbeat", body + b"x", 1000),
+                                         ("secret", "job", "/ftd.v1.Peer/Heartbeat", body, 1000 + auth.MAX_SKEW_S + 1)]:
         with pytest.raises(PermissionError):
-            auth.verify(token, job, method, value, now=now)
-    forged = value.replace("3:", "4:", 1)
+            auth.verify(token, job, method, value, raw, now=now)
+    forged = value.replace(":3:", ":4:", 1)
     with pytest.raises(PermissionError):
-        auth.verify("secret", "job", "/ftd.v1.Peer/Heartbeat", forged, now=1000)
-    for junk in (None, "", "a:b", "1:2:3:4"):
+        auth.verify("secret", "job", "/ftd.v1.Peer/Heartbeat", forged, body, now=1000)
+    for junk in (None, "", "a:b", "1:2:3:4", "v2:1:2:3:4"):
         with pytest.raises(PermissionError):
-            auth.verify("secret", "job", "/ftd.v1.Peer/Heartbeat", junk, now=1000)
+            auth.verify("secret", "job", "/ftd.v1.Peer/Heartbeat", junk, body, now=1000)
