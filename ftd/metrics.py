@@ -57,6 +57,9 @@ class DaemonMetrics:
         self.shm_budget_bytes = Gauge("ftd_shm_budget_bytes", "Configured segment budget (0: none)", registry=r)
         self.peer_up = Gauge("ftd_peer_up", "Peer answered heartbeats within the timeout", ["peer"], registry=r)
         self.peer_refused = Counter("ftd_peer_refused", "Peer calls refused (authentication, job)", registry=r)
+        self.thread_errors = Counter("ftd_thread_errors", "Exceptions caught (and survived) in a background thread",
+                                     ["thread"], registry=r)
+        self.parity_held_bytes = Gauge("ftd_parity_held_bytes", "Bytes of parity chunks held", registry=r)
         self.protected_step = Gauge("ftd_newest_protected_step", "Newest step protected in this node's group",
                                     registry=r)
         self.group_protected = Gauge("ftd_group_protected", "1 when the group holds a protected step", registry=r)
