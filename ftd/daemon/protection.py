@@ -96,7 +96,8 @@ class Protector:
         self._links: dict[int, PeerLink] = {}
         self._stop = threading.Event()
         grpc_addr, data_addr = membership.listen_addresses(config.listen)
-        self.bulk = BulkServer(data_addr, self.keys, self._read, self._write)
+        self.bulk = BulkServer(data_addr, self.keys, self._read, self._write,
+                               on_error=lambda: metrics.thread_errors.labels("ftd-bulk-server").inc())
         self.peer_server = PeerServer(grpc_addr, PeerServicer(membership, self.table, config.job, self.inventory),
                                       config.cluster_token, config.job, metrics)
         self.heartbeat = HeartbeatLoop(membership, self.table, config.cluster_token, config.job,

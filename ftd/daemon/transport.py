@@ -199,10 +199,14 @@ class BulkServer:
     """
 
     def __init__(self, bind: str, keys: CurveKeys, reader: Reader, writer: Writer,
-                 max_chunk: int = DEFAULT_MAX_CHUNK, *, curve: bool = True):
+                 max_chunk: int = DEFAULT_MAX_CHUNK, *, curve: bool = True,
+                 on_error: Callable[[], None] | None = None):
+        """`on_error` is called (on the server thread) for every unexpected exception the thread survives."""
         if max_chunk <= 0:
             raise ConfigError(f"max_chunk must be positive, got {max_chunk}")
         self.max_chunk = max_chunk
+        self.errors = 0  # unexpected exceptions the server thread survived
+        self._on_error = on_error
         self._reader, self._writer = reader, writer
         self._client_key = z85.decode(keys.client_public)
         self._stop = threading.Event()
@@ -266,24 +270,42 @@ class BulkServer:
         poller.register(self._sock, zmq.POLLIN)
         if self._zap is not None:
             poller.register(self._zap, zmq.POLLIN)
+        last = ""
         try:
             while not self._stop.is_set():
-                ready = dict(poller.poll(_POLL_MS))
-                if self._zap is not None and self._zap in ready:
-                    self._authenticate(self._zap.recv_multipart())
-                if self._sock in ready:
-                    for _ in range(HWM):  # a bounded batch, so handshakes and stop are not starved
-                        try:
-                            frames = self._sock.recv_multipart(zmq.DONTWAIT, copy=False)
-                        except zmq.Again:
-                            break
-                        self._handle(frames)
+                try:
+                    self._serve_once(poller)
+                    last = ""
+                except zmq.ZMQError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the bulk server thread must outlive any request
+                    self.errors += 1
+                    if self._on_error is not None:
+                        self._on_error()
+                    message = f"{type(exc).__name__}: {exc}"
+                    if message != last:
+                        log.exception("bulk server: unexpected error (the thread goes on)")
+                    last = message
         except zmq.ZMQError:
             log.exception("bulk server socket failed; the bulk plane is down")
+            if self._on_error is not None:
+                self._on_error()
         finally:
             self._sock.close(linger=0)
             if self._zap is not None:
                 self._zap.close(linger=0)
+
+    def _serve_once(self, poller: zmq.Poller) -> None:
+        ready = dict(poller.poll(_POLL_MS))
+        if self._zap is not None and self._zap in ready:
+            self._authenticate(self._zap.recv_multipart())
+        if self._sock in ready:
+            for _ in range(HWM):  # a bounded batch, so handshakes and stop are not starved
+                try:
+                    frames = self._sock.recv_multipart(zmq.DONTWAIT, copy=False)
+                except zmq.Again:
+                    break
+                self._handle(frames)
 
     def _authenticate(self, msg: list[bytes]) -> None:
         """Answer one ZAP request (RFC 27): admit only the client key derived from the token."""
