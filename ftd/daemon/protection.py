@@ -115,7 +115,8 @@ class Protector:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(10)
+        if self._thread.is_alive():
+            self._thread.join(10)
         self.heartbeat.stop()
         self.peer_server.stop()
         self.bulk.close()
