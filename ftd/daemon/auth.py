@@ -199,9 +199,19 @@ class SignedCaller:
     def __call__(self, request: Any, reply_type: type, node: int, timeout: float) -> Any:
         """Send `request` to node `node`; the verified, parsed reply. PermissionError when it is not
         signed by that node under the token; grpc.RpcError when the call fails."""
+        return self.start(request, reply_type, node, timeout)()
+
+    def start(self, request: Any, reply_type: type, node: int, timeout: float) -> Callable[[], Any]:
+        """Send `request` now; the returned function waits for, verifies and parses the reply (as __call__)."""
         body = request.SerializeToString(deterministic=True)
         value = sign(self.token, self.job, self.me, self.method, body)
-        raw, call = self._call.with_call(body, timeout=timeout, metadata=((METADATA_KEY, value),))
-        trailing = dict(call.trailing_metadata() or ())
-        verify_reply(self.token, self.job, node, self.method, nonce_of(value), raw, trailing.get(REPLY_METADATA_KEY))
-        return reply_type.FromString(raw)
+        future = self._call.future(body, timeout=timeout, metadata=((METADATA_KEY, value),))
+
+        def finish() -> Any:
+            raw = future.result()
+            trailing = dict(future.trailing_metadata() or ())
+            verify_reply(self.token, self.job, node, self.method, nonce_of(value), raw,
+                         trailing.get(REPLY_METADATA_KEY))
+            return reply_type.FromString(raw)
+
+        return finish

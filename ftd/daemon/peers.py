@@ -291,10 +291,13 @@ class HeartbeatLoop:
         inventory = self.inventory()
         full, outside = pb.HeartbeatRequest(inventory=inventory), pb.HeartbeatRequest(inventory=slim(inventory))
         group = self.membership.group.members
-        for node, call in self._calls.items():
+        timeout = max(0.5, self.interval * 2)
+        # All peers at once: one that accepts and never answers costs one timeout, not one per peer.
+        pending = {node: call.start(full if node in group else outside, pb.HeartbeatReply, node, timeout)
+                   for node, call in self._calls.items()}
+        for node, finish in pending.items():
             try:
-                reply = call(full if node in group else outside, pb.HeartbeatReply, node,
-                             timeout=max(0.5, self.interval * 2))
+                reply = finish()
                 check_inventory(reply.inventory, self.membership, self.job, node)
             except grpc.RpcError as exc:
                 if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION,

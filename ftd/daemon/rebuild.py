@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ftd._proto import peer_pb2 as pb
 from ftd.codec import decode_striped
+from ftd.daemon import remote
 from ftd.daemon.blob import parse_header
 from ftd.daemon.groups import rotations
 from ftd.daemon.parity import RotationRecord, stripe_checksums
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BATCH_BYTES = 16 << 20
-TIMEOUT = 30.0
+MAX_RECORD_BYTES = 64 << 20
+"""Largest rotation record a peer may announce (its stripe checksums: 8 bytes per MiB and piece)."""
 
 
 class Unrecoverable(FtdError):
@@ -109,9 +111,10 @@ class Rebuilder:
             try:
                 client = self.p.client(node)
                 key = {"kind": "record_size", "step": step, "rot": rot}
-                size = int(bytes(client.get(key, 0, 16, TIMEOUT)))
+                timeout = self.p.transfer_timeout()
+                size = remote.parse_size(client.get(key, 0, 16, timeout), MAX_RECORD_BYTES, "rotation record")
                 raw = bytearray(size)
-                client.get_range({"kind": "record", "step": step, "rot": rot}, 0, size, memoryview(raw), TIMEOUT)
+                client.get_range({"kind": "record", "step": step, "rot": rot}, 0, size, memoryview(raw), timeout)
                 return RotationRecord.from_json(bytes(raw))
             except FtdError as exc:
                 log.warning("record of step %d rotation %d not available from node %d: %s", step, rot, node, exc)
@@ -229,7 +232,7 @@ class Rebuilder:
             key = {"kind": "parity", "step": step, "rot": record.rotation, "j": index - record.k}
         buf = bytearray(n)
         try:
-            self.p.client(node).get_range(key, start, n, memoryview(buf), TIMEOUT)
+            self.p.client(node).get_range(key, start, n, memoryview(buf), self.p.transfer_timeout())
         except FtdError as exc:
             log.warning("piece %d of step %d rotation %d from node %d unavailable: %s", index, step,
                         record.rotation, node, exc)

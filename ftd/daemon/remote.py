@@ -20,13 +20,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TIMEOUT = 60.0
 
 
 def holders(protector: Protector, rank: int) -> dict[int, list[int]]:
     """Peer node -> steps it holds for `rank` (from the newest heartbeats of peers that are up)."""
     return {node: sorted(s.step for s in inv.steps) for node, inv in protector.table.inventories().items()
             if rank in inv.ranks and inv.steps}
+
+
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def parse_size(raw: bytes | memoryview, limit: int, what: str) -> int:
+    """A peer's 16-byte decimal size of `what`; FtdError when it is not a number in [0, limit]."""
+    try:
+        size = int(bytes(raw))
+    except ValueError:
+        raise FtdError(f"peer sent a malformed size of its {what}") from None
+    if not 0 <= size <= limit:
+        raise FtdError(f"peer announced a {what} of {size} bytes, more than the {limit} allowed")
+    return size
 
 
 def remote_steps(protector: Protector, rank: int) -> list[int]:
@@ -36,20 +49,27 @@ def remote_steps(protector: Protector, rank: int) -> list[int]:
 def fetch(protector: Protector, job: str, rank: int, step: int) -> None:
     """Pull (rank, step) from a peer that holds it and seal it here; NotFound when no peer does."""
     nodes = [node for node, steps in holders(protector, rank).items() if step in steps]
+    # A segment is part of a node blob: no peer may make this node allocate more than the largest
+    # blob of that step any (authenticated) inventory announced.
+    limit = max((s.blob_bytes for inv in protector.table.inventories().values() for s in inv.steps if s.step == step),
+                default=0)
     if not nodes:
         raise NotFound(f"no peer of group {list(protector.group.members)} holds rank {rank} step {step}")
     errors = []
     for node in nodes:
         t0 = time.perf_counter()
         link = protector.client(node)
+        timeout = protector.transfer_timeout()  # a dead peer costs the peer timeout, then the next one is tried
         key: dict[str, Any] = {"job": job, "rank": rank, "step": step}
         try:
-            size = int(bytes(link.get({**key, "kind": "segment_manifest_size"}, 0, 16, TIMEOUT)))
+            size = parse_size(link.get({**key, "kind": "segment_manifest_size"}, 0, 16, timeout), MAX_MANIFEST_BYTES,
+                              "manifest")
             manifest = bytearray(size)
-            link.get_range({**key, "kind": "segment_manifest"}, 0, size, memoryview(manifest), TIMEOUT)
-            nbytes = int(bytes(link.get({**key, "kind": "segment_size"}, 0, 16, TIMEOUT)))
+            link.get_range({**key, "kind": "segment_manifest"}, 0, size, memoryview(manifest), timeout)
+            nbytes = parse_size(link.get({**key, "kind": "segment_size"}, 0, 16, timeout), limit,
+                                "segment (larger than any blob of the step)")
             data = bytearray(nbytes)
-            link.get_range({**key, "kind": "segment"}, 0, nbytes, memoryview(data), TIMEOUT)
+            link.get_range({**key, "kind": "segment"}, 0, nbytes, memoryview(data), timeout)
             protector.store.install_sealed(rank, step, bytes(manifest), memoryview(data), foreign=True)
         except FtdError as exc:
             errors.append(f"node {node}: {exc}")
