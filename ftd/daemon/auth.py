@@ -158,8 +158,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler
+        if handler is None:
+            return None
+        if handler.unary_unary is None:  # only unary calls can be checked over their body: refuse the rest
+
+            def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+                context.abort(grpc.StatusCode.UNIMPLEMENTED, "peer calls are unary")
+
+            return grpc.unary_unary_rpc_method_handler(refuse)
         value = dict(details.invocation_metadata or ()).get(METADATA_KEY)
         method = details.method
 

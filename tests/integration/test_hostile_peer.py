@@ -166,3 +166,18 @@ def test_a_peer_port_in_use_is_a_clear_error(tmp_path: Path):
     finally:
         taken.close()
     assert HEARTBEAT_METHOD == "/ftd.v1.Peer/Heartbeat"
+
+
+def test_a_pushed_parity_chunk_larger_than_the_groups_blobs_is_refused(tmp_path: Path):
+    """1+2: parity j 1 of every rotation is pushed to this node; its size must follow from the blob
+    sizes the group announced (none here), whatever the key says."""
+    peers = [f"127.0.0.1:{free_port_pair()}" for _ in range(3)]
+    daemon = Daemon(_config(tmp_path, peers, ec="1+2")).start()
+    try:
+        for size in (2 << 30, 4096):
+            with pytest.raises(ValueError, match="imply at most 0"):
+                daemon.protector._write({"kind": "parity", "step": 8, "rot": 1, "j": 1, "size": size, "from": 1}, 0,
+                                        memoryview(b"x" * 4096))
+    finally:
+        daemon.stop(grace=0.5)
+    assert _parity_bytes(tmp_path / "shm") == 0
