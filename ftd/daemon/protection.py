@@ -241,9 +241,21 @@ class Protector:
         return chunk_bytes(biggest, self.group.k) if biggest else 0
 
     def _admit_parity(self, nbytes: int) -> None:
-        """Refuse a parity allocation that would take segments plus parity over the memory budget."""
+        """Refuse a parity allocation that would take segments plus parity over the memory budget, or
+        leave the host under the memory reserve (what the store enforces for segments)."""
+        if nbytes <= 0:
+            return
+        reserve = self.config.memory_reserve
+        if reserve > 0:
+            import psutil
+
+            available = psutil.virtual_memory().available
+            if available - nbytes < reserve:
+                self.metrics.refused.labels("parity_reserve").inc()
+                raise FtdError(f"parity of {nbytes} bytes would leave {available - nbytes} bytes of host memory "
+                               f"available, under the reserve of {reserve}")
         budget = self.config.memory_budget
-        if budget <= 0 or nbytes <= 0:
+        if budget <= 0:
             return
         held = self.store.held_bytes() + self.parity.held_bytes()
         if held + nbytes > budget:
