@@ -3,8 +3,14 @@
 A rank's snapshot is one contiguous byte region (a shared-memory segment) plus a manifest.
 The manifest is JSON, never pickle: it names every tensor entry (kind, dtype, shape, byte
 offset, length, one xxh3-64 checksum per `chunk_bytes` of the entry) and carries the
-non-tensor state (`meta`, JSON-safe; see ftd/client/state.py). Everything read back is
-validated before use, so a corrupt or hostile manifest gives a ManifestError, not a crash.
+non-tensor state (`meta`, JSON-safe; see ftd/client/state.py), the seal time (`created_at`)
+and `manifest_xxh3`, an xxh3-64 over the canonical form of everything else (meta included),
+so an edited or torn manifest is refused, not restored. Everything read back is validated
+before use — size and nesting depth bounded (checked iteratively), every tensor reference
+in `meta` naming an entry at most once — so a corrupt or hostile manifest gives a
+ManifestError, not a crash or a memory blow-up. The checksum detects corruption and edits;
+it is no signature (anyone who can write the file can recompute it): who may write the shm
+tree is the daemon's job.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import xxhash
 
 from ftd.errors import ManifestError, SnapshotCorrupt
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest_xxh3 over the whole manifest, created_at
 ALIGN = 64
 CHECKSUM_ALGO = "xxh3_64"
-MAX_MANIFEST_BYTES = 256 << 20
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64  # nesting of objects and arrays in any manifest (meta values: see jsonsafe.MAX_DEPTH)
+DIGEST_KEY = "manifest_xxh3"
 KINDS = ("param", "buffer", "optim", "rng", "extra")
 # Bytes per element of every dtype a snapshot may hold (torch's names; no torch import needed here,
 # so the daemon starts fast).
@@ -102,38 +110,48 @@ class Manifest:
     data_bytes: int
     entries: tuple[Entry, ...]
     meta: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0  # seal time, seconds since the epoch (the client's clock at Commit)
     checksum: str = CHECKSUM_ALGO
     format: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:
         doc = {"format": self.format, "job": self.job, "rank": self.rank, "world_size": self.world_size,
                "step": self.step, "chunk_bytes": self.chunk_bytes, "data_bytes": self.data_bytes,
-               "checksum": self.checksum, "entries": [e.to_json() for e in self.entries], "meta": self.meta}
+               "created_at": self.created_at, "checksum": self.checksum,
+               "entries": [e.to_json() for e in self.entries], "meta": self.meta}
+        doc[DIGEST_KEY] = manifest_digest(doc)
         return json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
-        """Parse and type-check a manifest; ManifestError on anything malformed."""
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"manifest of {len(raw)} bytes exceeds {MAX_MANIFEST_BYTES}")
-        try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+        """Parse, integrity-check and type-check a manifest; ManifestError on anything malformed."""
+        doc = parse_json(raw, "manifest")
         if not isinstance(doc, dict):
             raise ManifestError("manifest is not a JSON object")
         if type(doc.get("format")) is not int or doc["format"] != FORMAT_VERSION:
-            raise ManifestError(f"unsupported manifest format {doc.get('format')!r} (this ftd reads {FORMAT_VERSION})")
+            raise ManifestError(f"unsupported manifest format {doc.get('format')!r}: this ftd reads format "
+                                f"{FORMAT_VERSION} only (snapshots of another ftd version are not restored; "
+                                "training starts from the previous or a fresh step)")
+        digest = doc.pop(DIGEST_KEY, None)
+        if not isinstance(digest, str):
+            raise ManifestError(f"manifest has no {DIGEST_KEY} checksum")
+        if digest != manifest_digest(doc):
+            raise ManifestError("manifest checksum mismatch: the manifest was edited or corrupted after it was sealed")
         if doc.get("checksum") != CHECKSUM_ALGO:
             raise ManifestError(f"unsupported checksum {doc.get('checksum')!r}")
         job = _typed(doc, "job", str)
         ints = {k: _typed(doc, k, int) for k in ("rank", "world_size", "step", "chunk_bytes", "data_bytes")}
         if min(ints.values()) < 0 or ints["chunk_bytes"] <= 0:
             raise ManifestError(f"negative or zero field in manifest: {ints}")
+        created_at = doc.get("created_at")
+        if type(created_at) not in (int, float) or not math.isfinite(created_at):
+            raise ManifestError(f"manifest field 'created_at' must be a finite number, got {created_at!r}")
         meta = _typed(doc, "meta", dict)
         raw_entries = _typed(doc, "entries", list)
         entries = tuple(_entry_from_json(e, i) for i, e in enumerate(raw_entries))
-        return cls(job=job, entries=entries, meta=meta, **ints)
+        sharded = meta.get("sharding", {}).get("tensors", {}) if isinstance(meta.get("sharding"), dict) else {}
+        check_tensor_refs(meta, {e.name for e in entries} | (set(sharded) if isinstance(sharded, dict) else set()))
+        return cls(job=job, entries=entries, meta=meta, created_at=float(created_at), **ints)
 
     def validate(self, capacity: int) -> None:
         """Check that every entry is self-consistent and lies inside a segment of `capacity` bytes."""
@@ -174,6 +192,73 @@ class Manifest:
 
     def entry_map(self) -> dict[str, Entry]:
         return {e.name: e for e in self.entries}
+
+
+def manifest_digest(doc: dict[str, Any]) -> str:
+    """xxh3-64 (hex) of the canonical JSON of `doc` (sorted keys, no spaces), DIGEST_KEY left out."""
+    body = {k: v for k, v in doc.items() if k != DIGEST_KEY}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+    return xxhash.xxh3_64_hexdigest(canonical)
+
+
+def parse_json(raw: bytes | str, what: str, max_bytes: int = MAX_MANIFEST_BYTES,
+               max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads with a size bound before and a nesting-depth bound after (checked without recursion).
+
+    Anything too large, too deep (RecursionError in the parser included) or not JSON is a
+    ManifestError naming `what`.
+    """
+    if len(raw) > max_bytes:
+        raise ManifestError(f"{what} of {len(raw)} bytes exceeds the limit of {max_bytes}")
+    try:
+        doc = json.loads(raw)
+    except RecursionError as exc:
+        raise ManifestError(f"{what} is nested deeper than {max_depth} levels") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{what} is not valid JSON: {exc}") from exc
+    depth = json_depth(doc, max_depth)
+    if depth > max_depth:
+        raise ManifestError(f"{what} is nested deeper than {max_depth} levels")
+    return doc
+
+
+def json_depth(doc: Any, stop_above: int = MAX_JSON_DEPTH) -> int:
+    """Nesting depth of parsed JSON (a scalar: 0), walked iteratively; stops once above `stop_above`."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > stop_above:
+            return deepest
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def check_tensor_refs(meta: Any, names: set[str]) -> None:
+    """Every `{"__tensor__": name}` in `meta` is one of `names` (the entries, and the sharded tensors
+    gathered from replicas), and none is referenced twice, so decoding cannot amplify memory."""
+    seen: set[str] = set()
+    stack = [meta]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if len(value) == 1 and "__tensor__" in value:
+                name = value["__tensor__"]
+                if not isinstance(name, str) or name not in names:
+                    raise ManifestError(f"meta references tensor {name!r}, which is not an entry")
+                if name in seen:
+                    raise ManifestError(f"meta references tensor {name!r} more than once")
+                seen.add(name)
+                continue
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
 
 
 def _typed(doc: dict[str, Any], key: str, kind: type) -> Any:

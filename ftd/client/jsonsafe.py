@@ -3,7 +3,10 @@
 Supported: None, bool, int, float (NaN, ±inf and -0.0 round-trip exactly), str, list, tuple,
 dict (any keys of these types), NumPy arrays and scalars, and tensors. A tensor is replaced by
 `{"__tensor__": name}` and handed to a callback that stores it as a manifest entry.
-Anything else raises TypeError naming where it was found.
+Anything else raises TypeError naming where it was found; a value nested deeper than
+MAX_DEPTH JSON levels (a cycle included) raises ValueError, so a manifest stays within the
+nesting bound every parser enforces (ftd.manifest.MAX_JSON_DEPTH) and no RecursionError
+reaches the caller.
 """
 
 from __future__ import annotations
@@ -13,13 +16,20 @@ from typing import Any
 
 import torch
 
+from ftd.errors import ManifestError
+from ftd.manifest import MAX_JSON_DEPTH
+
 TensorSink = Callable[[str, torch.Tensor], None]
 TensorSource = Callable[[str], torch.Tensor]
 _MARKERS = ("__tuple__", "__dict__", "__tensor__", "__ndarray__", "__npscalar__")
+MAX_DEPTH = 48  # JSON levels of one encoded value; a manifest adds a few above it (limit 64)
 
 
-def encode(value: Any, path: str, sink: TensorSink) -> Any:
+def encode(value: Any, path: str, sink: TensorSink, _depth: int = 0) -> Any:
     """Return a JSON-safe form of `value`; tensors go to `sink(path, tensor)`."""
+    if _depth > MAX_DEPTH:
+        raise ValueError(f"{path}: nested deeper than {MAX_DEPTH} levels (or a cycle)")
+    d = _depth + 1
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
@@ -30,13 +40,13 @@ def encode(value: Any, path: str, sink: TensorSink) -> Any:
         sink(path, value)
         return {"__tensor__": path}
     if isinstance(value, list):
-        return [encode(v, f"{path}/{i}", sink) for i, v in enumerate(value)]
+        return [encode(v, f"{path}/{i}", sink, d) for i, v in enumerate(value)]
     if isinstance(value, tuple):
-        return {"__tuple__": [encode(v, f"{path}/{i}", sink) for i, v in enumerate(value)]}
+        return {"__tuple__": [encode(v, f"{path}/{i}", sink, d + 1) for i, v in enumerate(value)]}
     if isinstance(value, dict):
         if all(isinstance(k, str) and k not in _MARKERS for k in value):
-            return {k: encode(v, f"{path}/{_escape(k)}", sink) for k, v in value.items()}
-        return {"__dict__": [[encode(k, f"{path}/#k{i}", sink), encode(v, f"{path}/#v{i}", sink)]
+            return {k: encode(v, f"{path}/{_escape(k)}", sink, d) for k, v in value.items()}
+        return {"__dict__": [[encode(k, f"{path}/#k{i}", sink, d + 3), encode(v, f"{path}/#v{i}", sink, d + 3)]
                              for i, (k, v) in enumerate(value.items())]}
     np = _numpy()
     if np is not None and isinstance(value, np.ndarray):
@@ -56,18 +66,26 @@ def _escape(key: str) -> str:
     return key.replace("%", "%25").replace("/", "%2F").replace("#", "%23")
 
 
-def decode(value: Any, source: TensorSource) -> Any:
-    """Invert `encode`; tensors are fetched with `source(name)`."""
+def decode(value: Any, source: TensorSource, _depth: int = 0) -> Any:
+    """Invert `encode`; tensors are fetched with `source(name)`.
+
+    ManifestError for a value nested deeper than a manifest may be (ftd.manifest.MAX_JSON_DEPTH).
+    """
+    if _depth > MAX_JSON_DEPTH:
+        raise ManifestError(f"a snapshot value is nested deeper than {MAX_JSON_DEPTH} levels")
+    d = _depth + 1
     if isinstance(value, list):
-        return [decode(v, source) for v in value]
+        return [decode(v, source, d) for v in value]
     if not isinstance(value, dict):
         return value
     if len(value) == 1:
         (key, inner), = value.items()
         if key == "__tuple__" and isinstance(inner, list):
-            return tuple(decode(v, source) for v in inner)
+            return tuple(decode(v, source, d) for v in inner)
         if key == "__dict__" and isinstance(inner, list):
-            return {_hashable(decode(k, source)): decode(v, source) for k, v in inner}
+            if not all(isinstance(kv, list) and len(kv) == 2 for kv in inner):
+                raise ManifestError("a __dict__ item is not a [key, value] pair")
+            return {_hashable(decode(k, source, d)): decode(v, source, d) for k, v in inner}
         if key == "__tensor__" and isinstance(inner, str):
             return source(inner)
         if key == "__ndarray__" and isinstance(inner, dict):
@@ -76,7 +94,7 @@ def decode(value: Any, source: TensorSource) -> Any:
         if key == "__npscalar__" and isinstance(inner, dict):
             np = _require_numpy()
             return np.dtype(inner["dtype"]).type(inner["value"])
-    return {k: decode(v, source) for k, v in value.items()}
+    return {k: decode(v, source, d) for k, v in value.items()}
 
 
 def _hashable(key: Any) -> Any:

@@ -11,6 +11,7 @@ import pytest
 from ftd.errors import ManifestError, SnapshotCorrupt
 from ftd.manifest import (
     ALIGN,
+    DIGEST_KEY,
     DTYPE_SIZES,
     FORMAT_VERSION,
     Entry,
@@ -20,6 +21,7 @@ from ftd.manifest import (
     chunk_checksums,
     itemsize,
     layout,
+    manifest_digest,
 )
 
 CHUNK = 64
@@ -56,7 +58,11 @@ def _doc() -> dict:
     return json.loads(_manifest().to_json())
 
 
-def _raw(doc: dict) -> bytes:
+def _raw(doc: dict, seal: bool = True) -> bytes:
+    """`doc` as a manifest file; `seal` recomputes its checksum (tests of the other checks)."""
+    doc = dict(doc)
+    if seal:
+        doc[DIGEST_KEY] = manifest_digest(doc)
     return json.dumps(doc).encode()
 
 
@@ -374,3 +380,73 @@ def test_entry_map():
     m = _manifest()
     assert set(m.entry_map()) == {s.name for s in _specs()}
     assert isinstance(m.entry_map()["model/w"], Entry)
+
+
+# ---- integrity and bounds of the whole manifest ------------------------------------------------
+
+def test_edited_meta_is_refused_by_the_manifest_checksum():
+    doc = _doc()
+    doc["meta"]["rng"]["x"][1] = 1000.0
+    with pytest.raises(ManifestError, match="checksum mismatch"):
+        Manifest.from_json(_raw(doc, seal=False))
+    Manifest.from_json(_raw(doc))  # the same edit with the checksum recomputed parses
+
+
+@pytest.mark.parametrize("key", ["meta", "job", "entries", "created_at", "step"])
+def test_any_edited_field_is_refused(key):
+    doc = _doc()
+    doc[key] = {"meta": {"a": 1}, "job": "k", "entries": [], "created_at": 5.0, "step": 13}[key]
+    with pytest.raises(ManifestError, match="checksum mismatch"):
+        Manifest.from_json(_raw(doc, seal=False))
+
+
+def test_missing_checksum_and_older_format_are_refused_clearly():
+    doc = _doc()
+    del doc[DIGEST_KEY]
+    with pytest.raises(ManifestError, match="no manifest_xxh3"):
+        Manifest.from_json(json.dumps(doc).encode())
+    doc["format"] = 1
+    with pytest.raises(ManifestError, match="reads format 2 only"):
+        Manifest.from_json(_raw(doc))
+
+
+def test_checksum_does_not_depend_on_key_order():
+    doc = _doc()
+    reordered = dict(reversed(list(doc.items())))
+    assert Manifest.from_json(json.dumps(reordered).encode()).step == 12
+
+
+def test_created_at_round_trips():
+    m = _manifest(created_at=1234.5)
+    assert Manifest.from_json(m.to_json()).created_at == 1234.5
+
+
+@pytest.mark.parametrize("depth", [65, 600, 5000, 100_000])
+def test_deep_json_is_a_manifest_error(depth):
+    doc = _doc()
+    raw = _raw(doc).decode()
+    deep = "[" * depth + "]" * depth
+    raw = raw[:-1] + ',"deep":' + deep + "}"
+    with pytest.raises(ManifestError, match="nested deeper than 64"):
+        Manifest.from_json(raw.encode())
+
+
+def test_oversized_manifest_is_refused_before_parsing():
+    with pytest.raises(ManifestError, match="exceeds the limit"):
+        Manifest.from_json(b" " * ((64 << 20) + 1))
+
+
+def test_a_tensor_referenced_twice_is_refused():
+    doc = _doc()
+    doc["meta"]["a"] = [{"__tensor__": "optim/m"}] * 300
+    with pytest.raises(ManifestError, match="more than once"):
+        Manifest.from_json(_raw(doc))
+    doc["meta"]["a"] = [{"__tensor__": "optim/m"}]
+    assert Manifest.from_json(_raw(doc)).meta["a"] == [{"__tensor__": "optim/m"}]
+
+
+def test_a_reference_to_no_entry_is_refused():
+    doc = _doc()
+    doc["meta"]["a"] = {"__tensor__": "nope"}
+    with pytest.raises(ManifestError, match="not an entry"):
+        Manifest.from_json(_raw(doc))
