@@ -4,23 +4,34 @@ Files live under `<shm_dir>/ftd-<job>/rank-<r>/`: `<id>.seg` is a segment (alloc
 pre-faulted, reused) and `<id>.manifest.json` exists exactly while it is sealed. The manifest is
 written atomically (temp + rename) at seal and removed before a segment is reused, so a daemon
 restarted after SIGKILL re-adopts what it finds sealed and drops everything else.
+
+Trust: the daemon creates `ftd-<job>` itself (0700, or 0750 with group `shm_group`) and refuses one
+that is a symlink, owned by another uid, or writable by group/others. Rank directories are checked
+the same way; every file is opened with O_NOFOLLOW and must be a regular file of the daemon's uid;
+manifests and markers are 0600. Stray entries are skipped (log + ftd_shm_entries_skipped), never fatal.
+
+Retention keeps the newest `keep` steps of the current timeline (steps up to the one sealed last)
+and, separately, up to `keep` higher steps of an older timeline (a trainer that started over from
+step 0): those go only through `discard`/`discard_all`, never by retention or memory pressure.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
 from ftd.config import DaemonConfig
 from ftd.daemon.slots import Slot, SlotState
-from ftd.errors import ManifestError, NotFound, OutOfMemory, RequestRejected
+from ftd.errors import FtdError, ManifestError, NotFound, OutOfMemory, RequestRejected
 from ftd.manifest import Manifest
 from ftd.metrics import DaemonMetrics
 
@@ -29,6 +40,10 @@ log = logging.getLogger(__name__)
 SEGMENT_ROUNDING = 1 << 20
 _ZEROS = bytes(8 << 20)
 MAX_RANK = 1 << 20
+MAX_MANIFEST_BYTES = 64 << 20
+STALE_TIMELINE = "stale-timeline"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,7 @@ class RankSummary:
     sealed_steps: list[int]
     held_bytes: int
     writing: bool
+    stale_steps: list[int] = field(default_factory=list)  # higher steps of an older timeline, kept
 
 
 class SegmentStore:
@@ -56,10 +72,78 @@ class SegmentStore:
         self.metrics = metrics or DaemonMetrics()
         self.root = Path(config.shm_dir) / f"ftd-{config.job}"
         self._slots: dict[int, list[Slot]] = {}
-        self._pinned: set[int] = set()
+        self._pins: dict[str, set[int]] = {}
+        self._clients: dict[int, tuple[int, float]] = {}  # rank -> (pid, its start time) from Hello
+        self._root_ready = False
+        self._stale_logged: dict[int, list[int]] = {}
         self._age_tracked: set[int] = set()
         self._lock = threading.Lock()
         self.metrics.shm_budget_bytes.set(config.memory_budget)
+
+    # ---- start-up ---------------------------------------------------------------------------
+
+    @property
+    def _pinned(self) -> set[int]:
+        return set().union(*self._pins.values()) if self._pins else set()
+
+    @property
+    def _dir_mode(self) -> int:
+        return 0o750 if self.config.shm_group >= 0 else 0o700
+
+    def prepare_root(self) -> Path:
+        """Create `<shm_dir>/ftd-<job>` privately, or check that an existing one is safe; return it.
+
+        Refuses (FtdError) a symlink, a non-directory, another owner, or group/other write bits.
+        Idempotent; `adopt()` calls it, and the daemon calls it before taking daemon.lock.
+        """
+        Path(self.config.shm_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(self.root, self._dir_mode)
+            log.info("created %s (mode %o)", self.root, self._dir_mode)
+        except FileExistsError:
+            pass
+        self._check_dir(self.root, create_mode=True)
+        self._root_ready = True
+        return self.root
+
+    def _check_dir(self, path: Path, create_mode: bool = False) -> None:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            raise FtdError(f"{path} is a symlink; ftd refuses to follow it (remove it, or choose another FTD_SHM_DIR)")
+        if not stat.S_ISDIR(st.st_mode):
+            raise FtdError(f"{path} is not a directory; remove it or choose another FTD_SHM_DIR")
+        if st.st_uid != os.geteuid():
+            raise FtdError(f"{path} is owned by uid {st.st_uid}, not the daemon's uid {os.geteuid()}: someone else "
+                           f"created it; remove it (or choose another FTD_SHM_DIR) and start again")
+        if st.st_mode & 0o022:
+            raise FtdError(f"{path} has mode {stat.S_IMODE(st.st_mode):o}: writable by group or others; "
+                           f"ftd needs {self._dir_mode:o} (chmod it, or remove it)")
+        if create_mode and stat.S_IMODE(st.st_mode) & 0o777 & ~self._dir_mode:
+            os.chmod(path, self._dir_mode)  # ours and not writable by others: tighten to the scheme
+        if create_mode and self.config.shm_group >= 0 and st.st_gid != self.config.shm_group:
+            os.chown(path, -1, self.config.shm_group)
+
+    def _rank_dir(self, rank: int) -> Path:
+        """The rank's directory, created privately; refused when it is a symlink or not ours."""
+        if not self._root_ready:
+            self.prepare_root()
+        directory = self.root / f"rank-{rank}"
+        try:
+            os.mkdir(directory, self._dir_mode)
+            if self.config.shm_group >= 0:
+                os.chown(directory, -1, self.config.shm_group)
+        except FileExistsError:
+            pass
+        try:
+            self._check_dir(directory)
+        except FtdError as exc:
+            self.metrics.shm_entries_skipped.labels("unsafe_rank_dir").inc()
+            raise OutOfMemory(f"rank {rank}: cannot use its segment directory: {exc}") from exc
+        return directory
+
+    def _skip(self, path: Path | str, reason: str, why: str) -> None:
+        log.warning("skipping %s in the shm directory: %s", path, why)
+        self.metrics.shm_entries_skipped.labels(reason).inc()
 
     # ---- start-up ---------------------------------------------------------------------------
 
@@ -67,36 +151,56 @@ class SegmentStore:
         """Re-adopt sealed segments left by an earlier daemon; drop half-written ones. Returns (adopted, dropped).
 
         `retain=False` leaves retention to the first `pin()`: with erasure coding the protected step
-        is older than the newest `keep` and must be pinned before anything is evicted.
+        is older than the newest `keep` and must be pinned before anything is evicted. Stray entries
+        (symlinks, directories named like segments, unreadable or absurd manifests) are logged,
+        counted in ftd_shm_entries_skipped and left alone: none stops the daemon from starting.
         """
         adopted = dropped = 0
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.prepare_root()
         with self._lock:
-            for rank_dir in sorted(self.root.glob("rank-*")):
-                rank = _parse_rank(rank_dir.name)
+            for name in sorted(os.listdir(self.root)):
+                if not name.startswith("rank-"):
+                    continue
+                rank = _parse_rank(name)
+                rank_dir = self.root / name
                 if rank is None:
                     continue
-                for tmp in rank_dir.glob("*.tmp"):
-                    tmp.unlink(missing_ok=True)
-                for seg in sorted(rank_dir.glob("*.seg")):
-                    slot = Slot(seg, seg.stat().st_size)
-                    step, manifest_json, why = self._read_sealed(slot, rank)
-                    if step is None:
-                        log.warning("dropping segment %s: %s", seg, why)
-                        seg.unlink(missing_ok=True)
-                        slot.manifest_path.unlink(missing_ok=True)
-                        dropped += 1
+                try:
+                    self._check_dir(rank_dir)
+                    entries = sorted(os.listdir(rank_dir))
+                except (FtdError, OSError) as exc:
+                    self._skip(rank_dir, "unsafe_rank_dir", str(exc))
+                    continue
+                for entry in entries:
+                    path = rank_dir / entry
+                    try:
+                        if entry.endswith(".tmp"):
+                            if stat.S_ISDIR(os.lstat(path).st_mode):
+                                self._skip(path, "not_regular", "a directory named like a temp file")
+                            else:
+                                path.unlink()  # unlink never follows a symlink
+                            continue
+                        if not entry.endswith(".seg"):
+                            continue
+                        outcome = self._adopt_one(rank, path)
+                    except Exception as exc:  # noqa: BLE001 - one stray entry never stops the daemon
+                        self._skip(path, "error", f"{type(exc).__name__}: {exc}")
                         continue
-                    slot.adopt_sealed(step, manifest_json, slot.manifest_path.stat().st_mtime_ns)
-                    slot.data_bytes = Manifest.from_json(manifest_json).data_bytes
-                    slot.foreign = slot.rebuilt = _foreign_marker(slot).exists()
-                    self._track_age(rank)
-                    self._slots.setdefault(rank, []).append(slot)
-                    adopted += 1
-                    log.info("re-adopted rank %d step %d (%s, %d bytes)", rank, step, seg.name, slot.capacity)
-                for orphan in rank_dir.glob("*.manifest.json"):
-                    if not orphan.with_name(orphan.name.removesuffix(".manifest.json") + ".seg").exists():
-                        orphan.unlink(missing_ok=True)
+                    if outcome == "adopted":
+                        adopted += 1
+                    elif outcome == "dropped":
+                        dropped += 1
+                for entry in entries:
+                    if not entry.endswith(".manifest.json"):
+                        continue
+                    orphan = rank_dir / entry
+                    try:
+                        st = os.lstat(orphan)
+                        if not stat.S_ISDIR(st.st_mode) and not os.path.lexists(
+                                rank_dir / (entry.removesuffix(".manifest.json") + ".seg")):
+                            orphan.unlink()
+                    except OSError as exc:
+                        self._skip(orphan, "error", str(exc))
                 if retain:
                     self._retain(rank)
                 self._update_gauges(rank)
@@ -104,28 +208,83 @@ class SegmentStore:
         self.metrics.segments_dropped.inc(dropped)
         return adopted, dropped
 
-    def _read_sealed(self, slot: Slot, rank: int) -> tuple[int | None, bytes, str]:
+    def _adopt_one(self, rank: int, seg: Path) -> str:
+        """"adopted", "dropped" (half-written: removed) or "skipped" (not ours to touch: left alone)."""
+        st = os.lstat(seg)
+        if stat.S_ISLNK(st.st_mode):
+            self._skip(seg, "symlink", "a symlink (never followed)")
+            return "skipped"
+        if not stat.S_ISREG(st.st_mode):
+            self._skip(seg, "not_regular", "not a regular file")
+            return "skipped"
+        if st.st_uid != os.geteuid():
+            self._skip(seg, "foreign_owner", f"owned by uid {st.st_uid}, not the daemon's")
+            return "skipped"
+        slot = Slot(seg, st.st_size)
         try:
-            raw = slot.manifest_path.read_bytes()
+            step, manifest_json, why, mtime = self._read_sealed(slot, rank)
+        except Exception as exc:  # noqa: BLE001 - a manifest that cannot even be parsed is half-written
+            step, manifest_json, why, mtime = None, b"", f"{type(exc).__name__}: {exc}", 0
+        if step is None:
+            log.warning("dropping segment %s: %s", seg, why)
+            seg.unlink(missing_ok=True)
+            _unlink_file(slot.manifest_path)
+            return "dropped"
+        slot.adopt_sealed(step, manifest_json, mtime)
+        slot.data_bytes = Manifest.from_json(manifest_json).data_bytes
+        slot.foreign = slot.rebuilt = _is_file(_foreign_marker(slot))
+        self._track_age(rank)
+        self._slots.setdefault(rank, []).append(slot)
+        log.info("re-adopted rank %d step %d (%s, %d bytes)", rank, step, seg.name, slot.capacity)
+        return "adopted"
+
+    def _read_sealed(self, slot: Slot, rank: int) -> tuple[int | None, bytes, str, int]:
+        try:
+            raw, mtime = _read_private(slot.manifest_path)
         except FileNotFoundError:
-            return None, b"", "no manifest (the copy never committed)"
+            return None, b"", "no manifest (the copy never committed)", 0
+        except OSError as exc:
+            return None, b"", f"unreadable manifest: {exc}", 0
         try:
             manifest = Manifest.from_json(raw)
             manifest.validate(slot.capacity)
-        except ManifestError as exc:
-            return None, b"", f"invalid manifest: {exc}"
+        except (ManifestError, ValueError, RecursionError, TypeError) as exc:
+            return None, b"", f"invalid manifest: {type(exc).__name__}: {str(exc)[:200]}", 0
         if manifest.job != self.config.job or manifest.rank != rank:
-            return None, b"", f"manifest is for job {manifest.job!r} rank {manifest.rank}"
-        return manifest.step, raw, ""
+            return None, b"", f"manifest is for job {manifest.job!r} rank {manifest.rank}", 0
+        return manifest.step, raw, "", mtime
 
     # ---- the snapshot protocol --------------------------------------------------------------
 
+    def note_client(self, rank: int, pid: int) -> bool:
+        """Remember the process of `rank` (from Hello): its uncommitted Begin ends when that process is gone.
+
+        Returns False (and tracks nothing) when the pid is not visible here (another pid namespace):
+        then only `lease_timeout` ends a stuck lease.
+        """
+        if not 0 <= rank < MAX_RANK or pid <= 0:
+            return False
+        try:
+            started = psutil.Process(pid).create_time()
+        except psutil.Error:
+            log.info("rank %d: pid %d is not visible to the daemon; its leases end after lease_timeout only", rank, pid)
+            with self._lock:
+                self._clients.pop(rank, None)
+            return False
+        with self._lock:
+            self._clients[rank] = (pid, started)
+        return True
+
     def begin(self, job: str, rank: int, step: int, nbytes: int) -> Lease:
-        """Reserve a segment of at least `nbytes` for (rank, step); supersedes an unfinished one."""
+        """Reserve a segment of at least `nbytes` for (rank, step); supersedes an unfinished one.
+
+        A refused Begin (OutOfMemory) changes nothing: admission is decided before anything is evicted.
+        """
         self._check(job, rank, step)
         if nbytes <= 0:
             raise RequestRejected(f"nbytes must be positive, got {nbytes}")
         with self._lock:
+            self._reap()
             slots = self._slots.setdefault(rank, [])
             for slot in slots:
                 if slot.state is SlotState.WRITING:
@@ -137,25 +296,58 @@ class SegmentStore:
             slot.begin(step, lease, time.monotonic())
             fresh = slot.unfilled
         if fresh:  # outside the lock: other ranks keep committing while this one's pages are faulted in
-            self._fill(rank, slot)
-            if self.config.preallocate:
-                self._preallocate_later(rank, slot.capacity)
+            try:
+                self._fill(rank, slot)
+            except OutOfMemory as exc:
+                slot = self._reuse_when_full(rank, step, nbytes, lease, exc)
+            else:
+                if self.config.preallocate:
+                    self._preallocate_later(rank, slot.capacity)
         log.debug("rank %d step %d: writing into %s", rank, step, slot.path.name)
         return Lease(lease, str(slot.path), slot.capacity)
 
+    def _reuse_when_full(self, rank: int, step: int, nbytes: int, lease: int, exc: OutOfMemory) -> Slot:
+        """The tmpfs is full: take the oldest evictable sealed segment big enough, keeping at least one step."""
+        with self._lock:
+            evictable = [s for s in self._evictable(rank) if _intact(s)]
+            victims = [s for s in evictable if s.capacity >= nbytes]
+            if len(evictable) < 2 or not victims:
+                raise OutOfMemory(f"{exc}; and rank {rank} holds no older segment it can reuse "
+                                  f"(sealed steps {self._sealed_steps(rank)})") from exc
+            victim = victims[0]
+            log.warning("rank %d: %s is full; reusing the segment of step %s for step %d", rank,
+                        self.root, victim.step, step)
+            self.metrics.refused.labels("shm_full_reused").inc()
+            self._evict(victim, "the shm filesystem is full")
+            victim.begin(step, lease, time.monotonic())
+            return victim
+
     def commit(self, job: str, rank: int, step: int, lease: int, manifest_json: bytes) -> list[int]:
-        """Seal the segment leased for (rank, step) after validating its manifest; return held steps."""
+        """Seal the segment leased for (rank, step) after validating its manifest; return held steps.
+
+        When the manifest cannot be written (ENOSPC) no temp file stays, the lease ends (the segment
+        is freed for the next Begin) and OutOfMemory says why.
+        """
         self._check(job, rank, step)
-        manifest = Manifest.from_json(manifest_json)
+        try:
+            manifest = Manifest.from_json(manifest_json)
+        except ManifestError:
+            raise
+        except (ValueError, RecursionError, TypeError) as exc:
+            raise ManifestError(f"manifest is not valid JSON of a manifest: {type(exc).__name__}: {str(exc)[:200]}") from None
         with self._lock:
             slot = self._writing(rank, step, lease)
             if (manifest.job, manifest.rank, manifest.step) != (job, rank, step):
                 raise ManifestError(f"manifest is for job {manifest.job!r} rank {manifest.rank} step "
                                     f"{manifest.step}, the commit for job {job!r} rank {rank} step {step}")
             manifest.validate(slot.capacity)
-            tmp = slot.manifest_path.with_suffix(".tmp")
-            tmp.write_bytes(manifest_json)
-            os.replace(tmp, slot.manifest_path)
+            try:
+                _write_private(slot.manifest_path, manifest_json)
+            except OutOfMemory:
+                slot.release()
+                self.metrics.snapshots_aborted.labels("shm_full").inc()
+                self.metrics.refused.labels("shm_full").inc()
+                raise
             for other in self._slots[rank]:
                 if other is not slot and other.state is SlotState.SEALED and other.step == step:
                     self._evict(other, "replaced by a newer copy of the same step")
@@ -195,7 +387,7 @@ class SegmentStore:
             for slot in self._slots.get(rank, []):
                 if slot.state is SlotState.SEALED and slot.step == step:
                     try:
-                        manifest_json = slot.manifest_path.read_bytes()
+                        manifest_json, _ = _read_private(slot.manifest_path)
                     except OSError as exc:
                         raise NotFound(f"rank {rank} step {step}: manifest {slot.manifest_path} is gone: {exc}") from exc
                     self.metrics.restores_served.inc()
@@ -214,10 +406,30 @@ class SegmentStore:
             self._update_gauges(rank)
         return sorted(int(s) for s in dropped if s is not None)
 
+    def discard_all(self, job: str) -> list[tuple[int, int]]:
+        """Drop every sealed step of the job and give back its free segments (`ftd rm`); (rank, step) dropped.
+
+        Writes in progress are left alone (their Commit still works).
+        """
+        self._check(job, 0, 0)
+        dropped: list[tuple[int, int]] = []
+        with self._lock:
+            for rank, slots in self._slots.items():
+                for slot in list(slots):
+                    if slot.state is SlotState.SEALED:
+                        dropped.append((rank, int(slot.step)))  # type: ignore[arg-type]
+                        self._evict(slot, "discarded (all steps of the job)")
+                    if slot.state is SlotState.FREE and not slot.filling:
+                        self._delete(rank, slot)
+                self._update_gauges(rank)
+        log.warning("discarded every snapshot of job %r: %d step(s)", job, len(dropped))
+        return sorted(dropped)
+
     def summary(self) -> list[RankSummary]:
         with self._lock:
             return [RankSummary(rank, self._sealed_steps(rank), sum(s.capacity for s in slots),
-                                any(s.state is SlotState.WRITING for s in slots))
+                                any(s.state is SlotState.WRITING for s in slots),
+                                sorted(int(s.step) for s in self._timeline(rank)[1]))  # type: ignore[arg-type]
                     for rank, slots in sorted(self._slots.items())]
 
     def held_bytes(self) -> int:
@@ -226,10 +438,13 @@ class SegmentStore:
 
     # ---- what erasure coding needs -----------------------------------------------------------
 
-    def pin(self, steps: set[int]) -> None:
-        """Keep these steps sealed whatever `keep` says (the newest protected step, the one being encoded)."""
+    def pin(self, steps: set[int], owner: str = "protection") -> None:
+        """Keep these steps sealed whatever `keep` says; replaces `owner`'s pins only (others pin independently)."""
         with self._lock:
-            self._pinned = set(steps)
+            if steps:
+                self._pins[owner] = set(steps)
+            else:
+                self._pins.pop(owner, None)
             for rank in self._slots:
                 self._retain(rank)
 
@@ -301,20 +516,26 @@ class SegmentStore:
             self._slots.setdefault(rank, [])
             slot = self._free_slot(rank, max(1, len(data)))
             slot.unfilled = False  # the write below touches what is needed
-            with open(slot.path, "r+b") as f:
-                f.write(data)
             slot.begin(step, 0, time.monotonic())
-            tmp = slot.manifest_path.with_suffix(".tmp")
-            tmp.write_bytes(manifest_json)
-            os.replace(tmp, slot.manifest_path)
+            try:
+                fd = os.open(slot.path, os.O_RDWR | _NOFOLLOW | _CLOEXEC)
+                try:
+                    with os.fdopen(fd, "r+b", closefd=False) as f:
+                        f.write(data)
+                finally:
+                    os.close(fd)
+                _write_private(slot.manifest_path, manifest_json)
+                if foreign:
+                    _write_private(_foreign_marker(slot), b"")
+                else:
+                    _unlink_file(_foreign_marker(slot))
+            except (OSError, FtdError):
+                slot.release()
+                raise
             slot.seal(manifest_json, time.time_ns())
             slot.data_bytes = manifest.data_bytes
             slot.rebuilt = True
             slot.foreign = foreign
-            if foreign:
-                _foreign_marker(slot).touch()
-            else:
-                _foreign_marker(slot).unlink(missing_ok=True)
             self._track_age(rank)
             self._retain(rank)
             self._update_gauges(rank)
@@ -342,7 +563,53 @@ class SegmentStore:
     def _held(self) -> int:
         return sum(s.capacity for slots in self._slots.values() for s in slots)
 
+    def _evictable(self, rank: int) -> list[Slot]:
+        """Sealed steps that may make room: unpinned, of the current timeline, lowest step first."""
+        current, _ = self._timeline(rank)
+        return sorted(current, key=lambda s: (s.step or 0, s.sealed_at_ns))
+
+    def _timeline(self, rank: int) -> tuple[list[Slot], list[Slot]]:
+        """Unpinned sealed slots: (current timeline, higher steps of an older timeline).
+
+        The current timeline ends at the step sealed last; steps above it were sealed before a fresh
+        start and are the stale timeline (owner "stale-timeline"), kept until discarded.
+        """
+        sealed = [s for s in self._slots.get(rank, []) if s.state is SlotState.SEALED and s.step is not None]
+        if not sealed:
+            return [], []
+        newest = max(sealed, key=lambda s: s.sealed_at_ns)
+        pinned = self._pinned
+        unpinned = [s for s in sealed if s.step not in pinned]
+        return ([s for s in unpinned if s.step <= newest.step],  # type: ignore[operator]
+                [s for s in unpinned if s.step > newest.step])  # type: ignore[operator]
+
+    def _inflight(self) -> int:
+        """Bytes of segments created but not yet faulted in: not yet visible in the host's available memory."""
+        return sum(s.capacity for slots in self._slots.values() for s in slots if s.unfilled or s.filling)
+
+    def _refusal(self, rank: int, capacity: int, freed: int = 0) -> tuple[str, str] | None:
+        """Why a new `capacity`-byte segment cannot be admitted once `freed` bytes are given back; None: it can."""
+        budget = self.config.memory_budget
+        held = self._held() - freed
+        if budget and held + capacity > budget:
+            return "budget", (f"a {capacity}-byte segment for rank {rank} would exceed the memory budget "
+                              f"({held} of {budget} bytes held)")
+        available = psutil.virtual_memory().available + freed - self._inflight()
+        if available - capacity < self.config.memory_reserve:
+            return "host_memory", (f"a {capacity}-byte segment for rank {rank} would leave {available - capacity} "
+                                   f"bytes of host memory available (counting allocations in flight), under the "
+                                   f"reserve of {self.config.memory_reserve}")
+        return None
+
+    def _refuse(self, rank: int, why: tuple[str, str]) -> OutOfMemory:
+        self.metrics.refused.labels(why[0]).inc()
+        _, stale = self._timeline(rank)
+        hint = (f"; rank {rank} also keeps steps {sorted(s.step for s in stale)} of an older timeline "  # type: ignore[type-var]
+                f"(restore them, or `ftd rm` the job to give their memory back)") if stale else ""
+        return OutOfMemory(why[1] + hint)
+
     def _free_slot(self, rank: int, nbytes: int) -> Slot:
+        """A FREE segment of at least `nbytes` for `rank`. Decides admission first: a refusal evicts nothing."""
         slots = self._slots[rank]
         for slot in [s for s in slots if s.state is SlotState.FREE and not s.filling and not _intact(s)]:
             log.warning("rank %d: segment %s was truncated or removed behind the daemon's back; replacing it",
@@ -352,21 +619,26 @@ class SegmentStore:
         fitting = [s for s in free if s.capacity >= nbytes]
         if fitting:
             return fitting[0]
-        for slot in free:  # too small for this state: give the memory back first
-            self._delete(rank, slot)
-        sealed = sorted((s for s in slots if s.state is SlotState.SEALED and s.step not in self._pinned),
-                        key=lambda s: s.sealed_at_ns)
+        small = sum(s.capacity for s in free)  # too small for this state: given back once admitted
+        evictable = self._evictable(rank)
         capacity = -(-nbytes // SEGMENT_ROUNDING) * SEGMENT_ROUNDING
-        if len(slots) < self.config.keep + 1 + len(self._pinned):
-            try:
+        # pinned steps and an older timeline's steps keep their own segments, beside this timeline's keep + 1
+        if len(evictable) <= self.config.keep:
+            why = self._refusal(rank, capacity, freed=small)
+            if why is None:
+                for slot in free:
+                    self._delete(rank, slot)
                 return self._allocate(rank, capacity)
-            except OutOfMemory:
-                if len(sealed) < 2:
-                    raise
-                log.warning("rank %d: memory is short, evicting step %s early", rank, sealed[0].step)
-        elif not sealed:
-            raise OutOfMemory(f"rank {rank} already has {len(slots)} segments in use")
-        victim = sealed[0]
+            if len(evictable) < 2:
+                raise self._refuse(rank, why)
+            log.warning("rank %d: memory is short (%s), evicting step %s early", rank, why[1], evictable[0].step)
+        victim = evictable[0]
+        if victim.capacity < nbytes:
+            why = self._refusal(rank, capacity, freed=small + victim.capacity)
+            if why is not None:
+                raise self._refuse(rank, why)
+        for slot in free:
+            self._delete(rank, slot)
         self._evict(victim, "making room")
         if victim.capacity >= nbytes:
             return victim
@@ -374,25 +646,26 @@ class SegmentStore:
         return self._allocate(rank, capacity)
 
     def _allocate(self, rank: int, capacity: int) -> Slot:
-        budget = self.config.memory_budget
-        held = self._held()
-        if budget and held + capacity > budget:
-            self.metrics.refused.labels("budget").inc()
-            raise OutOfMemory(f"a {capacity}-byte segment for rank {rank} would exceed the memory budget "
-                              f"({held} of {budget} bytes held)")
-        available = psutil.virtual_memory().available
-        if available - capacity < self.config.memory_reserve:
-            self.metrics.refused.labels("host_memory").inc()
-            raise OutOfMemory(f"a {capacity}-byte segment for rank {rank} would leave {available - capacity} bytes "
-                              f"of host memory available, under the reserve of {self.config.memory_reserve}")
-        directory = self.root / f"rank-{rank}"
-        directory.mkdir(parents=True, exist_ok=True)
+        why = self._refusal(rank, capacity)
+        if why is not None:
+            raise self._refuse(rank, why)
+        directory = self._rank_dir(rank)
         path = directory / f"{secrets.token_hex(8)}.seg"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        mode = 0o660 if self.config.shm_group >= 0 else 0o600
         try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
+        except OSError as exc:
+            self.metrics.refused.labels("shm_full").inc()
+            raise OutOfMemory(f"cannot create a segment in {directory}: {exc}") from exc
+        try:
+            if self.config.shm_group >= 0:
+                os.fchown(fd, -1, self.config.shm_group)
             os.ftruncate(fd, capacity)
-        finally:
+        except OSError as exc:
             os.close(fd)
+            path.unlink(missing_ok=True)
+            raise OutOfMemory(f"cannot size a {capacity}-byte segment in {directory}: {exc}") from exc
+        os.close(fd)
         slot = Slot(path, capacity, unfilled=True)
         self._slots[rank].append(slot)
         self.metrics.shm_held_bytes.set(self._held())
@@ -406,7 +679,7 @@ class SegmentStore:
         """
         t0 = time.perf_counter()
         try:
-            fd = os.open(slot.path, os.O_RDWR)
+            fd = os.open(slot.path, os.O_RDWR | _NOFOLLOW | _CLOEXEC)
             try:
                 os.posix_fallocate(fd, 0, slot.capacity)
                 for offset in range(0, slot.capacity, len(_ZEROS)):
@@ -451,25 +724,64 @@ class SegmentStore:
         threading.Thread(target=run, name=f"ftd-prealloc-{rank}", daemon=True).start()
 
     def _evict(self, slot: Slot, why: str) -> None:
-        slot.manifest_path.unlink(missing_ok=True)
-        _foreign_marker(slot).unlink(missing_ok=True)
+        _unlink_file(slot.manifest_path)
+        _unlink_file(_foreign_marker(slot))
         log.debug("evicting step %s (%s): %s", slot.step, slot.path.name, why)
         slot.release()
 
     def _delete(self, rank: int, slot: Slot) -> None:
-        slot.path.unlink(missing_ok=True)
-        slot.manifest_path.unlink(missing_ok=True)
-        _foreign_marker(slot).unlink(missing_ok=True)
+        _unlink_file(slot.path)
+        _unlink_file(slot.manifest_path)
+        _unlink_file(_foreign_marker(slot))
         self._slots[rank].remove(slot)
         self.metrics.shm_held_bytes.set(self._held())
 
     def _retain(self, rank: int) -> None:
-        # By seal time, not step: after a restart from scratch, stale higher steps of an abandoned
-        # timeline must go before the new ones.
-        sealed = sorted((s for s in self._slots.get(rank, []) if s.state is SlotState.SEALED
-                         and s.step not in self._pinned), key=lambda s: (s.sealed_at_ns, s.step or 0))
-        for slot in sealed[:max(0, len(sealed) - self.config.keep)]:
+        """Keep the `keep` highest steps of the current timeline and at most `keep` of an older one."""
+        current, stale = self._timeline(rank)
+        current.sort(key=lambda s: (s.step or 0, s.sealed_at_ns))
+        for slot in current[:max(0, len(current) - self.config.keep)]:
             self._evict(slot, f"keeping the newest {self.config.keep}")
+        stale.sort(key=lambda s: (s.step or 0, s.sealed_at_ns))
+        for slot in stale[:max(0, len(stale) - self.config.keep)]:
+            self._evict(slot, f"keeping the highest {self.config.keep} of an older timeline")
+        kept = sorted(int(s.step) for s in stale[-self.config.keep:])  # type: ignore[arg-type]
+        if kept and self._stale_logged.get(rank) != kept:
+            log.warning("rank %d started over below steps it holds: keeping steps %s of the older timeline "
+                        "(owner %s) until a restore or `ftd rm` discards them", rank, kept, STALE_TIMELINE)
+        self._stale_logged[rank] = kept
+        self.metrics.stale_timeline_steps.labels(str(rank)).set(len(kept))
+
+    def _reap(self) -> None:
+        """End uncommitted leases older than `lease_timeout` or whose rank's process is gone (lock held)."""
+        now = time.monotonic()
+        for rank, slots in self._slots.items():
+            for slot in list(slots):
+                if slot.state is not SlotState.WRITING or slot.unfilled or not slot.lease:
+                    continue
+                if self.config.lease_timeout > 0 and now - slot.begun_at > self.config.lease_timeout:
+                    why = "lease_timeout"
+                elif not self._client_alive(rank):
+                    why = "client_gone"
+                else:
+                    continue
+                log.warning("rank %d: step %s was begun %.0f s ago and never committed (%s); its segment is "
+                            "reclaimed", rank, slot.step, now - slot.begun_at, why)
+                self.metrics.snapshots_aborted.labels(why).inc()
+                slot.release()
+                self._delete(rank, slot)
+
+    def _client_alive(self, rank: int) -> bool:
+        known = self._clients.get(rank)
+        if known is None:
+            return True
+        try:
+            process = psutil.Process(known[0])
+            return process.create_time() == known[1] and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.Error:
+            return True
 
     def _track_age(self, rank: int) -> None:
         """Export ftd_snapshot_age_seconds{rank}: now minus the newest seal of that rank."""
@@ -492,11 +804,74 @@ class SegmentStore:
 
 
 def _intact(slot: Slot) -> bool:
-    """The segment file still exists with its full size (a truncated mapping would SIGBUS the writer)."""
+    """The segment is still our regular file with its full size (a truncated mapping would SIGBUS the writer)."""
     try:
-        return slot.path.stat().st_size == slot.capacity
+        st = os.lstat(slot.path)
     except OSError:
         return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_size == slot.capacity
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _unlink_file(path: Path) -> None:
+    """Remove a file or symlink (never what it points to); leave a directory in its place alone."""
+    try:
+        path.unlink()
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc)
+
+
+def _read_private(path: Path) -> tuple[bytes, int]:
+    """(content, mtime ns) of a regular file of ours, never through a symlink, at most MAX_MANIFEST_BYTES."""
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{path.name} is not a regular file")
+        if st.st_uid != os.geteuid():
+            raise OSError(errno.EPERM, f"{path.name} is owned by uid {st.st_uid}, not the daemon's")
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise OSError(errno.EFBIG, f"{path.name} has {st.st_size} bytes, over {MAX_MANIFEST_BYTES}")
+        chunks, total = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_MANIFEST_BYTES:
+                raise OSError(errno.EFBIG, f"{path.name} grew over {MAX_MANIFEST_BYTES} bytes")
+        return b"".join(chunks), st.st_mtime_ns
+    finally:
+        os.close(fd)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write `path` atomically (temp + rename), mode 0600, never through a symlink; no temp is left behind.
+
+    ENOSPC/EDQUOT raise OutOfMemory, other failures FtdError.
+    """
+    tmp = path.with_suffix(".tmp")
+    _unlink_file(tmp)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _unlink_file(tmp)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutOfMemory(f"cannot write {path.name}: the shm filesystem {path.parent} is full ({exc.strerror})") from None
+        raise FtdError(f"cannot write {path}: {exc}") from None
 
 
 def _parse_rank(name: str) -> int | None:

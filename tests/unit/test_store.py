@@ -445,14 +445,18 @@ def test_adopt_refuses_segments_of_another_job_moved_in(tmp_path):
 # ---- damage behind the daemon's back ----------------------------------------------------------
 
 
-def test_retention_keeps_most_recently_sealed_not_highest_step(tmp_path):
+def test_a_fresh_start_keeps_the_higher_steps_of_the_older_timeline(tmp_path):
     store = _store(tmp_path, keep=2)
     _snapshot(store, 50)
     _snapshot(store, 60)
-    # training started over from scratch: the new timeline's steps are lower
-    assert _snapshot(store, 1) == [1, 60]
-    assert _snapshot(store, 2) == [1, 2]
-    assert len(_segs(store)) == 3
+    # training started over from scratch: the new timeline's steps are lower; the old ones stay
+    assert _snapshot(store, 1) == [1, 50, 60]
+    assert _snapshot(store, 2) == [1, 2, 50, 60]
+    assert _snapshot(store, 3) == [2, 3, 50, 60]
+    assert store.summary()[0].stale_steps == [50, 60]
+    assert _metric(store, "ftd_stale_timeline_steps", {"rank": "0"}) == 2
+    # a restore of step 60 continues the older timeline: the fresh start's steps go by retention
+    assert _snapshot(store, 61) == [60, 61]
 
 
 def test_truncated_free_segment_is_replaced(tmp_path):
