@@ -96,6 +96,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("peer_timeout", float, 3.0, "seconds without a heartbeat before a peer is marked down", (DAEMON,)),
     Setting("rebuild_wait", float, 60.0, "seconds a replacement node waits for enough peers to rebuild", (DAEMON,)),
     Setting("keep", int, 2, "sealed steps kept per rank", (DAEMON,)),
+    Setting("lease_timeout", float, 600.0, "seconds a Begin may stay uncommitted before its segment is reclaimed", (DAEMON,)),
+    Setting("shm_group", int, -1, "gid allowed to map segments (a trainer of another uid; -1: the daemon's user only)", (DAEMON,)),
     Setting("memory_budget", parse_size, 0, "most bytes of segments the daemon holds (0: no fixed budget)", (DAEMON,)),
     Setting("memory_reserve", parse_size, 1 << 30, "host memory that must stay available after a new segment", (DAEMON,)),
     Setting("preallocate", parse_bool, True, "prepare all keep + 1 segments of a rank in the background after its "
@@ -173,6 +175,8 @@ class DaemonConfig:
     heartbeat_interval: float = 0.5
     peer_timeout: float = 3.0
     rebuild_wait: float = 60.0
+    lease_timeout: float = 600.0
+    shm_group: int = -1
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> DaemonConfig:

@@ -52,6 +52,10 @@ class DaemonMetrics:
         self.newest_sealed_step = Gauge("ftd_newest_sealed_step", "Newest sealed step", ["rank"], registry=r)
         self.segments_adopted = Counter("ftd_segments_adopted", "Sealed segments re-adopted at start", registry=r)
         self.segments_dropped = Counter("ftd_segments_dropped", "Half-written segments dropped at start", registry=r)
+        self.stale_timeline_steps = Gauge("ftd_stale_timeline_steps", "Higher steps of an older timeline kept "
+                                          "after a fresh start (until restored or discarded)", ["rank"], registry=r)
+        self.shm_entries_skipped = Counter("ftd_shm_entries_skipped", "Stray or unsafe entries in the shm directory "
+                                           "skipped (symlinks, non-regular files, unreadable)", ["reason"], registry=r)
         self.restores_served = Counter("ftd_restores_served", "Sealed snapshots opened for restore", registry=r)
         self.shm_held_bytes = Gauge("ftd_shm_held_bytes", "Bytes of shared-memory segments held", registry=r)
         self.shm_budget_bytes = Gauge("ftd_shm_budget_bytes", "Configured segment budget (0: none)", registry=r)
