@@ -660,6 +660,7 @@ class SegmentStore:
         try:
             if self.config.shm_group >= 0:
                 os.fchown(fd, -1, self.config.shm_group)
+                os.fchmod(fd, mode)  # whatever the umask
             os.ftruncate(fd, capacity)
         except OSError as exc:
             os.close(fd)
