@@ -61,6 +61,8 @@ class CopyEngine:
         self._jobs: queue.Queue[CopyJob | None] = queue.Queue()
         self._connected: bool | None = None
         self._stream: Any = None
+        self._warned: set[str] = set()
+        self.errors = 0  # unexpected exceptions caught at the thread boundary
         self._thread = threading.Thread(target=self._run, name=f"ftd-copy-{rank}", daemon=True)
         self._thread.start()
 
@@ -79,29 +81,48 @@ class CopyEngine:
     # ---- the thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The thread: never dies from an exception (each one is logged and counted as a skip)."""
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
             try:
-                job.outcome = self._process(job)
-            except DaemonUnavailable as exc:
-                self._set_connected(False, str(exc))
-                job.outcome = "skipped:daemon_unavailable"
-            except OutOfMemory as exc:
-                log.warning("rank %d: snapshot of step %d refused: %s", self.rank, job.step, exc)
-                job.outcome = "skipped:out_of_memory"
-            except FtdError as exc:
-                log.warning("rank %d: snapshot of step %d failed: %s", self.rank, job.step, exc)
-                job.outcome = "skipped:rejected"
-            except Exception:  # the thread boundary: nothing may reach the training loop
-                log.exception("rank %d: snapshot of step %d failed unexpectedly", self.rank, job.step)
-                job.outcome = "skipped:error"
-            finally:
-                job.captured = None
-                job.copied.set()
-                job.finished.set()
+                job = self._jobs.get()
+                if job is None:
+                    return
+                self._run_one(job)
+            except BaseException:  # noqa: BLE001 - the thread boundary; logged, and the thread goes on
+                self.errors += 1
+                log.exception("rank %d: the copy thread hit an unexpected error; it carries on", self.rank)
+
+    def _run_one(self, job: CopyJob) -> None:
+        try:
+            job.outcome = self._process(job)
+        except DaemonUnavailable as exc:
+            self._set_connected(False, str(exc))
+            job.outcome = "skipped:daemon_unavailable"
+        except OutOfMemory as exc:
+            self._warn_once("out_of_memory", "rank %d: snapshot of step %d refused: %s", self.rank, job.step, exc)
+            job.outcome = "skipped:out_of_memory"
+        except FtdError as exc:
+            self._warn_once("rejected", "rank %d: snapshot of step %d failed: %s", self.rank, job.step, exc)
+            job.outcome = "skipped:rejected"
+        except Exception:  # the thread boundary: nothing may reach the training loop
+            self.errors += 1
+            log.exception("rank %d: snapshot of step %d failed unexpectedly", self.rank, job.step)
+            job.outcome = "skipped:error"
+        finally:
+            job.captured = None
+            job.copied.set()
+            job.finished.set()
+            try:
                 self.on_done(job)
+            except Exception:  # noqa: BLE001
+                self.errors += 1
+                log.exception("rank %d: recording the outcome of step %d failed", self.rank, job.step)
+
+    def _warn_once(self, reason: str, message: str, *args: Any) -> None:
+        """Warn the first time a skip reason occurs; later ones are debug lines (the Snapshotter counts them)."""
+        first = reason not in self._warned
+        self._warned.add(reason)
+        log.log(logging.WARNING if first else logging.DEBUG, message, *args)
 
     def _process(self, job: CopyJob) -> str:
         cap = job.captured

@@ -6,6 +6,14 @@ written into the live objects, and the ranks agree on the outcome through torch.
 (all-gather of held steps, all-gather of layouts within the replica group, all-reduce of
 "verified") so every rank loads the same step or none does. A sharded step is then gathered
 from the replicas (ftd.client.gather) and loaded like any other.
+
+restore() never raises into the training loop (a ConfigError aside): every check that applying
+could fail is made before the agreement (state.check_apply); if applying still fails on any
+rank, all ranks agree on that too and fall back to the previous step, whose apply overwrites
+every entry. When no step applies, training starts from step 0 and, if a failed apply had
+already written into the live objects, that is logged as an error and returned
+(`RestoreResult.partial_step`). A daemon that is not up yet (restarting) is waited for, up to
+`daemon_wait` seconds, before the held steps are listed.
 """
 
 from __future__ import annotations
@@ -23,12 +31,14 @@ from ftd.client import gather, sharding, state
 from ftd.client.rpc import DaemonClient
 from ftd.client.segments import MappedSegment
 from ftd.client.sharding import Layout, Replicas
-from ftd.errors import DaemonUnavailable, FtdError, SnapshotCorrupt
+from ftd.errors import ConfigError, DaemonUnavailable, FtdError, SnapshotCorrupt
 from ftd.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
 MAX_STEPS_EXCHANGED = 64
+WAIT_POLL_S = 0.5
+WAIT_LOG_EVERY_S = 10.0
 
 
 @dataclass
@@ -40,6 +50,8 @@ class RestoreResult:
     failures: list[str]
     source: str = "none"
     meta: dict[str, Any] | None = None
+    sealed_at: float | None = None  # the restored step's seal time (seconds since the epoch)
+    partial_step: int | None = None  # a fresh start whose live objects hold part of this step (a failed apply)
 
 
 class OpenedSnapshot:
@@ -104,39 +116,29 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
             optimizer: torch.optim.Optimizer | None, scheduler: Any | None, extra: state.Extra,
             restore_rng: bool = True, list_timeout: float | None = None,
             replicas: Replicas | None = None, steps: list[int] | None = None,
-            abstain: bool = False) -> RestoreResult:
-    """Load the newest step that every rank holds and that verifies everywhere; step 0 when none.
+            abstain: bool = False, daemon_wait: float = 0.0) -> RestoreResult:
+    """Load the newest step that every rank holds and that verifies and applies everywhere; step 0 when none.
 
     With `replicas` (sharding configured; the same on every rank) a sharded step is gathered
     from the replica group. `steps` (the same list on every rank) replaces the exchange of held
     steps; an `abstain`ing rank loads nothing and agrees to whatever the others can load (the
-    pipeline planner's lost stages, rebuilt afterwards).
+    pipeline planner's lost stages, rebuilt afterwards). Never raises but ConfigError.
     """
     t0 = time.perf_counter()
     failures: list[str] = []
     if steps is not None:
         local = candidates = sorted(set(steps), reverse=True)
     else:
-        try:
-            local = client.list_steps(timeout=list_timeout)
-        except DaemonUnavailable as exc:
-            log.error("rank %d: cannot list snapshots (%s); this rank has nothing to restore", rank, exc)
-            failures.append(str(exc))
-            local = []
+        local = _list_held(client, rank, list_timeout, daemon_wait, failures)
         candidates = agree_on_steps(local)
+    partial: int | None = None
     for step in candidates:
-        opened = None
-        if abstain:
-            if all_ranks_agree(True):
+        if abstain:  # take part in both agreements of the ranks that load
+            if all_ranks_agree(True) and all_ranks_agree(True):
                 return RestoreResult(0, time.perf_counter() - t0, 0, None, failures)
             continue
-        try:
-            opened = open_verified(client, job, rank, world_size, step, model, list_timeout, replicas)
-            if opened.layout is not None:  # the gather writes into the optimizer: it must fit before it starts
-                state.check_optimizer(opened.manifest, optimizer)
-        except FtdError as exc:
-            log.error("rank %d: step %d is unusable: %s", rank, step, exc)
-            failures.append(str(exc))
+        opened = _open_checked(client, job, rank, world_size, step, model, optimizer, scheduler, extra,
+                               restore_rng, list_timeout, replicas, failures)
         usable = opened is not None
         if replicas is not None and not gather.layouts_agree(opened.layout if opened else None, usable, replicas):
             if usable:
@@ -148,26 +150,110 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
             log.warning("rank %d: falling back from step %d (not usable on every rank)", rank, step)
             continue
         assert opened is not None
+        applied, decoded = False, None
         try:
             view = _gathered_view(opened, replicas, model, optimizer)
             decoded = state.apply(opened.manifest, view, model, optimizer, scheduler, extra, restore_rng)
+            applied = True
+        except Exception as exc:  # noqa: BLE001 - the training loop is never raised into
+            log.error("rank %d: applying step %d failed: %s: %s", rank, step, type(exc).__name__, exc)
+            failures.append(f"step {step}: apply failed: {exc!r}")
         finally:
             opened.close()
+        if not all_ranks_agree(applied):
+            partial = step  # every rank wrote (part of) this step into its live objects
+            log.warning("rank %d: falling back from step %d (it could not be applied on every rank)", rank, step)
+            continue
         _discard_above(client, step)
         seconds = time.perf_counter() - t0
-        nbytes = opened.manifest.data_bytes
-        log.info("rank %d: recovered step %d from %s in %.2f s (%d bytes)", rank, step, opened.source, seconds,
-                 nbytes)
+        manifest = opened.manifest
+        log.info("rank %d: resuming job %r at step %d (sealed %s, %s ago) from %s; loaded in %.2f s (%d bytes)",
+                 rank, manifest.job, step, _when(manifest.created_at), _ago(manifest.created_at), opened.source,
+                 seconds, manifest.data_bytes)
         try:
-            client.recovered(step, seconds, nbytes, opened.source)
+            client.recovered(step, seconds, manifest.data_bytes, opened.source)
         except FtdError as exc:
             log.debug("could not report the recovery: %s", exc)
-        return RestoreResult(step, seconds, nbytes, decoded, failures, opened.source, opened.manifest.meta)
+        return RestoreResult(step, seconds, manifest.data_bytes, decoded, failures, opened.source, manifest.meta,
+                             manifest.created_at or None)
     if local and not abstain:
         # Nothing is discarded here: a launch with the wrong model must not wipe good snapshots.
         log.error("rank %d: none of the held steps %s could be restored on every rank; starting from step 0",
                   rank, local)
-    return RestoreResult(0, time.perf_counter() - t0, 0, None, failures)
+    if partial is not None:
+        log.error("rank %d: starting from step 0, but the model/optimizer/scheduler hold part of step %d from an "
+                  "apply that failed; re-create them before training for a clean fresh start", rank, partial)
+    return RestoreResult(0, time.perf_counter() - t0, 0, None, failures, partial_step=partial)
+
+
+def _open_checked(client: DaemonClient, job: str, rank: int, world_size: int, step: int, model: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer | None, scheduler: Any | None, extra: state.Extra,
+                  restore_rng: bool, timeout: float | None, replicas: Replicas | None,
+                  failures: list[str]) -> OpenedSnapshot | None:
+    """open_verified plus every check applying makes (state.check_apply); None when any fails."""
+    opened = None
+    try:
+        opened = open_verified(client, job, rank, world_size, step, model, timeout, replicas)
+        state.check_apply(opened.manifest, opened.view, model, optimizer, scheduler, extra, restore_rng)
+        return opened
+    except ConfigError:
+        if opened is not None:
+            opened.close()
+        raise
+    except Exception as exc:  # noqa: BLE001 - FtdError, or anything a hostile manifest provokes
+        if opened is not None:
+            opened.close()
+        text = str(exc) if isinstance(exc, FtdError) else f"{type(exc).__name__}: {exc}"
+        log.error("rank %d: step %d is unusable: %s", rank, step, text)
+        failures.append(text)
+        return None
+
+
+def _list_held(client: DaemonClient, rank: int, timeout: float | None, daemon_wait: float,
+               failures: list[str]) -> list[int]:
+    """This rank's held steps, waiting up to `daemon_wait` s for a daemon that is not up; [] when it never is."""
+    t0 = time.monotonic()
+    next_log = t0 + WAIT_LOG_EVERY_S
+    waited = False
+    while True:
+        try:
+            held = client.list_steps(timeout=timeout)
+            if waited:
+                log.info("rank %d: the daemon is up after %.0f s; restoring", rank, time.monotonic() - t0)
+            return held
+        except DaemonUnavailable as exc:
+            now = time.monotonic()
+            if now - t0 >= max(daemon_wait, 0.0):
+                log.error("rank %d: cannot list snapshots (%s)%s; this rank has nothing to restore", rank, exc,
+                          f" after waiting {daemon_wait:.0f} s" if daemon_wait > 0 else "")
+                failures.append(str(exc))
+                return []
+            if not waited:
+                log.warning("rank %d: the daemon at unix:%s is not up (%s); waiting up to %.0f s for it "
+                            "(daemon_wait) before restoring", rank, client.socket_path, exc, daemon_wait)
+                waited = True
+            elif now >= next_log:
+                log.warning("rank %d: still waiting for the daemon (%.0f of %.0f s)", rank, now - t0, daemon_wait)
+                next_log = now + WAIT_LOG_EVERY_S
+            time.sleep(min(WAIT_POLL_S, max(daemon_wait - (now - t0), 0.0)))
+        except ConfigError:
+            raise
+        except FtdError as exc:
+            log.error("rank %d: cannot list snapshots (%s); this rank has nothing to restore", rank, exc)
+            failures.append(str(exc))
+            return []
+
+
+def _when(created_at: float) -> str:
+    if not created_at:
+        return "at an unknown time"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created_at))
+
+
+def _ago(created_at: float) -> str:
+    if not created_at:
+        return "?"
+    return f"{max(time.time() - created_at, 0.0):.0f} s"
 
 
 def _gathered_view(opened: OpenedSnapshot, replicas: Replicas | None, model: torch.nn.Module,

@@ -57,6 +57,9 @@ class SnapshotStats:
     restored_step: int | None = None
     restore_s: float = 0.0
     restore_source: str = "none"
+    restore_sealed_at: float | None = None  # seal time of the restored step (seconds since the epoch)
+    restore_partial_step: int | None = None  # a fresh start over live objects holding part of this step
+    restore_failures: list[str] = field(default_factory=list)  # why newer steps were not restored
 
     @property
     def median_stall_s(self) -> float:
@@ -108,21 +111,37 @@ class Snapshotter:
     # ---- taking snapshots -------------------------------------------------------------------
 
     def snapshot(self, step: int) -> None:
-        """Start an asynchronous snapshot of the state *after* `step` steps. Never raises."""
+        """Start an asynchronous snapshot of the state *after* `step` steps. Never raises.
+
+        A step that cannot be captured is skipped and counted in `stats.skip_reasons`: "extra"
+        (the `extra` callable raised), "capture" (a value that cannot be stored: an unsupported
+        type, nesting deeper than jsonsafe.MAX_DEPTH or a cycle), "error" (anything else).
+        """
+        try:
+            self._snapshot(step)
+        except Exception as exc:  # noqa: BLE001 - the training loop is never raised into
+            self._skip(step, "error", f"unexpected {type(exc).__name__}: {exc}", exc_info=True)
+
+    def _snapshot(self, step: int) -> None:
         if self._engine is None or self._closed:
             return
         self.stats.requested += 1
         self._wait_copied(self._inflight, "snapshot")
         try:
-            captured = state.capture(step, self.model, self._state_optimizer, self.scheduler, self.extra)
+            extra = self.extra() if callable(self.extra) else self.extra
+        except Exception as exc:  # noqa: BLE001 - the user's callable
+            self._skip(step, "extra", f"the extra callable raised {type(exc).__name__}: {exc}")
+            return
+        try:
+            captured = state.capture(step, self.model, self._state_optimizer, self.scheduler, extra)
             if self._state_optimizer is not self.optimizer and self.optimizer is not None:
                 captured.meta["outer_param_groups"] = jsonsafe.encode(
                     [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
                     "outer_groups", _refuse_tensor)
             if self.replicas is not None and self.replicas.size > 1:
                 sharding.shard(captured, self.replicas, self._shardable(captured))
-        except (TypeError, ValueError) as exc:
-            self._skip(step, "capture", f"state cannot be captured: {exc}")
+        except (TypeError, ValueError, RecursionError) as exc:
+            self._skip(step, "capture", f"state cannot be captured: {type(exc).__name__}: {exc}")
             return
         ready = None
         if torch.cuda.is_available() and any(t.is_cuda for t in captured.sources):
@@ -152,11 +171,14 @@ class Snapshotter:
         return job is None or job.finished.wait(self.config.max_stall if timeout is None else timeout)
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        job, self._unmeasured = self._unmeasured, None
-        if job is not None:
-            stall = self._wait_copied(job, "optimizer.step")
-            self.stats.stalls_s.append(stall)
-            self._pending_stall = stall
+        try:
+            job, self._unmeasured = self._unmeasured, None
+            if job is not None:
+                stall = self._wait_copied(job, "optimizer.step")
+                self.stats.stalls_s.append(stall)
+                self._pending_stall = stall
+        except Exception:  # noqa: BLE001 - runs inside optimizer.step
+            log.exception("rank %d: the optimizer.step pre-hook failed; training continues", self.rank)
 
     def _wait_copied(self, job: CopyJob | None, why: str) -> float:
         """Wait (bounded by max_stall) until `job` no longer reads the live tensors; return the wait."""
@@ -181,11 +203,17 @@ class Snapshotter:
                 return
         self._skip(job.step, job.outcome.removeprefix("skipped:"), None)
 
-    def _skip(self, step: int, reason: str, message: str | None) -> None:
-        self.stats.skipped += 1
-        self.stats.skip_reasons[reason] += 1
+    def _skip(self, step: int, reason: str, message: str | None, exc_info: bool = False) -> None:
+        """Count a skipped step; the first skip of each reason is a warning, later ones debug lines."""
+        with self._lock:
+            self.stats.skipped += 1
+            self.stats.skip_reasons[reason] += 1
+            first = self.stats.skip_reasons[reason] == 1
         if message:
-            log.warning("rank %d: snapshot of step %d skipped: %s", self.rank, step, message)
+            log.log(logging.WARNING if first else logging.DEBUG,
+                    "rank %d: snapshot of step %d skipped: %s%s", self.rank, step, message,
+                    " (further skips for this reason are counted in stats.skip_reasons, not logged)" if first else "",
+                    exc_info=exc_info and first)
 
     # ---- restoring --------------------------------------------------------------------------
 
@@ -204,7 +232,8 @@ class Snapshotter:
         self.wait()
         result = restore_mod.restore(self.client, self.config.job, self.rank, self.world_size, self.model,
                                      self._state_optimizer, self.scheduler, self.extra, restore_rng,
-                                     self.config.restore_timeout, self.replicas, steps, abstain)
+                                     self.config.restore_timeout, self.replicas, steps, abstain,
+                                     self.config.daemon_wait)
         outer_groups = (result.meta or {}).get("outer_param_groups")
         if result.step and outer_groups is not None and self.optimizer is not None:
             # ZeRO: the outer optimizer's groups (what schedulers change) as they were at the snapshot; its
@@ -213,6 +242,8 @@ class Snapshotter:
                 group.update(saved)
         self.stats.restored_step, self.stats.restore_s = result.step, result.seconds
         self.stats.restore_source = result.source
+        self.stats.restore_sealed_at, self.stats.restore_partial_step = result.sealed_at, result.partial_step
+        self.stats.restore_failures = list(result.failures)
         self.restored_extra = result.extra
         return result.step
 
@@ -221,12 +252,16 @@ class Snapshotter:
         step = self.stats.restored_step
         if not step:
             return
-        opened = restore_mod.open_verified(self.client, self.config.job, self.rank, self.world_size, step,
-                                           self.model, replicas=self.replicas)
         try:
-            state.apply_rng(opened.manifest.meta["rng"], lambda name: opened.view(name).clone())
-        finally:
-            opened.close()
+            opened = restore_mod.open_verified(self.client, self.config.job, self.rank, self.world_size, step,
+                                               self.model, replicas=self.replicas)
+            try:
+                state.apply_rng(opened.manifest.meta["rng"], lambda name: opened.view(name).clone())
+            finally:
+                opened.close()
+        except Exception as exc:  # noqa: BLE001 - the training loop is never raised into
+            log.error("rank %d: the RNG state of step %d could not be applied (%s); the generators keep "
+                      "their current state", self.rank, step, exc)
 
     # ---- lifetime ---------------------------------------------------------------------------
 

@@ -205,20 +205,102 @@ def _pair(saved: Any, live: Any, out: dict[str, torch.Tensor]) -> None:
 
 
 def check_optimizer(manifest: Manifest, optimizer: torch.optim.Optimizer | None) -> None:
-    """Raise SnapshotCorrupt when the snapshot's parameter groups cannot load into `optimizer`."""
+    """Raise SnapshotCorrupt when the snapshot's optimizer state cannot load into `optimizer`.
+
+    Checks what `load_state_dict` would refuse half-way or accept wrongly: the number and sizes
+    of the parameter groups, state keyed by parameters the groups name, and each saved state
+    tensor's shape and dtype against the live state of the same key (when the optimizer has some).
+    """
     if optimizer is None:
         return
     meta = manifest.meta
+
+    def corrupt(message: str) -> SnapshotCorrupt:
+        return SnapshotCorrupt(message, rank=manifest.rank, step=manifest.step)
+
+    entries = full_specs(manifest)
     try:
-        groups = jsonsafe.decode(meta["optim"]["param_groups"], lambda name: torch.empty(0))
+        groups = jsonsafe.decode(meta["optim"]["param_groups"], _placeholder)
         saved = [len(g["params"]) for g in groups]
-    except (KeyError, TypeError) as exc:
-        raise SnapshotCorrupt(f"snapshot holds no usable optimizer state ({exc!r})", rank=manifest.rank,
-                              step=manifest.step) from exc
+        ids = [i for g in groups for i in g["params"]]
+        saved_state = jsonsafe.decode(meta["optim"]["state"], _Name)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise corrupt(f"snapshot holds no usable optimizer state ({exc!r})") from exc
     live = [len(g["params"]) for g in optimizer.param_groups]
     if saved != live:
-        raise SnapshotCorrupt(f"optimizer has parameter groups of sizes {live}, the snapshot {saved}",
-                              rank=manifest.rank, step=manifest.step)
+        raise corrupt(f"optimizer has parameter groups of sizes {live}, the snapshot {saved}")
+    if not isinstance(saved_state, dict) or not all(isinstance(k, (int, str)) for k in saved_state):
+        raise corrupt("optimizer state is not a mapping keyed by parameter")
+    unknown = [k for k in saved_state if k not in ids]
+    if unknown:
+        raise corrupt(f"optimizer state for parameters {unknown[:5]} that no parameter group names")
+    live_state = optimizer.state_dict()["state"]
+    for key, value in saved_state.items():
+        if not isinstance(value, dict):
+            raise corrupt(f"optimizer state of parameter {key!r} is not a mapping")
+        current = live_state.get(key)
+        for name, ref in value.items():
+            target = current.get(name) if isinstance(current, dict) else None
+            if isinstance(ref, _Name) and isinstance(target, torch.Tensor):
+                dtype, shape = entries.get(ref, ("?", ()))
+                target = local(target)
+                if (dtype == "?" or torch_dtype(dtype) != target.dtype or tuple(shape) != tuple(target.shape)) \
+                        and target.dim() > 0:
+                    raise corrupt(f"optimizer state {key!r}/{name!r}: snapshot holds {dtype}{list(shape)}, "
+                                  f"the optimizer {str(target.dtype).removeprefix('torch.')}{list(target.shape)}")
+
+
+def _placeholder(name: str) -> torch.Tensor:
+    return torch.empty(0)
+
+
+def check_apply(manifest: Manifest, view: Callable[[str], torch.Tensor], model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer | None, scheduler: Any | None, extra: Extra,
+                restore_rng: bool = True) -> None:
+    """Everything `apply` could refuse, checked before it writes anything; SnapshotCorrupt on the first.
+
+    Model and optimizer structure, shapes and dtypes; the scheduler's and extra's state decodable
+    into mappings; the RNG states accepted by spare generators. `view` reads unsharded entries
+    (the RNG state); nothing is copied out of the segment.
+    """
+    check_model(manifest, model)
+    meta = manifest.meta
+
+    def corrupt(message: str) -> SnapshotCorrupt:
+        return SnapshotCorrupt(message, rank=manifest.rank, step=manifest.step)
+
+    if optimizer is not None:
+        if not isinstance(meta.get("optim"), dict):
+            raise corrupt("snapshot holds no optimizer state")
+        check_optimizer(manifest, optimizer)
+    try:
+        for key, want in (("scheduler", scheduler is not None), ("extra", extra is not None),
+                          ("model_extra", True)):
+            if want and key in meta and not isinstance(jsonsafe.decode(meta[key], _placeholder), dict):
+                raise corrupt(f"snapshot's {key} state is not a mapping")
+        if restore_rng:
+            if not isinstance(meta.get("rng"), dict):
+                raise corrupt("snapshot holds no RNG state")
+            _check_rng(meta["rng"], view)
+    except SnapshotCorrupt:
+        raise
+    except Exception as exc:  # a hostile or foreign manifest: anything the decoders or generators refuse
+        raise corrupt(f"state cannot be applied: {exc!r}") from exc
+
+
+def _check_rng(rng: Mapping[str, Any], view: Callable[[str], torch.Tensor]) -> None:
+    """Load each captured generator state into a spare generator (the global ones stay untouched)."""
+    random.Random().setstate(jsonsafe.decode(rng["python"], view))
+    if "numpy" in rng:
+        import numpy as np
+
+        np.random.RandomState().set_state(jsonsafe.decode(rng["numpy"], view))
+    torch.Generator().set_state(jsonsafe.decode(rng["torch"], view).clone())
+    if "cuda" in rng and torch.cuda.is_available():
+        states = jsonsafe.decode(rng["cuda"], _placeholder)
+        if not isinstance(states, list) or len(states) != torch.cuda.device_count():
+            raise ValueError(f"snapshot has RNG state for {len(states)} CUDA devices, "
+                             f"this process sees {torch.cuda.device_count()}")
 
 
 def _into_live(saved: Any, live: Any, param: Any = None) -> Any:
