@@ -108,6 +108,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rpc_timeout", float, 10.0, "seconds a call to the daemon may take", (CLIENT,)),
     Setting("restore_timeout", float, 600.0, "seconds restore() waits for a daemon that is rebuilding from peers",
             (CLIENT,)),
+    Setting("daemon_wait", float, 120.0, "seconds restore() waits for a daemon that is not up yet (restarting); 0: do not wait", (CLIENT,)),
     Setting("max_stall", float, 120.0, "seconds optimizer.step waits for a copy before the snapshot is abandoned", (CLIENT,)),
     Setting("chunk_bytes", parse_size, 4 << 20, "bytes per checksummed chunk", (CLIENT,)),
     Setting("shard_replicated", parse_bool, False, "parameters and optimizer state are identical on every rank "
@@ -218,6 +219,7 @@ class ClientConfig:
     chunk_bytes: int
     debug_pause_copy_at_step: int
     shard_replicated: bool = False
+    daemon_wait: float = 120.0
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ClientConfig:
