@@ -81,6 +81,7 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"this daemon serves job {self.config.job!r}, not {request.job!r}")
         log.info("rank %d of %d (pid %d) connected", request.rank, request.world_size, request.pid)
+        self.store.note_client(request.rank, request.pid)
         return pb.HelloReply(job=self.config.job, node=self.config.node, shm_dir=self.config.shm_dir,
                              pid=os.getpid(), version=__version__)
 
@@ -208,8 +209,7 @@ def _lock_directory(root: Path) -> int:
 
     Two daemons adopting and evicting the same segments would destroy each other's snapshots.
     """
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(root / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -231,7 +231,7 @@ class Daemon:
         self._stopped = threading.Event()
 
     def start(self) -> Daemon:
-        self._lock_fd = _lock_directory(self.store.root)
+        self._lock_fd = _lock_directory(self.store.prepare_root())
         _claim_socket(self.config.socket)
         adopted, dropped = self.store.adopt(retain=not self.config.peer_list)  # with peers: after pinning
         log.info("job %r on node %s: shm %s, re-adopted %d sealed segment(s), dropped %d half-written",
