@@ -18,6 +18,7 @@ of the parameters and optimizer state (ftd.client.sharding); restore gathers the
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import threading
@@ -88,6 +89,8 @@ class Snapshotter:
                  world_size: int | None = None, replica_group: dist.ProcessGroup | None = None,
                  **settings: Any):
         self.config = ClientConfig.load(**settings)
+        if not math.isfinite(self.config.daemon_wait) or self.config.daemon_wait < 0:
+            raise ConfigError(f"daemon_wait must be a finite number of seconds >= 0, got {self.config.daemon_wait}")
         logging.getLogger("ftd").setLevel(self.config.log_level.upper())
         self.model, self.optimizer, self.scheduler, self.extra = model, optimizer, scheduler, extra
         self._state_optimizer = _local_optimizer(optimizer)

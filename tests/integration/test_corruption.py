@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ftd.manifest import DIGEST_KEY, manifest_digest
 from tests.integration.cluster import STEPS, Cluster, assert_bit_exact
 
 STOP = STEPS // 2
@@ -28,18 +29,31 @@ def _truncate(seg: Path, manifest: dict) -> str:
     return "truncated"
 
 
+def _reseal(manifest: dict) -> None:
+    """Recompute the manifest checksum, so that the check behind it is what refuses the edit."""
+    manifest.pop(DIGEST_KEY, None)
+    manifest[DIGEST_KEY] = manifest_digest(manifest)
+
+
 def _point_outside(seg: Path, manifest: dict) -> str:
     manifest["entries"][1]["offset"] = manifest["data_bytes"] + 4096
+    _reseal(manifest)
     return "outside the segment"
 
 
 def _wrong_job(seg: Path, manifest: dict) -> str:
     manifest["job"] = "someone-else"
+    _reseal(manifest)
     return "belongs to job 'someone-else'"
 
 
-@pytest.mark.parametrize("corrupt", [_flip_byte, _truncate, _point_outside, _wrong_job],
-                         ids=["checksum", "truncated", "manifest-outside-segment", "wrong-job"])
+def _edit_lr(seg: Path, manifest: dict) -> str:
+    manifest["meta"]["optim"]["param_groups"][0]["lr"] = 1000.0
+    return "manifest checksum mismatch"
+
+
+@pytest.mark.parametrize("corrupt", [_flip_byte, _truncate, _point_outside, _wrong_job, _edit_lr],
+                         ids=["checksum", "truncated", "manifest-outside-segment", "wrong-job", "edited-lr"])
 def test_corrupt_newest_step_falls_back_to_previous(node: Cluster, reference, corrupt):
     node.run_trainer("--stop-at", str(STOP))
     manifests = node.sealed_manifests()

@@ -286,3 +286,50 @@ def test_unsupported_type_message_names_the_type():
 
     with pytest.raises(TypeError, match="Opaque"):
         jsonsafe.encode({"o": Opaque()}, "extra", _Store().sink)
+
+
+# ---- nesting bounds ---------------------------------------------------------------------------
+
+
+def _nested(depth: int, kind: str):
+    value = 1
+    for _ in range(depth):
+        value = {"k": value} if kind == "dict" else ([value] if kind == "list" else (value,))
+    return value
+
+
+@pytest.mark.parametrize("kind", ["dict", "list", "tuple"])
+def test_encode_refuses_values_deeper_than_the_bound_without_recursion_error(kind):
+    store = _Store()
+    jsonsafe.encode(_nested(jsonsafe.MAX_DEPTH // 2 - 1, kind), "x", store.sink)
+    with pytest.raises(ValueError, match="nested deeper"):
+        jsonsafe.encode(_nested(5000, kind), "x", store.sink)
+
+
+def test_encode_refuses_a_cycle():
+    cycle: list = []
+    cycle.append(cycle)
+    with pytest.raises(ValueError, match="or a cycle"):
+        jsonsafe.encode(cycle, "x", _Store().sink)
+
+
+def test_encoded_values_fit_in_a_manifest():
+    """The deepest value encode accepts stays within the manifest's parse bound (meta adds 4 levels)."""
+    from ftd.manifest import MAX_JSON_DEPTH, json_depth
+
+    for kind in ("dict", "list", "tuple"):
+        for depth in range(1, 200):
+            try:
+                out = jsonsafe.encode(_nested(depth, kind), "x", _Store().sink)
+            except ValueError:
+                break
+            assert json_depth({"meta": {"optim": {"state": out}}}) <= MAX_JSON_DEPTH
+
+
+def test_decode_refuses_deep_values_and_bad_dict_items():
+    from ftd.errors import ManifestError
+
+    with pytest.raises(ManifestError, match="nested deeper"):
+        jsonsafe.decode(_nested(200, "list"), _Store().source)
+    with pytest.raises(ManifestError, match="key, value"):
+        jsonsafe.decode({"__dict__": [[1, 2, 3]]}, _Store().source)

@@ -313,3 +313,9 @@ def test_restore_without_a_daemon_starts_fresh_after_daemon_wait(tmp_path):
         with _snapshotter(config.socket, fresh, torch.optim.Adam(fresh.parameters()), daemon_wait=wait) as snap:
             assert snap.restore() == 0
             assert snap.stats.restore_failures
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_a_bad_daemon_wait_is_a_config_error(tmp_path, bad):
+    with pytest.raises(ftd.errors.ConfigError, match="daemon_wait"):
+        _snapshotter(str(tmp_path / "none.sock"), _model(0), daemon_wait=bad)
