@@ -121,7 +121,10 @@ class SegmentStore:
         if create_mode and stat.S_IMODE(st.st_mode) & 0o777 & ~self._dir_mode:
             os.chmod(path, self._dir_mode)  # ours and not writable by others: tighten to the scheme
         if create_mode and self.config.shm_group >= 0 and st.st_gid != self.config.shm_group:
-            os.chown(path, -1, self.config.shm_group)
+            try:
+                os.chown(path, -1, self.config.shm_group)
+            except OSError as exc:
+                raise FtdError(f"cannot give {path} to group {self.config.shm_group} (FTD_SHM_GROUP): {exc}") from None
 
     def _rank_dir(self, rank: int) -> Path:
         """The rank's directory, created privately; refused when it is a symlink or not ours."""
@@ -333,7 +336,7 @@ class SegmentStore:
             manifest = Manifest.from_json(manifest_json)
         except ManifestError:
             raise
-        except (ValueError, RecursionError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever a hostile manifest makes the parser raise
             raise ManifestError(f"manifest is not valid JSON of a manifest: {type(exc).__name__}: {str(exc)[:200]}") from None
         with self._lock:
             slot = self._writing(rank, step, lease)
@@ -433,7 +436,9 @@ class SegmentStore:
                     for rank, slots in sorted(self._slots.items())]
 
     def held_bytes(self) -> int:
+        """Bytes of segments held; ends stuck leases first (parity admission asks this too)."""
         with self._lock:
+            self._reap()
             return self._held()
 
     # ---- what erasure coding needs -----------------------------------------------------------

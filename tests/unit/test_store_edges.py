@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ftd.daemon.store import SEGMENT_ROUNDING, SegmentStore
+from ftd.daemon.store import SegmentStore
 from ftd.errors import OutOfMemory, RequestRejected
 from ftd.manifest import layout
 from ftd.metrics import DaemonMetrics
@@ -281,4 +281,3 @@ def test_pins_are_kept_per_owner(tmp_path):
     assert store.list_steps(JOB, 0) == [1, 3]
     store.pin(set(), owner="uploader")
     assert store.list_steps(JOB, 0) == [3]
-    assert SEGMENT_ROUNDING == MiB

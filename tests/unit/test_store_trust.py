@@ -14,9 +14,9 @@ import pytest
 
 from ftd.daemon.store import SegmentStore
 from ftd.errors import FtdError, OutOfMemory
+from ftd.manifest import layout
 from ftd.metrics import DaemonMetrics
 from tests.unit.test_store import JOB, _config, _manifest, _metric, _snapshot, _specs, _store
-from ftd.manifest import layout
 
 HOSTILE = "ftd-hostile"
 
