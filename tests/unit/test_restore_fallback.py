@@ -319,3 +319,52 @@ def test_restore_without_a_daemon_starts_fresh_after_daemon_wait(tmp_path):
 def test_a_bad_daemon_wait_is_a_config_error(tmp_path, bad):
     with pytest.raises(ftd.errors.ConfigError, match="daemon_wait"):
         _snapshotter(str(tmp_path / "none.sock"), _model(0), daemon_wait=bad)
+
+
+# ---- ranks agree on the apply, too ------------------------------------------------------------------
+
+
+def _rank_main(rank: int, socket_path: str, pg_file: str, out: str) -> None:
+    """One of two gloo ranks: seal steps 1 and 2, then restore; rank 1 cannot apply step 2."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{pg_file}", rank=rank, world_size=2)
+    try:
+        model = _model(0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        sched = _Scheduler()
+        with ftd.Snapshotter(model, opt, scheduler=sched, rank=rank, world_size=2, job=JOB,
+                             socket=socket_path) as snap:
+            for step in (1, 2):
+                _train_step(model, opt)
+                sched.boom = rank == 1 and step == 2
+                _snap(snap, step)
+                if step == 1:
+                    at_1 = _bytes(model)
+        dist.barrier()
+        fresh = _model(1)
+        with ftd.Snapshotter(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), scheduler=_Scheduler(),
+                             rank=rank, world_size=2, job=JOB, socket=socket_path) as snap:
+            step = snap.restore()
+            result = {"step": step, "model_is_step_1": _bytes(fresh) == at_1}
+        Path(out).write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_apply_failing_on_one_rank_makes_every_rank_fall_back(socket_path, tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
+    procs = [ctx.Process(target=_rank_main, args=(r, socket_path, str(tmp_path / "pg"), str(outs[r])))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = [json.loads(o.read_text()) for o in outs]
+    assert results == [{"step": 1, "model_is_step_1": True}] * 2
