@@ -167,9 +167,9 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
         _discard_above(client, step)
         seconds = time.perf_counter() - t0
         manifest = opened.manifest
-        log.info("rank %d: resuming job %r at step %d (sealed %s, %s ago) from %s; loaded in %.2f s (%d bytes)",
-                 rank, manifest.job, step, _when(manifest.created_at), _ago(manifest.created_at), opened.source,
-                 seconds, manifest.data_bytes)
+        log.info("rank %d: recovered step %d from %s in %.2f s (%d bytes): resuming job %r (sealed %s, %s ago)",
+                 rank, step, opened.source, seconds, manifest.data_bytes, manifest.job, _when(manifest.created_at),
+                 _ago(manifest.created_at))
         try:
             client.recovered(step, seconds, manifest.data_bytes, opened.source)
         except FtdError as exc:
