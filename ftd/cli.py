@@ -1,10 +1,11 @@
-"""The `ftd` command: `ftd daemon`, `ftd status`, `ftd demo`."""
+"""The `ftd` command: `ftd daemon`, `ftd status`, `ftd ls`, `ftd rm`, `ftd demo`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -95,6 +96,63 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shm_dir(args: argparse.Namespace) -> str:
+    import os
+
+    return args.shm_dir or os.environ.get("FTD_SHM_DIR") or "/dev/shm"
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    import time
+
+    from ftd.admin import scan
+
+    jobs = scan(_shm_dir(args))
+    if args.json:
+        print(json.dumps([j.to_json() for j in jobs], indent=2))
+        return 0
+    if not jobs:
+        print(f"no ftd job directories under {_shm_dir(args)}")
+        return 0
+    print(f"{'job':<24} {'daemon':<7} {'owner':>6} {'ranks':>5}  {'steps (rank 0 or first)':<24} {'MiB':>9}  "
+          f"{'newest seal':<12} runs")
+    for j in jobs:
+        first = j.ranks[min(j.ranks)] if j.ranks else []
+        age = f"{time.time() - j.newest_seal:.0f} s ago" if j.newest_seal else "-"
+        runs = ",".join(r or "(none)" for r in sorted(j.runs)) or "-"
+        print(f"{j.job:<24} {'live' if j.daemon_live else 'none':<7} {j.owner_uid:>6} {len(j.ranks):>5}  "
+              f"{str(first):<24} {j.segment_bytes / 2**20:>9.1f}  {age:<12} {runs}")
+        for problem in j.problems[:5]:
+            print(f"    ! {problem}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ftd.admin import JOB_PREFIX, daemon_live, remove_job_files
+    from ftd.client.rpc import DaemonClient
+    from ftd.config import parse_job
+
+    job = parse_job(args.job)
+    job_dir = Path(_shm_dir(args)) / f"{JOB_PREFIX}{job}"
+    if not os.path.lexists(job_dir):
+        raise FtdError(f"nothing is held for job {job!r} under {_shm_dir(args)}")
+    if not daemon_live(job_dir):
+        freed = remove_job_files(job_dir)
+        print(f"removed {job_dir} ({freed / 2**20:.1f} MiB; no daemon was serving it)")
+        return 0
+    config = ClientConfig.load(job=job, **({"socket": args.socket} if args.socket else {}))
+    client = DaemonClient(config.socket, job, -1, config.rpc_timeout)
+    try:
+        dropped = client.discard(-1)
+    finally:
+        client.close()
+    print(f"discarded {len(dropped)} snapshot(s) of job {job!r} through the daemon on {config.socket} "
+          f"(steps {sorted(set(dropped))}); its memory is given back")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging("WARNING")
     workdir = Path(args.workdir) if args.workdir else None
@@ -131,6 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--cluster", action="store_true", help="also show every peer of this node's EC group "
                         "(from their heartbeats)")
     status.set_defaults(func=cmd_status)
+    ls = sub.add_parser("ls", help="list the jobs whose snapshots this node's shm directory holds")
+    ls.add_argument("--shm-dir", default=None, help="the daemons' FTD_SHM_DIR [default /dev/shm]")
+    ls.add_argument("--json", action="store_true", help="print JSON for scripts")
+    ls.set_defaults(func=cmd_ls)
+    rm = sub.add_parser("rm", help="discard every snapshot of a job on this node (through its daemon when one "
+                        "runs, else by removing its directory)")
+    rm.add_argument("job", help="the job id (as `ftd ls` shows it)")
+    rm.add_argument("--shm-dir", default=None, help="the daemon's FTD_SHM_DIR [default /dev/shm]")
+    rm.add_argument("--socket", default=None, help="the daemon's socket [FTD_SOCKET, default by the job id]")
+    rm.set_defaults(func=cmd_rm)
     demo = sub.add_parser("demo", help="a local cluster of daemons and torchrun agents trains through a rank crash, "
                           "a daemon crash and a node loss, then compares bit for bit with a failure-free run")
     demo.add_argument("--nodes", type=int, default=4, help="simulated nodes (a daemon + a torchrun agent each)")

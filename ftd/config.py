@@ -50,6 +50,33 @@ def parse_bool(text: str | bool) -> bool:
     raise ConfigError(f"not a boolean: {text!r} (use 1/0, true/false, yes/no, on/off)")
 
 
+def parse_run(text: str) -> str:
+    """A run identity (torchrun's run id, a Slurm job id, a name): printable, at most 128 characters."""
+    if not isinstance(text, str) or len(text) > 128 or not text.isprintable():
+        raise ConfigError(f"invalid run id {text!r}: printable text of at most 128 characters")
+    return text
+
+
+def launcher_job(environ: Mapping[str, str]) -> str:
+    """The job id when FTD_JOB is unset: Slurm's job id where there is one, else "default".
+
+    The daemon and its trainers must agree on the job without talking, so only what both sides
+    see is used: a Slurm prolog and the job's tasks share SLURM_JOB_ID; torchrun's run id reaches
+    only the trainers, so it names the *run* within a job (`launcher_run`), not the job.
+    """
+    slurm = environ.get("SLURM_JOB_ID", "")
+    return slurm if _JOB_RE.fullmatch(slurm) else "default"
+
+
+def launcher_run(environ: Mapping[str, str]) -> str:
+    """The run identity when FTD_RUN is unset: torchrun's run id (unless "none"), else Slurm's job id, else ""."""
+    for name in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
+        value = environ.get(name, "")
+        if value and value != "none" and len(value) <= 128 and value.isprintable():
+            return value
+    return ""
+
+
 def parse_job(text: str) -> str:
     """A job id: it becomes part of file names, so only [A-Za-z0-9._-], at most 64 characters."""
     if not isinstance(text, str) or not _JOB_RE.fullmatch(text):
@@ -79,7 +106,10 @@ class Setting:
 DAEMON, CLIENT = "daemon", "client"
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("job", parse_job, "default", "job id; a daemon serves one job and refuses others", (DAEMON, CLIENT)),
+    Setting("job", parse_job, "", "job id; a daemon serves one job and refuses others (default: $SLURM_JOB_ID, "
+            "else 'default')", (DAEMON, CLIENT)),
+    Setting("run", parse_run, "", "this launch's run identity: snapshots of another run of the job are never resumed "
+            "(default: $TORCHELASTIC_RUN_ID unless 'none', else $SLURM_JOB_ID, else '': resume any run)", (CLIENT,)),
     Setting("socket", str, "", "unix socket of the daemon's snapshot service (default /tmp/ftd-<job>.sock)", (DAEMON, CLIENT)),
     Setting("shm_dir", str, "/dev/shm", "directory (a tmpfs) where snapshot segments live", (DAEMON,)),
     Setting("node", str, "", "this node: its index in the peer list, or its host[:port] there "
@@ -148,6 +178,10 @@ def _resolve(scope: str, environ: Mapping[str, str] | None, overrides: Mapping[s
     unknown = sorted(set(overrides) - {s.name for s in SETTINGS if scope in s.scopes})
     if unknown:
         raise ConfigError(f"unknown {scope} setting(s): {', '.join(unknown)}")
+    if not values.get("job"):
+        values["job"] = launcher_job(environ)
+    if scope == CLIENT and not values.get("run"):
+        values["run"] = launcher_run(environ)
     if not values.get("socket"):
         values["socket"] = f"/tmp/ftd-{values['job']}.sock"
     return values
@@ -220,6 +254,7 @@ class ClientConfig:
     debug_pause_copy_at_step: int
     shard_replicated: bool = False
     daemon_wait: float = 120.0
+    run: str = ""
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ClientConfig:

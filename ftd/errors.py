@@ -48,6 +48,10 @@ class ManifestError(SnapshotCorrupt):
     """A manifest is malformed or inconsistent with its segment."""
 
 
+class OtherRun(FtdError):
+    """A snapshot was taken by another run of the job (another launch): it is never resumed."""
+
+
 class RestoreError(FtdError):
     """No consistent step could be restored although snapshots exist."""
 

@@ -3,7 +3,8 @@
 A rank's snapshot is one contiguous byte region (a shared-memory segment) plus a manifest.
 The manifest is JSON, never pickle: it names every tensor entry (kind, dtype, shape, byte
 offset, length, one xxh3-64 checksum per `chunk_bytes` of the entry) and carries the
-non-tensor state (`meta`, JSON-safe; see ftd/client/state.py), the seal time (`created_at`)
+non-tensor state (`meta`, JSON-safe; see ftd/client/state.py), the seal time (`created_at`), the run
+identity of the launch that took it (`run`)
 and `manifest_xxh3`, an xxh3-64 over the canonical form of everything else (meta included),
 so an edited or torn manifest is refused, not restored. Everything read back is validated
 before use — size and nesting depth bounded (checked iteratively), every tensor reference
@@ -111,13 +112,14 @@ class Manifest:
     entries: tuple[Entry, ...]
     meta: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0  # seal time, seconds since the epoch (the client's clock at Commit)
+    run: str = ""  # the launch's run identity (ClientConfig.run); "" when the launcher gave none
     checksum: str = CHECKSUM_ALGO
     format: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:
         doc = {"format": self.format, "job": self.job, "rank": self.rank, "world_size": self.world_size,
                "step": self.step, "chunk_bytes": self.chunk_bytes, "data_bytes": self.data_bytes,
-               "created_at": self.created_at, "checksum": self.checksum,
+               "created_at": self.created_at, "run": self.run, "checksum": self.checksum,
                "entries": [e.to_json() for e in self.entries], "meta": self.meta}
         doc[DIGEST_KEY] = manifest_digest(doc)
         return json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
@@ -146,12 +148,15 @@ class Manifest:
         created_at = doc.get("created_at")
         if type(created_at) not in (int, float) or not math.isfinite(created_at):
             raise ManifestError(f"manifest field 'created_at' must be a finite number, got {created_at!r}")
+        run = doc.get("run", "")
+        if not isinstance(run, str) or len(run) > 128:
+            raise ManifestError(f"manifest field 'run' must be text of at most 128 characters, got {run!r:.200}")
         meta = _typed(doc, "meta", dict)
         raw_entries = _typed(doc, "entries", list)
         entries = tuple(_entry_from_json(e, i) for i, e in enumerate(raw_entries))
         sharded = meta.get("sharding", {}).get("tensors", {}) if isinstance(meta.get("sharding"), dict) else {}
         check_tensor_refs(meta, {e.name for e in entries} | (set(sharded) if isinstance(sharded, dict) else set()))
-        return cls(job=job, entries=entries, meta=meta, created_at=float(created_at), **ints)
+        return cls(job=job, entries=entries, meta=meta, created_at=float(created_at), run=run, **ints)
 
     def validate(self, capacity: int) -> None:
         """Check that every entry is self-consistent and lies inside a segment of `capacity` bytes."""

@@ -31,7 +31,7 @@ from ftd.client import gather, sharding, state
 from ftd.client.rpc import DaemonClient
 from ftd.client.segments import MappedSegment
 from ftd.client.sharding import Layout, Replicas
-from ftd.errors import ConfigError, DaemonUnavailable, FtdError, SnapshotCorrupt
+from ftd.errors import ConfigError, DaemonUnavailable, FtdError, OtherRun, SnapshotCorrupt
 from ftd.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -83,15 +83,20 @@ class OpenedSnapshot:
 
 def open_verified(client: DaemonClient, job: str, rank: int, world_size: int, step: int,
                   model: torch.nn.Module, timeout: float | None = None,
-                  replicas: Replicas | None = None) -> OpenedSnapshot:
+                  replicas: Replicas | None = None, run: str = "") -> OpenedSnapshot:
     """Open (job, rank, step) from the daemon and run every check; SnapshotCorrupt on the first failure.
 
-    A sharded snapshot must fit `replicas` (same dp, same replica index).
+    A sharded snapshot must fit `replicas` (same dp, same replica index). With a `run` identity,
+    a snapshot of another run is refused (OtherRun) before any byte of it is read.
     """
     reply = client.open(step, timeout=timeout)
     manifest = Manifest.from_json(reply.manifest_json)
     if manifest.job != job:
         raise SnapshotCorrupt(f"snapshot belongs to job {manifest.job!r}, not {job!r}", rank=rank, step=step)
+    if run and manifest.run != run:
+        raise OtherRun(f"rank {rank} step {step} was taken by run {manifest.run or '(none)'!r} of job {job!r}, "
+                       f"this is run {run!r}: not resumed (launch with FTD_RUN={manifest.run or '...'} to resume "
+                       f"it; `ftd rm {job}` discards it)")
     if (manifest.rank, manifest.step) != (rank, step):
         raise SnapshotCorrupt(f"manifest says rank {manifest.rank} step {manifest.step}", rank=rank, step=step)
     if manifest.world_size != world_size:
@@ -116,13 +121,14 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
             optimizer: torch.optim.Optimizer | None, scheduler: Any | None, extra: state.Extra,
             restore_rng: bool = True, list_timeout: float | None = None,
             replicas: Replicas | None = None, steps: list[int] | None = None,
-            abstain: bool = False, daemon_wait: float = 0.0) -> RestoreResult:
+            abstain: bool = False, daemon_wait: float = 0.0, run: str = "") -> RestoreResult:
     """Load the newest step that every rank holds and that verifies and applies everywhere; step 0 when none.
 
     With `replicas` (sharding configured; the same on every rank) a sharded step is gathered
     from the replica group. `steps` (the same list on every rank) replaces the exchange of held
     steps; an `abstain`ing rank loads nothing and agrees to whatever the others can load (the
-    pipeline planner's lost stages, rebuilt afterwards). Never raises but ConfigError.
+    pipeline planner's lost stages, rebuilt afterwards). With a `run` identity, steps of another
+    run of the job are skipped. Never raises but ConfigError.
     """
     t0 = time.perf_counter()
     failures: list[str] = []
@@ -138,7 +144,7 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
                 return RestoreResult(0, time.perf_counter() - t0, 0, None, failures)
             continue
         opened = _open_checked(client, job, rank, world_size, step, model, optimizer, scheduler, extra,
-                               restore_rng, list_timeout, replicas, failures)
+                               restore_rng, list_timeout, replicas, failures, run)
         usable = opened is not None
         if replicas is not None and not gather.layouts_agree(opened.layout if opened else None, usable, replicas):
             if usable:
@@ -189,11 +195,11 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
 def _open_checked(client: DaemonClient, job: str, rank: int, world_size: int, step: int, model: torch.nn.Module,
                   optimizer: torch.optim.Optimizer | None, scheduler: Any | None, extra: state.Extra,
                   restore_rng: bool, timeout: float | None, replicas: Replicas | None,
-                  failures: list[str]) -> OpenedSnapshot | None:
+                  failures: list[str], run: str = "") -> OpenedSnapshot | None:
     """open_verified plus every check applying makes (state.check_apply); None when any fails."""
     opened = None
     try:
-        opened = open_verified(client, job, rank, world_size, step, model, timeout, replicas)
+        opened = open_verified(client, job, rank, world_size, step, model, timeout, replicas, run)
         state.check_apply(opened.manifest, opened.view, model, optimizer, scheduler, extra, restore_rng)
         return opened
     except ConfigError:

@@ -236,7 +236,7 @@ class Snapshotter:
         result = restore_mod.restore(self.client, self.config.job, self.rank, self.world_size, self.model,
                                      self._state_optimizer, self.scheduler, self.extra, restore_rng,
                                      self.config.restore_timeout, self.replicas, steps, abstain,
-                                     self.config.daemon_wait)
+                                     self.config.daemon_wait, self.config.run)
         outer_groups = (result.meta or {}).get("outer_param_groups")
         if result.step and outer_groups is not None and self.optimizer is not None:
             # ZeRO: the outer optimizer's groups (what schedulers change) as they were at the snapshot; its
@@ -257,7 +257,7 @@ class Snapshotter:
             return
         try:
             opened = restore_mod.open_verified(self.client, self.config.job, self.rank, self.world_size, step,
-                                               self.model, replicas=self.replicas)
+                                               self.model, replicas=self.replicas, run=self.config.run)
             try:
                 state.apply_rng(opened.manifest.meta["rng"], lambda name: opened.view(name).clone())
             finally:

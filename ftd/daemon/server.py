@@ -153,6 +153,9 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
         return pb.RecoveredReply()
 
     def Discard(self, request: pb.DiscardRequest, context: grpc.ServicerContext) -> pb.DiscardReply:
+        if request.rank == -1 and request.above_step == -1:  # `ftd rm`: the whole job
+            pairs = self._call(context, lambda: self.store.discard_all(request.job))
+            return pb.DiscardReply(dropped=[step for _, step in pairs])
         dropped = self._call(context, lambda: self.store.discard(request.job, request.rank, request.above_step))
         if dropped:
             log.info("rank %d: discarded steps %s above %d", request.rank, dropped, request.above_step)

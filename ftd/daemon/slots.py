@@ -47,6 +47,7 @@ class Slot:
     begun_at: float = 0.0
     sealed_at_ns: int = 0  # orders retention: the most recently sealed survive, whatever their step
     data_bytes: int = 0  # bytes the sealed manifest covers
+    run: str = ""  # run identity in the sealed manifest: another run's steps are evicted first
     unfilled: bool = False  # created, its pages not yet allocated and touched
     filling: bool = False  # being pre-faulted in the background: not to be handed out yet
     rebuilt: bool = False  # sealed by a rebuild from peers, not by a local rank
@@ -73,6 +74,7 @@ class Slot:
         self._move(SlotState.FREE)
         self.step = self.lease = self.manifest_json = None
         self.sealed_at_ns = self.data_bytes = 0
+        self.run = ""
         self.rebuilt = self.foreign = False
 
     def _move(self, new: SlotState) -> None:

@@ -234,7 +234,8 @@ class SegmentStore:
             _unlink_file(slot.manifest_path)
             return "dropped"
         slot.adopt_sealed(step, manifest_json, mtime)
-        slot.data_bytes = Manifest.from_json(manifest_json).data_bytes
+        manifest = Manifest.from_json(manifest_json)
+        slot.data_bytes, slot.run = manifest.data_bytes, manifest.run
         slot.foreign = slot.rebuilt = _is_file(_foreign_marker(slot))
         self._track_age(rank)
         self._slots.setdefault(rank, []).append(slot)
@@ -355,7 +356,7 @@ class SegmentStore:
                 if other is not slot and other.state is SlotState.SEALED and other.step == step:
                     self._evict(other, "replaced by a newer copy of the same step")
             slot.seal(manifest_json, time.time_ns())
-            slot.data_bytes = manifest.data_bytes
+            slot.data_bytes, slot.run = manifest.data_bytes, manifest.run
             self._track_age(rank)
             self.metrics.commit_latency.observe(time.monotonic() - slot.begun_at)
             self.metrics.snapshots_sealed.labels(str(rank)).inc()
@@ -538,7 +539,7 @@ class SegmentStore:
                 slot.release()
                 raise
             slot.seal(manifest_json, time.time_ns())
-            slot.data_bytes = manifest.data_bytes
+            slot.data_bytes, slot.run = manifest.data_bytes, manifest.run
             slot.rebuilt = True
             slot.foreign = foreign
             self._track_age(rank)
@@ -569,15 +570,17 @@ class SegmentStore:
         return sum(s.capacity for slots in self._slots.values() for s in slots)
 
     def _evictable(self, rank: int) -> list[Slot]:
-        """Sealed steps that may make room: unpinned, of the current timeline, lowest step first."""
+        """Sealed steps that may make room, in eviction order (see `_timeline`)."""
         current, _ = self._timeline(rank)
-        return sorted(current, key=lambda s: (s.step or 0, s.sealed_at_ns))
+        return current
 
     def _timeline(self, rank: int) -> tuple[list[Slot], list[Slot]]:
-        """Unpinned sealed slots: (current timeline, higher steps of an older timeline).
+        """Unpinned sealed slots: (evictable in eviction order, higher steps of an older timeline).
 
-        The current timeline ends at the step sealed last; steps above it were sealed before a fresh
-        start and are the stale timeline (owner "stale-timeline"), kept until discarded.
+        The current timeline is the run of the step sealed last and ends at that step; higher steps
+        of the same run were sealed before a fresh start and are the stale timeline (owner
+        "stale-timeline"), kept until discarded. Steps of another run (another launch of the job,
+        never resumed by this one) are evicted first, then the current timeline's, lowest first.
         """
         sealed = [s for s in self._slots.get(rank, []) if s.state is SlotState.SEALED and s.step is not None]
         if not sealed:
@@ -585,8 +588,11 @@ class SegmentStore:
         newest = max(sealed, key=lambda s: s.sealed_at_ns)
         pinned = self._pinned
         unpinned = [s for s in sealed if s.step not in pinned]
-        return ([s for s in unpinned if s.step <= newest.step],  # type: ignore[operator]
-                [s for s in unpinned if s.step > newest.step])  # type: ignore[operator]
+        ours = [s for s in unpinned if s.run == newest.run]
+        others = sorted((s for s in unpinned if s.run != newest.run), key=lambda s: (s.step or 0, s.sealed_at_ns))
+        current = sorted((s for s in ours if s.step <= newest.step),  # type: ignore[operator]
+                         key=lambda s: (s.step or 0, s.sealed_at_ns))
+        return others + current, [s for s in ours if s.step > newest.step]  # type: ignore[operator]
 
     def _inflight(self) -> int:
         """Bytes of segments created but not yet faulted in: not yet visible in the host's available memory."""
@@ -745,7 +751,6 @@ class SegmentStore:
     def _retain(self, rank: int) -> None:
         """Keep the `keep` highest steps of the current timeline and at most `keep` of an older one."""
         current, stale = self._timeline(rank)
-        current.sort(key=lambda s: (s.step or 0, s.sealed_at_ns))
         for slot in current[:max(0, len(current) - self.config.keep)]:
             self._evict(slot, f"keeping the newest {self.config.keep}")
         stale.sort(key=lambda s: (s.step or 0, s.sealed_at_ns))

@@ -14,7 +14,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _torchrun(node: Cluster, script: str, steps: int) -> str:
-    env = dict(node.env, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    # --standalone draws a new run id per launch; continuing a finished run is asked for by naming the run
+    env = dict(node.env, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", FTD_RUN="examples")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "--max-restarts=1", str(EXAMPLES / script), "--steps", str(steps)], env=env,
                           capture_output=True, text=True, timeout=300)

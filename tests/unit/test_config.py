@@ -34,7 +34,7 @@ def _daemon(tmp_path, environ=None, **overrides) -> DaemonConfig:
 def test_defaults_apply_with_empty_environment(tmp_path):
     cfg = DaemonConfig.load(environ={})
     defaults = {s.name: s.default for s in SETTINGS}
-    assert cfg.job == defaults["job"]
+    assert cfg.job == "default"  # no FTD_JOB and no launcher identity
     assert cfg.keep == defaults["keep"]
     assert cfg.memory_budget == defaults["memory_budget"]
     assert cfg.memory_reserve == defaults["memory_reserve"]

@@ -282,3 +282,33 @@ def test_pins_are_kept_per_owner(tmp_path):
     assert store.list_steps(JOB, 0) == [1, 3]
     store.pin(set(), owner="uploader")
     assert store.list_steps(JOB, 0) == [3]
+
+
+# ---- item: another run of the job ------------------------------------------------------------
+
+
+def _run_snapshot(store: SegmentStore, step: int, run: str) -> list[int]:
+    _, total = layout(_specs(step))
+    lease = store.begin(JOB, 0, step, total)
+    return store.commit(JOB, 0, step, lease.lease, _manifest(step, lease.path, run=run).to_json())
+
+
+def test_another_runs_steps_are_evicted_first_and_never_kept_as_an_older_timeline(tmp_path):
+    store = _store(tmp_path, keep=2, memory_budget=str(3 * MiB))
+    for step in (50, 60):
+        _run_snapshot(store, step, "run-a")
+    # a new launch (run-b) starts at 1: run-a's higher steps go first, and no snapshot is refused for them
+    assert _run_snapshot(store, 1, "run-b") == [1, 60]
+    assert _run_snapshot(store, 2, "run-b") == [1, 2]
+    assert _run_snapshot(store, 3, "run-b") == [2, 3]
+    assert _metric(store, "ftd_stale_timeline_steps", {"rank": "0"}) == 0
+    again = SegmentStore(_config(tmp_path, keep=2), DaemonMetrics())
+    again.adopt()  # the run of each step comes back from its manifest
+    assert [s.run for s in sorted(again._slots[0], key=lambda s: s.step or 0) if s.step] == ["run-b", "run-b"]
+
+
+def test_the_same_run_still_keeps_its_older_higher_timeline(tmp_path):
+    store = _store(tmp_path, keep=2)
+    for step in (99, 100, 0, 1):
+        _run_snapshot(store, step, "run-a")
+    assert store.list_steps(JOB, 0) == [0, 1, 99, 100]
