@@ -18,12 +18,13 @@ def _torchrun(node: Cluster, script: str, steps: int) -> str:
     env = dict(node.env, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", FTD_RUN="examples")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "--max-restarts=1", str(EXAMPLES / script), "--steps", str(steps)], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("script", ["ddp_gpt.py", "zero_gpt.py"])
+@pytest.mark.timeout(2 * 200 + 40)  # two launches
 def test_example_snapshots_and_resumes(node: Cluster, script: str):
     first = _torchrun(node, script, 6)
     assert "done at step 6 (started at 0)" in first
