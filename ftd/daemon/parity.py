@@ -5,6 +5,9 @@ its rotation record: `s<step>-r<rotation>.rec.json`, which every group member ke
 holds what a rebuild needs beyond the bytes: codec, k, m, chunk and stripe size, each
 contributor's chunk number, and an xxh3 checksum of every stripe of every chunk (data and
 parity), so a corrupt piece is detected and not used.
+
+The directory is private like the segments' (0700, or 0750 with FTD_SHM_GROUP), files are 0600,
+nothing is opened through a symlink, and records are parsed with size and depth bounds.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import mmap
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +26,26 @@ from typing import Any
 
 import xxhash
 
-from ftd.errors import FtdError, NotFound
+from ftd.errors import FtdError, ManifestError, NotFound
+from ftd.manifest import parse_json
 
 log = logging.getLogger(__name__)
 
 _PAR_RE = re.compile(r"^s(\d+)-r(\d+)-p(\d+)\.par$")
 _REC_RE = re.compile(r"^s(\d+)-r(\d+)\.rec\.json$")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+MAX_RECORD_BYTES = 16 << 20
+
+
+def _open_own(path: Path, flags: int, mode: int = 0o600) -> int:
+    """Open a regular file of the daemon's user, never through a symlink (OSError otherwise)."""
+    fd = os.open(path, flags | _NOFOLLOW | _CLOEXEC, mode)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file of the daemon's user")
+    return fd
 
 
 def stripe_checksums(data: bytes | memoryview, stripe: int) -> list[int]:
@@ -56,9 +74,9 @@ class RotationRecord:
     @classmethod
     def from_json(cls, raw: bytes) -> RotationRecord:
         try:
-            doc: dict[str, Any] = json.loads(raw)
+            doc: dict[str, Any] = parse_json(raw, "rotation record", max_bytes=MAX_RECORD_BYTES, max_depth=8)
             rec = cls(**{k: doc[k] for k in cls.__dataclass_fields__})
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, ManifestError) as exc:
             raise FtdError(f"malformed rotation record: {exc}") from exc
         stripes = -(-rec.chunk_bytes // rec.stripe_bytes) if rec.stripe_bytes > 0 else -1
         if (len(rec.data) != rec.k or len(rec.parity) != rec.m or len(rec.checksums) != rec.k + rec.m
@@ -70,13 +88,28 @@ class RotationRecord:
 class ParityStore:
     """Parity files and rotation records of one job on this node. Thread-safe."""
 
-    def __init__(self, root: Path, admit: Callable[[int], None] | None = None):
-        """`admit(nbytes)` is asked before a new parity file of `nbytes` is allocated; it raises to refuse."""
+    def __init__(self, root: Path, admit: Callable[[int], None] | None = None, mode: int = 0o700):
+        """`admit(nbytes)` is asked before a new parity file of `nbytes` is allocated; it raises to refuse.
+
+        `root` is the job directory (already checked by the segment store); `mode` that of its directories.
+        """
         self.root = root / "parity"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._mode = mode
+        self._make_root()
         self._lock = threading.Lock()
         self._maps: dict[tuple[int, int, int], mmap.mmap] = {}
         self._admit = admit
+
+    def _make_root(self) -> None:
+        """Create the parity directory privately; refuse a symlink or someone else's directory."""
+        try:
+            os.mkdir(self.root, self._mode)
+        except FileExistsError:
+            pass
+        st = os.lstat(self.root)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise FtdError(f"{self.root} is not a private directory of the daemon's user (a symlink, another "
+                           f"owner or writable by others); remove it and start the daemon again")
 
     def held_bytes(self) -> int:
         """Bytes of every parity file on this node."""
@@ -84,7 +117,7 @@ class ParityStore:
         for name in self._names():
             if _PAR_RE.match(name):
                 try:
-                    total += (self.root / name).stat().st_size
+                    total += os.lstat(self.root / name).st_size
                 except FileNotFoundError:
                     continue
         return total
@@ -111,7 +144,7 @@ class ParityStore:
                 except FileNotFoundError:
                     replaced = 0
                 self._admit(size - replaced)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = _open_own(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
             try:
                 os.ftruncate(fd, size)
                 os.posix_fallocate(fd, 0, size)
@@ -129,20 +162,40 @@ class ParityStore:
 
     def put_record(self, record: RotationRecord) -> None:
         tmp = self._rec(record.step, record.rotation).with_suffix(".tmp")
-        tmp.write_bytes(record.to_json())
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
+        try:
+            view = memoryview(record.to_json())
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
         os.replace(tmp, self._rec(record.step, record.rotation))
 
     def record(self, step: int, rot: int) -> RotationRecord:
         try:
-            return RotationRecord.from_json(self._rec(step, rot).read_bytes())
+            fd = _open_own(self._rec(step, rot), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except FileNotFoundError:
             raise NotFound(f"no record of step {step} rotation {rot}") from None
+        except OSError as exc:
+            raise FtdError(f"record of step {step} rotation {rot} is unusable: {exc}") from None
+        try:
+            raw = os.read(fd, MAX_RECORD_BYTES + 1)
+        finally:
+            os.close(fd)
+        return RotationRecord.from_json(raw)
 
     def seal(self, step: int, rot: int, j: int) -> bool:
         """Check a received parity chunk against its record; True when it is complete and intact."""
         rec = self.record(step, rot)
         path = self._par(step, rot, j)
-        if not path.exists() or path.stat().st_size != rec.chunk_bytes:
+        try:
+            if os.lstat(path).st_size != rec.chunk_bytes:
+                return False
+        except FileNotFoundError:
             return False
         got = stripe_checksums(self._read_map(step, rot, j), rec.stripe_bytes)
         if got != rec.checksums[rec.k + j]:
@@ -169,9 +222,11 @@ class ParityStore:
             if key not in self._maps:
                 path = self._par(step, rot, j)
                 try:
-                    fd = os.open(path, os.O_RDWR)
+                    fd = _open_own(path, os.O_RDWR)
                 except FileNotFoundError:
                     raise NotFound(f"no parity for step {step} rotation {rot} j {j}") from None
+                except OSError as exc:
+                    raise FtdError(f"parity of step {step} rotation {rot} j {j} is unusable: {exc}") from None
                 try:
                     self._maps[key] = mmap.mmap(fd, os.fstat(fd).st_size)
                 finally:
@@ -201,7 +256,7 @@ class ParityStore:
             return [p.name for p in self.root.iterdir()]
         except FileNotFoundError:
             log.warning("parity directory %s vanished; recreating it", self.root)
-            self.root.mkdir(parents=True, exist_ok=True)
+            self._make_root()
             return []
 
     def steps(self) -> set[int]:

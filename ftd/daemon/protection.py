@@ -80,7 +80,8 @@ class Protector:
                  metrics: DaemonMetrics):
         self.config, self.membership, self.store, self.codec, self.metrics = config, membership, store, codec, metrics
         self.group = membership.group
-        self.parity = ParityStore(store.root, admit=self._admit_parity)
+        self.parity = ParityStore(store.root, admit=self._admit_parity, mode=store.dir_mode)
+        store.count_external(self.parity.held_bytes)  # the memory budget covers segments and parity alike
         self.incarnation = secrets.randbits(63)
         self.table = PeerTable(membership, metrics, config.peer_timeout)
         self.keys = curve_keys(config.cluster_token)
@@ -98,8 +99,12 @@ class Protector:
         grpc_addr, data_addr = membership.listen_addresses(config.listen)
         self.bulk = BulkServer(data_addr, self.keys, self._read, self._write,
                                on_error=lambda: metrics.thread_errors.labels("ftd-bulk-server").inc())
-        self.peer_server = PeerServer(grpc_addr, PeerServicer(membership, self.table, config.job, self.inventory),
-                                      config.cluster_token, config.job, metrics)
+        try:
+            self.peer_server = PeerServer(grpc_addr, PeerServicer(membership, self.table, config.job, self.inventory),
+                                          config.cluster_token, config.job, metrics)
+        except BaseException:
+            self.bulk.close()  # the bulk port is free again for the next start
+            raise
         self.heartbeat = HeartbeatLoop(membership, self.table, config.cluster_token, config.job,
                                        config.heartbeat_interval, self.inventory)
         self._thread = threading.Thread(target=self._run, name="ftd-protect", daemon=True)

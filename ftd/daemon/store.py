@@ -24,6 +24,7 @@ import secrets
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +74,7 @@ class SegmentStore:
         self.root = Path(config.shm_dir) / f"ftd-{config.job}"
         self._slots: dict[int, list[Slot]] = {}
         self._pins: dict[str, set[int]] = {}
+        self._external: Callable[[], int] | None = None
         self._clients: dict[int, tuple[int, float]] = {}  # rank -> (pid, its start time) from Hello
         self._root_ready = False
         self._stale_logged: dict[int, list[int]] = {}
@@ -89,6 +91,15 @@ class SegmentStore:
     @property
     def _dir_mode(self) -> int:
         return 0o750 if self.config.shm_group >= 0 else 0o700
+
+    @property
+    def dir_mode(self) -> int:
+        """Mode of the job's directories: 0700, or 0750 when FTD_SHM_GROUP lets a group map segments."""
+        return self._dir_mode
+
+    def count_external(self, held_bytes: Callable[[], int]) -> None:
+        """Count `held_bytes()` (parity files beside the segments) against the memory budget at admission."""
+        self._external = held_bytes
 
     def prepare_root(self) -> Path:
         """Create `<shm_dir>/ftd-<job>` privately, or check that an existing one is safe; return it.
@@ -605,6 +616,10 @@ class SegmentStore:
         if budget and held + capacity > budget:
             return "budget", (f"a {capacity}-byte segment for rank {rank} would exceed the memory budget "
                               f"({held} of {budget} bytes held)")
+        external = self._external() if budget and self._external is not None else 0
+        if budget and held + external + capacity > budget:
+            return "budget", (f"a {capacity}-byte segment for rank {rank} would exceed the memory budget "
+                              f"({held} bytes of segments and {external} of parity held, of {budget})")
         available = psutil.virtual_memory().available + freed - self._inflight()
         if available - capacity < self.config.memory_reserve:
             return "host_memory", (f"a {capacity}-byte segment for rank {rank} would leave {available - capacity} "
