@@ -50,7 +50,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ftd.client.rpc import DaemonClient
 
     config = ClientConfig.load(**overrides_from(args, CLIENT))
-    client = DaemonClient(config.socket, config.job, 0, config.rpc_timeout)
+    client = DaemonClient(config.socket, config.job, 0, config.rpc_timeout, config.daemon_user,
+                          config.socket_dir_private)
     try:
         st = client.status()
     finally:
@@ -143,7 +144,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
         print(f"removed {job_dir} ({freed / 2**20:.1f} MiB; no daemon was serving it)")
         return 0
     config = ClientConfig.load(job=job, **({"socket": args.socket} if args.socket else {}))
-    client = DaemonClient(config.socket, job, -1, config.rpc_timeout)
+    client = DaemonClient(config.socket, job, -1, config.rpc_timeout, config.daemon_user, config.socket_dir_private)
     try:
         dropped = client.discard(-1)
     finally:

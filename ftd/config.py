@@ -77,6 +77,50 @@ def launcher_run(environ: Mapping[str, str]) -> str:
     return ""
 
 
+ROOT_SOCKET_DIR = "/run/ftd"
+
+
+def default_socket_dir(uid: int) -> str:
+    """The directory of the default socket of a daemon run by `uid`: /run/ftd for root, else /tmp/ftd-<uid>."""
+    return ROOT_SOCKET_DIR if uid == 0 else f"/tmp/ftd-{uid}"
+
+
+def default_socket(job: str, uid: int) -> str:
+    """The default socket of a daemon run by `uid` for `job`, in a directory only that user controls."""
+    return os.path.join(default_socket_dir(uid), f"ftd-{job}.sock")
+
+
+def client_default_socket(job: str, uid: int) -> str:
+    """The socket a trainer of `uid` looks for: its own user's daemon, else a root daemon's when only that exists."""
+    own = default_socket(job, uid)
+    root = default_socket(job, 0)
+    return root if not os.path.lexists(own) and os.path.lexists(root) else own
+
+
+def parse_user(text: str | int) -> str:
+    """A unix user by name or uid ('' for none); a name must exist on this machine."""
+    value = str(text).strip()
+    if value and not value.isdigit():
+        import pwd
+
+        try:
+            pwd.getpwnam(value)
+        except KeyError:
+            raise ConfigError(f"no unix user named {value!r} (give a user name or a uid)") from None
+    return value
+
+
+def user_uid(text: str) -> int | None:
+    """The uid of a `parse_user` value; None for ''."""
+    if not text:
+        return None
+    if text.isdigit():
+        return int(text)
+    import pwd
+
+    return pwd.getpwnam(text).pw_uid
+
+
 def parse_job(text: str) -> str:
     """A job id: it becomes part of file names, so only [A-Za-z0-9._-], at most 64 characters."""
     if not isinstance(text, str) or not _JOB_RE.fullmatch(text):
@@ -110,7 +154,17 @@ SETTINGS: tuple[Setting, ...] = (
             "else 'default')", (DAEMON, CLIENT)),
     Setting("run", parse_run, "", "this launch's run identity: snapshots of another run of the job are never resumed "
             "(default: $TORCHELASTIC_RUN_ID unless 'none', else $SLURM_JOB_ID, else '': resume any run)", (CLIENT,)),
-    Setting("socket", str, "", "unix socket of the daemon's snapshot service (default /tmp/ftd-<job>.sock)", (DAEMON, CLIENT)),
+    Setting("socket", str, "", "unix socket of the daemon's snapshot service (default: /run/ftd/ftd-<job>.sock for "
+            "a root daemon, else /tmp/ftd-<uid>/ftd-<job>.sock; a trainer falls back to the root daemon's when its "
+            "own user's does not exist). The daemon creates a default directory itself (root: 0755; else 0700, "
+            "0750 with shm_group) and refuses a socket directory that another user could change. The socket is "
+            "0600, or 0660 with group shm_group when that is set (also for a root daemon: without shm_group only "
+            "trainers of the daemon's own uid can connect)", (DAEMON, CLIENT)),
+    Setting("daemon_user", parse_user, "", "unix user (name or uid) the daemon may run as besides this trainer's "
+            "own user and root; a daemon of any other uid is refused before anything is sent to it", (CLIENT,)),
+    Setting("socket_dir_private", parse_bool, False, "the socket's directory is private to this daemon and its "
+            "trainers by other means (a pod's emptyDir, mode 0777, shared only by the pod's containers): its "
+            "directories are not checked; the socket's owner and the daemon's uid still are", (DAEMON, CLIENT)),
     Setting("shm_dir", str, "/dev/shm", "directory (a tmpfs) where snapshot segments live", (DAEMON,)),
     Setting("node", str, "", "this node: its index in the peer list, or its host[:port] there "
             "(default: the host name)", (DAEMON,)),
@@ -132,7 +186,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("memory_reserve", parse_size, 1 << 30, "host memory that must stay available after a new segment", (DAEMON,)),
     Setting("preallocate", parse_bool, True, "prepare all keep + 1 segments of a rank in the background after its "
             "first snapshot", (DAEMON,)),
-    Setting("metrics_port", int, 9400, "port of the Prometheus endpoint /metrics (0: off)", (DAEMON,)),
+    Setting("metrics_port", int, 9400, "port of the Prometheus endpoint /metrics (0: off); the daemon does not "
+            "start when it cannot bind it", (DAEMON,)),
+    Setting("metrics_address", str, "0.0.0.0", "address the Prometheus endpoint binds (127.0.0.1: this host only)",
+            (DAEMON,)),
     Setting("log_level", str, "INFO", "log level (DEBUG, INFO, WARNING, ERROR)", (DAEMON, CLIENT)),
     Setting("enabled", parse_bool, True, "take snapshots at all (0 turns the client into a no-op)", (CLIENT,)),
     Setting("rpc_timeout", float, 10.0, "seconds a call to the daemon may take", (CLIENT,)),
@@ -183,7 +240,8 @@ def _resolve(scope: str, environ: Mapping[str, str] | None, overrides: Mapping[s
     if scope == CLIENT and not values.get("run"):
         values["run"] = launcher_run(environ)
     if not values.get("socket"):
-        values["socket"] = f"/tmp/ftd-{values['job']}.sock"
+        pick = default_socket if scope == DAEMON else client_default_socket
+        values["socket"] = pick(values["job"], os.geteuid())
     return values
 
 
@@ -212,11 +270,14 @@ class DaemonConfig:
     rebuild_wait: float = 60.0
     lease_timeout: float = 600.0
     shm_group: int = -1
+    metrics_address: str = "0.0.0.0"
+    socket_dir_private: bool = False
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> DaemonConfig:
         values = _resolve(DAEMON, environ, overrides)
         values["node"] = values["node"] or socket.gethostname()
+        values["shm_dir"] = os.path.abspath(values["shm_dir"])  # trainers check segment paths against it
         if values["keep"] < 1:
             raise ConfigError(f"keep must be at least 1, got {values['keep']}")
         if values["peers_file"] and not values["peers"]:
@@ -255,6 +316,8 @@ class ClientConfig:
     shard_replicated: bool = False
     daemon_wait: float = 120.0
     run: str = ""
+    daemon_user: str = ""
+    socket_dir_private: bool = False
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ClientConfig:

@@ -15,6 +15,14 @@ class DaemonUnavailable(FtdError):
     """The local daemon cannot be reached (down, restarting, or its socket is missing)."""
 
 
+class UntrustedDaemon(DaemonUnavailable):
+    """What answers on the socket is not a daemon this trainer trusts (peer uid, or an unsafe socket path)."""
+
+
+class UntrustedSegment(FtdError):
+    """The daemon handed over a segment the trainer refuses to map (outside its tree, a link, a foreign owner)."""
+
+
 class RequestRejected(FtdError):
     """The daemon understood a request and refused it (wrong job, bad lease, malformed input)."""
 

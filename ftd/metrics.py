@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from ftd.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 _SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -95,14 +97,20 @@ class DaemonMetrics:
         r.register(_CpuCollector(proc))
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Expose the registry on http://addr:port/metrics (0: do nothing). A busy port is a warning, not fatal."""
+        """Expose the registry on http://addr:port/metrics (0: do nothing).
+
+        ConfigError when the address cannot be bound: a daemon whose monitoring silently went
+        missing would look healthy while nobody sees it.
+        """
         if port <= 0:
             return
         try:
             self._http = start_http_server(port, addr=addr, registry=self.registry)
-            log.info("metrics on http://%s:%d/metrics", addr, port)
-        except OSError as exc:
-            log.warning("metrics endpoint not started on port %d: %s", port, exc)
+        except (OSError, OverflowError) as exc:
+            raise ConfigError(f"cannot serve metrics on {addr}:{port} ({exc}): free the port, or set FTD_METRICS_PORT "
+                              f"to a free one (0: no metrics) or FTD_METRICS_ADDRESS to an address of this "
+                              f"host") from None
+        log.info("metrics on http://%s:%d/metrics", addr, port)
 
     def close(self) -> None:
         """Stop the HTTP endpoint, if one is running."""

@@ -24,7 +24,7 @@ from ftd.client.rpc import DaemonClient
 from ftd.client.segments import MappedSegment, SegmentCache
 from ftd.client.state import Captured
 from ftd.config import ClientConfig
-from ftd.errors import DaemonUnavailable, FtdError, OutOfMemory
+from ftd.errors import DaemonUnavailable, FtdError, OutOfMemory, UntrustedDaemon, UntrustedSegment
 from ftd.manifest import Entry, Manifest, chunk_checksums, layout
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,15 @@ class CopyEngine:
     def _run_one(self, job: CopyJob) -> None:
         try:
             job.outcome = self._process(job)
+        except UntrustedDaemon as exc:
+            self._connected = False
+            log.log(logging.ERROR if "untrusted_daemon" not in self._warned else logging.DEBUG,
+                    "rank %d: snapshot of step %d not sent: %s", self.rank, job.step, exc)
+            self._warned.add("untrusted_daemon")
+            job.outcome = "skipped:untrusted_daemon"
+        except UntrustedSegment as exc:
+            self._warn_once("untrusted_segment", "rank %d: snapshot of step %d skipped: %s", self.rank, job.step, exc)
+            job.outcome = "skipped:untrusted_segment"
         except DaemonUnavailable as exc:
             self._set_connected(False, str(exc))
             job.outcome = "skipped:daemon_unavailable"
@@ -133,7 +142,12 @@ class CopyEngine:
         entries, total = layout(cap.specs)
         lease = self.client.begin(cap.step, max(total, 1))
         job.nbytes = total
-        seg = self.cache.get(lease.path, lease.capacity)
+        try:
+            seg = self.cache.get(lease.path, lease.capacity, self.client.segment_trust())
+        except UntrustedSegment:
+            with contextlib.suppress(FtdError):
+                self.client.abort(cap.step, lease.lease, "the trainer refused to map the segment")
+            raise
         t0 = time.perf_counter()
         self._copy_all(job, seg, entries)
         job.copy_seconds = time.perf_counter() - t0

@@ -31,7 +31,7 @@ from ftd.client import gather, sharding, state
 from ftd.client.rpc import DaemonClient
 from ftd.client.segments import MappedSegment
 from ftd.client.sharding import Layout, Replicas
-from ftd.errors import ConfigError, DaemonUnavailable, FtdError, OtherRun, SnapshotCorrupt
+from ftd.errors import ConfigError, DaemonUnavailable, FtdError, OtherRun, SnapshotCorrupt, UntrustedDaemon
 from ftd.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def open_verified(client: DaemonClient, job: str, rank: int, world_size: int, st
     manifest.validate(reply.capacity)
     layout = sharding.check(manifest, replicas)
     try:
-        segment = MappedSegment(reply.path, manifest.data_bytes, writable=False)
+        segment = MappedSegment(reply.path, manifest.data_bytes, writable=False, trust=client.segment_trust())
     except (SnapshotCorrupt, OSError) as exc:
         raise SnapshotCorrupt(f"cannot map the segment: {exc}", rank=rank, step=step) from exc
     try:
@@ -227,6 +227,10 @@ def _list_held(client: DaemonClient, rank: int, timeout: float | None, daemon_wa
             if waited:
                 log.info("rank %d: the daemon is up after %.0f s; restoring", rank, time.monotonic() - t0)
             return held
+        except UntrustedDaemon as exc:  # waiting would not make it trustworthy
+            log.error("rank %d: not restoring from the daemon: %s; this rank has nothing to restore", rank, exc)
+            failures.append(str(exc))
+            return []
         except DaemonUnavailable as exc:
             now = time.monotonic()
             if now - t0 >= max(daemon_wait, 0.0):

@@ -1,16 +1,25 @@
-"""Trainer -> local daemon calls over the unix socket; grpc errors become ftd errors here."""
+"""Trainer -> local daemon calls over the unix socket; grpc errors become ftd errors here.
+
+Before its first call (and again after the daemon was unreachable) the client checks whom it
+talks to: the socket's directories must be safe from other users (ftd.socktrust) and the process
+listening on it must run as this trainer's uid, root, or FTD_DAEMON_USER (SO_PEERCRED). Anything
+else is UntrustedDaemon, a DaemonUnavailable: nothing is sent to it.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
 
 from ftd._proto import snapshot_pb2 as pb
 from ftd._proto import snapshot_pb2_grpc as pb_grpc
-from ftd.errors import DaemonUnavailable, FtdError, NotFound, OutOfMemory, RequestRejected
+from ftd.config import user_uid
+from ftd.errors import DaemonUnavailable, FtdError, NotFound, OutOfMemory, RequestRejected, UntrustedDaemon
+from ftd.socktrust import chain_problem, peer_credentials, socket_problem
 
 T = TypeVar("T")
 
@@ -37,24 +46,91 @@ def translate(exc: grpc.RpcError) -> FtdError:
     return RequestRejected(f"{code.name if code else 'error'}: {detail}")
 
 
-class DaemonClient:
-    """A rank's connection to its node's daemon. Every call takes the configured timeout."""
+_TRUST_FIX = ("remove whatever is there and start `ftd daemon` with a socket in a directory only its user can "
+              "change (the default), or set FTD_SOCKET to the daemon's real socket")
 
-    def __init__(self, socket_path: str, job: str, rank: int, timeout: float):
+
+def verify_daemon(path: str, trusted: Collection[int], timeout: float, check_dirs: bool = True) -> int:
+    """The uid of the daemon listening on `path`, after checking the path and the peer (SO_PEERCRED).
+
+    DaemonUnavailable when nothing listens there (yet); UntrustedDaemon when the directories or
+    the socket could have been planted by another user, or the listener runs as an untrusted uid.
+    `check_dirs=False` (FTD_SOCKET_DIR_PRIVATE) skips the directories above the socket.
+    """
+    if not os.path.lexists(path):
+        raise DaemonUnavailable(f"no daemon socket at {path} (is `ftd daemon` running with this FTD_JOB/FTD_SOCKET?)")
+    try:
+        problem = ((chain_problem(os.path.dirname(os.path.abspath(path)), trusted) if check_dirs else None)
+                   or socket_problem(path, trusted))
+    except FileNotFoundError:
+        raise DaemonUnavailable(f"the daemon socket {path} went away") from None
+    if problem:
+        raise UntrustedDaemon(f"refusing the daemon socket {path}: {problem}; {_TRUST_FIX}")
+    try:
+        peer = peer_credentials(path, timeout)
+    except OSError as exc:
+        raise DaemonUnavailable(f"daemon unreachable at {path}: {exc.strerror or exc}") from None
+    if peer.uid not in trusted:
+        raise UntrustedDaemon(f"refusing the process behind {path}: pid {peer.pid} runs as uid {peer.uid}, not as "
+                              f"this trainer's uid {os.geteuid()} or root; set FTD_DAEMON_USER to that user if it is "
+                              f"your daemon, else {_TRUST_FIX}")
+    return peer.uid
+
+
+@dataclass(frozen=True)
+class SegmentTrust:
+    """What a segment file must satisfy before a trainer maps it: one of `uids` owns it, it lies under `root`."""
+
+    uids: frozenset[int]
+    root: str
+
+
+class DaemonClient:
+    """A rank's connection to its node's daemon. Every call takes the configured timeout.
+
+    `daemon_uid` is the uid of the verified daemon (None until the first call has checked it).
+    """
+
+    def __init__(self, socket_path: str, job: str, rank: int, timeout: float, daemon_user: str = "",
+                 socket_dir_private: bool = False):
         self.socket_path = socket_path
         self.job, self.rank, self.timeout = job, rank, timeout
+        extra = user_uid(daemon_user)
+        self.trusted_uids = frozenset({os.geteuid(), 0} | ({extra} if extra is not None else set()))
+        self.daemon_uid: int | None = None
+        self._check_dirs = not socket_dir_private
+        self._shm_dir: str | None = None
         self._channel = grpc.insecure_channel(f"unix:{socket_path}", options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.SnapshotStub(self._channel)
 
+    def verify(self) -> int:
+        """Check the socket and the daemon behind it (verify_daemon); remember and return its uid."""
+        self.daemon_uid = verify_daemon(self.socket_path, self.trusted_uids, self.timeout, self._check_dirs)
+        return self.daemon_uid
+
     def _rpc(self, fn: Callable[..., T], request: object, timeout: float | None = None) -> T:
+        if self.daemon_uid is None:
+            self.verify()
         try:
             return fn(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
-            raise translate(exc) from None
+            error = translate(exc)
+            if isinstance(error, DaemonUnavailable):  # whoever answers next is checked again
+                self.daemon_uid, self._shm_dir = None, None
+            raise error from None
+
+    def segment_trust(self) -> SegmentTrust:
+        """The owner and directory every segment of this daemon must have (asks for shm_dir once if needed)."""
+        if self._shm_dir is None:
+            self._shm_dir = self.status().shm_dir
+        uids = frozenset({self.daemon_uid}) if self.daemon_uid is not None else frozenset({os.geteuid(), 0})
+        return SegmentTrust(uids, os.path.join(self._shm_dir, f"ftd-{self.job}"))
 
     def hello(self, world_size: int) -> pb.HelloReply:
-        return self._rpc(self._stub.Hello, pb.HelloRequest(job=self.job, rank=self.rank, world_size=world_size,
-                                                           pid=os.getpid()))
+        reply = self._rpc(self._stub.Hello, pb.HelloRequest(job=self.job, rank=self.rank, world_size=world_size,
+                                                            pid=os.getpid()))
+        self._shm_dir = reply.shm_dir
+        return reply
 
     def begin(self, step: int, nbytes: int) -> pb.BeginReply:
         """Reserve a segment. A first Begin may allocate and pre-fault it, so its deadline grows with the

@@ -7,20 +7,64 @@ pinned host memory so device-to-host copies run asynchronously at full speed.
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
+import stat
 import warnings
 from collections import OrderedDict
 
 import torch
 
-from ftd.errors import SnapshotCorrupt
+from ftd.client.rpc import SegmentTrust
+from ftd.errors import SnapshotCorrupt, UntrustedSegment
 from ftd.manifest import Entry, itemsize
 
 log = logging.getLogger(__name__)
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # no links; a FIFO must not block the open
+
+
+def open_segment(path: str, size: int, writable: bool, trust: SegmentTrust) -> tuple[int, os.stat_result]:
+    """Open a segment the daemon named, refusing (UntrustedSegment) anything but its own plain file in its tree.
+
+    The file must lie under `trust.root` (directories resolved), not be a symlink, be a regular
+    file with one link, owned by one of `trust.uids`, and hold at least `size` bytes.
+    """
+    root = os.path.realpath(trust.root)
+    directory = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    if os.path.commonpath([root, directory]) != root:
+        raise UntrustedSegment(f"the daemon named segment {path}, outside its directory {root}; not mapped")
+    resolved = os.path.join(directory, os.path.basename(path))
+    try:
+        fd = os.open(resolved, (os.O_RDWR if writable else os.O_RDONLY) | _OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UntrustedSegment(f"segment {path} is a symlink; not mapped") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        problem = _file_problem(st, size, trust)
+        if problem:
+            raise UntrustedSegment(f"segment {path} {problem}; not mapped")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _file_problem(st: os.stat_result, size: int, trust: SegmentTrust) -> str | None:
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if st.st_uid not in trust.uids:
+        return f"is owned by uid {st.st_uid}, not by the daemon (uid {' or '.join(map(str, sorted(trust.uids)))})"
+    if st.st_nlink != 1:
+        return f"has {st.st_nlink} hard links (a segment has exactly one)"
+    if st.st_size < size:
+        return f"is truncated: {st.st_size} bytes, expected {size}"
+    return None
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -35,12 +79,9 @@ def torch_dtype(name: str) -> torch.dtype:
 class MappedSegment:
     """One segment file mapped into memory, with typed views onto its bytes."""
 
-    def __init__(self, path: str, size: int, writable: bool, register_cuda: bool = False):
-        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    def __init__(self, path: str, size: int, writable: bool, trust: SegmentTrust, register_cuda: bool = False):
+        fd, st = open_segment(path, size, writable, trust)
         try:
-            st = os.fstat(fd)
-            if st.st_size < size:
-                raise SnapshotCorrupt(f"segment {path} is truncated: {st.st_size} bytes, expected {size}")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=prot) if size else None
         finally:
@@ -87,18 +128,18 @@ class SegmentCache:
         self.max_open = max_open
         self._open: OrderedDict[str, MappedSegment] = OrderedDict()
 
-    def get(self, path: str, capacity: int) -> MappedSegment:
+    def get(self, path: str, capacity: int, trust: SegmentTrust) -> MappedSegment:
         seg = self._open.get(path)
         if seg is not None:
             try:
-                same = os.stat(path).st_ino == seg.inode and seg.size == capacity
+                same = os.lstat(path).st_ino == seg.inode and seg.size == capacity
             except FileNotFoundError:
                 same = False
             if same:
                 self._open.move_to_end(path)
                 return seg
             self._drop(path)
-        seg = MappedSegment(path, capacity, writable=True, register_cuda=self.register_cuda)
+        seg = MappedSegment(path, capacity, writable=True, trust=trust, register_cuda=self.register_cuda)
         self._open[path] = seg
         while len(self._open) > self.max_open:
             self._drop(next(iter(self._open)))

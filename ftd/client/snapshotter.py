@@ -105,7 +105,8 @@ class Snapshotter:
         self.restored_extra: dict[str, Any] | None = None
         self._pending_stall = -1.0
         self._closed = False
-        self.client = DaemonClient(self.config.socket, self.config.job, self.rank, self.config.rpc_timeout)
+        self.client = DaemonClient(self.config.socket, self.config.job, self.rank, self.config.rpc_timeout,
+                                   self.config.daemon_user, self.config.socket_dir_private)
         self._engine = CopyEngine(self.client, self.config, self.rank, self._on_done) if self.config.enabled else None
         self._hook = optimizer.register_step_pre_hook(self._before_step) if optimizer is not None else None
         log.debug("rank %d/%d snapshotting into unix:%s (job %r)", self.rank, self.world_size, self.config.socket,

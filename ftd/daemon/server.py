@@ -10,8 +10,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import socket as socketlib
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +23,7 @@ from ftd import __version__
 from ftd._proto import snapshot_pb2 as pb
 from ftd._proto import snapshot_pb2_grpc as pb_grpc
 from ftd.config import DaemonConfig
-from ftd.daemon import remote
+from ftd.daemon import remote, unixsock
 from ftd.daemon.store import SegmentStore
 from ftd.errors import FtdError, ManifestError, NotFound, OutOfMemory, RequestRejected
 from ftd.metrics import DaemonMetrics
@@ -74,6 +72,12 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
             level = logging.WARNING if code is not grpc.StatusCode.NOT_FOUND else logging.DEBUG
             log.log(level, "refused (%s): %s", code.name, exc)
             context.abort(code, str(exc))
+            raise  # unreachable: abort raises
+        except Exception as exc:  # noqa: BLE001 - a bug or a hostile request: a clear status, no traceback sent
+            log.exception("internal error serving a request")
+            self.store.metrics.thread_errors.labels("ftd-rpc").inc()
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in the daemon: {type(exc).__name__}: "
+                          f"{str(exc)[:200]} (see the daemon's log)")
             raise  # unreachable: abort raises
 
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
@@ -190,23 +194,6 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
         return reply
 
 
-def _claim_socket(path: str) -> None:
-    """Remove a stale socket file; refuse if a live daemon still answers on it."""
-    p = Path(path)
-    if not p.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return
-    if not stat.S_ISSOCK(p.stat().st_mode):
-        raise FtdError(f"{path} exists and is not a socket")
-    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            p.unlink(missing_ok=True)
-            return
-    raise FtdError(f"another daemon is already serving on {path}")
-
-
 def _lock_directory(root: Path) -> int:
     """Hold an exclusive flock on `<root>/daemon.lock` for the daemon's lifetime (freed even on SIGKILL).
 
@@ -234,8 +221,17 @@ class Daemon:
         self._stopped = threading.Event()
 
     def start(self) -> Daemon:
+        """Lock the job, check the socket path, bind metrics, adopt, serve; on any failure undo what was done."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> Daemon:
         self._lock_fd = _lock_directory(self.store.prepare_root())
-        _claim_socket(self.config.socket)
+        unixsock.prepare_socket(self.config.socket, self.config.shm_group, not self.config.socket_dir_private)
+        self.metrics.serve(self.config.metrics_port, self.config.metrics_address)
         adopted, dropped = self.store.adopt(retain=not self.config.peer_list)  # with peers: after pinning
         log.info("job %r on node %s: shm %s, re-adopted %d sealed segment(s), dropped %d half-written",
                  self.config.job, self.config.node, self.store.root, adopted, dropped)
@@ -243,12 +239,9 @@ class Daemon:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ftd-rpc"),
                              options=GRPC_OPTIONS)
         pb_grpc.add_SnapshotServicer_to_server(SnapshotServicer(self.config, self.store, self.protector), server)
-        if server.add_insecure_port(f"unix:{self.config.socket}") == 0:
-            raise FtdError(f"cannot listen on unix:{self.config.socket}")
+        unixsock.bind(server, self.config.socket, self.config.shm_group)
         server.start()
-        os.chmod(self.config.socket, 0o660)
         self._server = server
-        self.metrics.serve(self.config.metrics_port)
         log.info("serving snapshots on unix:%s (keep %d, budget %s, reserve %d bytes)", self.config.socket,
                  self.config.keep, self.config.memory_budget or "none", self.config.memory_reserve)
         return self

@@ -237,7 +237,9 @@ class BulkServer:
             self.endpoint = sock.last_endpoint.decode()
         except zmq.ZMQError as exc:
             self._ctx.destroy(linger=0)
-            raise ConfigError(f"cannot bind the bulk server to {bind!r}: {exc}") from exc
+            raise ConfigError(f"cannot bind the bulk server to {bind!r}: {exc}; bulk data uses the peer port + 1: "
+                              f"set FTD_LISTEN (or this node's FTD_PEERS entry) to a port whose next port is free "
+                              f"too") from exc
         self.port = int(self.endpoint.rsplit(":", 1)[1])
         self._thread = threading.Thread(target=self._serve, name=THREAD_NAME, daemon=True)
         self._thread.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytest
 
@@ -15,6 +16,7 @@ from ftd.config import (
     DaemonConfig,
     add_arguments,
     check_environment,
+    default_socket,
     overrides_from,
     parse_bool,
     parse_job,
@@ -224,10 +226,13 @@ def test_sizes_from_environment_and_flags():
 # ---- derived defaults -------------------------------------------------------------------------
 
 
-def test_socket_default_derived_from_job():
-    assert DaemonConfig.load(environ={"FTD_JOB": "abc"}).socket == "/tmp/ftd-abc.sock"
-    assert ClientConfig.load(environ={}, job="xyz").socket == "/tmp/ftd-xyz.sock"
-    assert DaemonConfig.load(environ={}).socket == "/tmp/ftd-default.sock"
+def test_socket_default_derived_from_job_in_a_directory_of_the_user():
+    own = "/run/ftd" if os.geteuid() == 0 else f"/tmp/ftd-{os.geteuid()}"
+    assert DaemonConfig.load(environ={"FTD_JOB": "abc"}).socket == f"{own}/ftd-abc.sock"
+    assert DaemonConfig.load(environ={}).socket == f"{own}/ftd-default.sock"
+    job = f"cfg-{os.getpid()}"  # a job whose socket exists nowhere: the trainer looks in its own user's directory
+    assert ClientConfig.load(environ={}, job=job).socket == f"{own}/ftd-{job}.sock"
+    assert default_socket("j", 0) == "/run/ftd/ftd-j.sock" and default_socket("j", 1234) == "/tmp/ftd-1234/ftd-j.sock"
 
 
 def test_explicit_socket_wins(tmp_path):
