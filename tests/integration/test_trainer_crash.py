@@ -25,7 +25,7 @@ def test_sigkill_at_random_step_resumes_bit_exact(node, reference):
 def test_daemon_absent_never_stops_training(tmp_path, reference):
     from ftd.demo.procs import ftd_env, read_losses, start_trainer
 
-    env = ftd_env(tmp_path, "nodaemon")  # nobody listens on this socket
+    env = ftd_env(tmp_path, "nodaemon", FTD_DAEMON_WAIT="2")  # nobody listens on this socket; restore() waits 2 s for it
     losses = tmp_path / "l.jsonl"
     proc = start_trainer(["--steps", str(STEPS), "--losses", str(losses), "--out", str(tmp_path / "p.pt")], env,
                          tmp_path / "train.log")
