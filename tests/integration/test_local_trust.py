@@ -24,7 +24,7 @@ from ftd.client.segments import SegmentCache
 from ftd.config import default_socket, default_socket_dir
 from ftd.demo.procs import DaemonProcess, free_port, ftd_env
 from ftd.errors import UntrustedDaemon, UntrustedSegment
-from tests.unit.test_socket_trust import SECOND_USER, _listen, _stop, fork_as, second_user
+from tests.unixusers import SECOND_USER, fork_as, listen, second_user, stop
 
 REPO = Path(__file__).resolve().parents[2]
 # The daemon as the second user: started by this interpreter's user (the second one may not reach the
@@ -50,12 +50,6 @@ def _snapshotter(job: str, socket_path: str, **settings) -> tuple[ftd.Snapshotte
                            **settings), model
 
 
-@pytest.fixture
-def shared_dir():
-    path = Path(tempfile.mkdtemp(prefix="ftd-shared-", dir="/tmp"))
-    os.chmod(path, 0o1777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -109,7 +103,7 @@ def test_a_squatter_on_a_shared_path_gets_nothing_and_the_daemon_refuses_to_star
     other = second_user()
     job = _job()
     path = shared_dir / "ftd.sock"
-    squatter = _listen(path, other)
+    squatter = listen(path, other)
     try:
         snap, _ = _snapshotter(job, str(path), daemon_wait=60)
         try:
@@ -126,7 +120,7 @@ def test_a_squatter_on_a_shared_path_gets_nothing_and_the_daemon_refuses_to_star
         assert done.returncode == 2, done.stderr
         assert os.lstat(path).st_uid == other.pw_uid, "the daemon removed someone else's socket"
     finally:
-        _stop(squatter)
+        stop(squatter)
 
 
 def test_a_daemon_of_another_user_is_trusted_only_as_the_daemon_user(tmp_path, shm):

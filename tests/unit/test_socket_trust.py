@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
-import signal
 import socket
-import socketserver
-import subprocess
-import tempfile
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,86 +16,9 @@ from ftd.daemon import unixsock
 from ftd.errors import ConfigError, DaemonUnavailable, FtdError, UntrustedDaemon, UntrustedSegment
 from ftd.metrics import DaemonMetrics
 from ftd.socktrust import chain_problem
+from tests.unixusers import SECOND_USER, fork_as, listen, second_user, stop
 
-SECOND_USER = "ftdtest2"
 ME = os.geteuid()
-
-
-def second_user() -> pwd.struct_passwd:
-    """A second unix user (created when missing); skips when this machine cannot have one."""
-    try:
-        return pwd.getpwnam(SECOND_USER)
-    except KeyError:
-        pass
-    if os.geteuid() != 0:
-        pytest.skip("a second unix user is needed and creating one needs root")
-    if shutil.which("useradd") is None:
-        pytest.skip("a second unix user is needed and useradd is missing")
-    done = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SECOND_USER],
-                          capture_output=True, text=True)
-    if done.returncode != 0 and "already exists" not in done.stderr:
-        pytest.skip(f"useradd {SECOND_USER} failed: {done.stderr.strip()}")
-    return pwd.getpwnam(SECOND_USER)
-
-
-def drop_to(user: pwd.struct_passwd) -> None:
-    """Become `user` in this process (groups, gid, then uid)."""
-    os.setgroups([])
-    os.setgid(user.pw_gid)
-    os.setuid(user.pw_uid)
-
-
-def fork_as(user: pwd.struct_passwd | None, target: Callable[[int], None]) -> tuple[int, int]:
-    """Run `target(write_fd)` in a forked child that became `user` (no exec: the interpreter may live where the
-    second user cannot reach it); return (pid, read_fd) of the pipe it writes to."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            os.close(read_fd)
-            if user is not None:
-                drop_to(user)
-            target(write_fd)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    return pid, read_fd
-
-
-@pytest.fixture
-def shared_dir():
-    """A sticky, world-writable directory like /tmp that every user can reach."""
-    path = Path(tempfile.mkdtemp(prefix="ftd-shared-", dir="/tmp"))
-    os.chmod(path, 0o1777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-class _Quiet(socketserver.BaseRequestHandler):
-    def handle(self) -> None:
-        self.request.recv(1)
-
-
-def _listen(path: Path, user: pwd.struct_passwd | None = None) -> int:
-    """A real socketserver bound to `path` by a child process (of `user` when given); its pid once it listens."""
-    def serve(ready: int) -> None:
-        server = socketserver.UnixStreamServer(str(path), _Quiet)
-        os.write(ready, b"r")
-        server.serve_forever()
-
-    pid, ready = fork_as(user, serve)
-    try:
-        assert os.read(ready, 1) == b"r", "the listener did not start"
-    finally:
-        os.close(ready)
-    return pid
-
-
-def _stop(pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
 
 
 # ---- directory chains ------------------------------------------------------------------------
@@ -154,7 +70,7 @@ def test_no_socket_is_an_absent_daemon_not_an_untrusted_one(tmp_path):
 
 
 def test_a_symlink_or_a_plain_file_is_not_a_daemon_socket(tmp_path):
-    proc = _listen(tmp_path / "real.sock")
+    proc = listen(tmp_path / "real.sock")
     try:
         (tmp_path / "link.sock").symlink_to(tmp_path / "real.sock")
         (tmp_path / "file.sock").write_bytes(b"")
@@ -163,13 +79,13 @@ def test_a_symlink_or_a_plain_file_is_not_a_daemon_socket(tmp_path):
                 verify_daemon(str(tmp_path / name), {0, ME}, 1.0)
         assert verify_daemon(str(tmp_path / "real.sock"), {0, ME}, 1.0) == ME
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def test_a_listener_of_another_uid_is_refused_unless_it_is_the_daemon_user(shared_dir):
     other = second_user()
     path = shared_dir / "squat.sock"
-    proc = _listen(path, other)
+    proc = listen(path, other)
     try:
         with pytest.raises(UntrustedDaemon):  # its socket file is theirs
             verify_daemon(str(path), {0, ME}, 1.0)
@@ -184,7 +100,7 @@ def test_a_listener_of_another_uid_is_refused_unless_it_is_the_daemon_user(share
         with pytest.raises(UntrustedDaemon):  # the Snapshot RPCs go through the same check
             DaemonClient(str(path), "job", 0, 1.0).list_steps()
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def test_a_trainer_without_a_daemon_of_its_own_finds_the_root_daemon():
@@ -231,7 +147,7 @@ def test_a_private_socket_directory_by_other_means_skips_only_the_directory_chec
     with pytest.raises(ConfigError):
         unixsock.prepare_socket(str(path), -1)
     unixsock.prepare_socket(str(path), -1, check_dirs=False)
-    proc = _listen(path)
+    proc = listen(path)
     try:
         with pytest.raises(UntrustedDaemon):
             verify_daemon(str(path), {0, ME}, 1.0)
@@ -242,19 +158,19 @@ def test_a_private_socket_directory_by_other_means_skips_only_the_directory_chec
         finally:
             client.close()
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def test_a_private_socket_directory_still_refuses_a_listener_of_another_uid(shared_dir):
     other = second_user()
     path = shared_dir / "squat-private.sock"
-    proc = _listen(path, other)
+    proc = listen(path, other)
     try:
         os.chown(path, ME, -1)
         with pytest.raises(UntrustedDaemon):
             verify_daemon(str(path), {0, ME}, 1.0, check_dirs=False)
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def test_the_daemon_replaces_only_its_own_dead_socket(shared_dir):
@@ -265,21 +181,21 @@ def test_the_daemon_replaces_only_its_own_dead_socket(shared_dir):
     unixsock.prepare_socket(str(dead), -1)
     assert not dead.exists()
     squat = shared_dir / "squat.sock"
-    proc = _listen(squat, other)
+    proc = listen(squat, other)
     try:
         with pytest.raises(ConfigError) as caught:
             unixsock.prepare_socket(str(squat), -1)
         assert f"uid {other.pw_uid}" in str(caught.value)
         assert squat.exists()
     finally:
-        _stop(proc)
+        stop(proc)
     live = shared_dir / "live.sock"
-    proc = _listen(live)
+    proc = listen(live)
     try:
         with pytest.raises(FtdError):
             unixsock.prepare_socket(str(live), -1)
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 # ---- segment files ---------------------------------------------------------------------------

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import os
-import pwd
-import shutil
 import stat
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,42 +12,8 @@ from ftd.daemon.store import SegmentStore
 from ftd.errors import FtdError, OutOfMemory
 from ftd.manifest import layout
 from ftd.metrics import DaemonMetrics
+from tests.unixusers import run_as, second_user
 from tests.unit.test_store import JOB, _config, _manifest, _metric, _snapshot, _specs, _store
-
-HOSTILE = "ftd-hostile"
-
-
-def _hostile_uid() -> int:
-    """A second unix user (created when missing); skips when this machine cannot have one."""
-    try:
-        return pwd.getpwnam(HOSTILE).pw_uid
-    except KeyError:
-        pass
-    if os.geteuid() != 0:
-        pytest.skip("creating a second unix user needs root")
-    done = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", HOSTILE],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"useradd {HOSTILE} failed: {done.stderr.strip()}")
-    return pwd.getpwnam(HOSTILE).pw_uid
-
-
-def _as_user(uid: int, action) -> None:
-    """Run `action()` in a forked child that has become `uid` (setgid/setuid); fail when it fails."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            os.setgroups([])
-            os.setgid(pwd.getpwuid(uid).pw_gid)
-            os.setuid(uid)
-            action()
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, "the action as the second user failed"
-
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
@@ -68,21 +30,14 @@ def test_the_store_creates_everything_private(tmp_path):
     assert len(list(rank_dir.glob("*.manifest.json"))) == 1
 
 
-@pytest.fixture
-def world_writable_shm():
-    """A sticky world-writable directory like /dev/shm that the second user can reach."""
-    shm = Path(tempfile.mkdtemp(prefix="ftd-trust-", dir="/tmp"))
-    os.chmod(shm, 0o1777)
-    yield shm
-    shutil.rmtree(shm, ignore_errors=True)
 
 
-def test_a_job_directory_created_first_by_another_user_is_refused(tmp_path, world_writable_shm):
-    uid = _hostile_uid()
-    root = world_writable_shm / f"ftd-{JOB}"
-    _as_user(uid, lambda: os.mkdir(root, 0o777))
-    assert os.lstat(root).st_uid == uid
-    store = SegmentStore(_config(tmp_path, shm_dir=str(world_writable_shm)), DaemonMetrics())
+def test_a_job_directory_created_first_by_another_user_is_refused(tmp_path, shared_dir):
+    other = second_user()
+    root = shared_dir / f"ftd-{JOB}"
+    run_as(other, lambda: os.mkdir(root, 0o777))
+    assert os.lstat(root).st_uid == other.pw_uid
+    store = SegmentStore(_config(tmp_path, shm_dir=str(shared_dir)), DaemonMetrics())
     with pytest.raises(FtdError, match="owned by uid"):
         store.adopt()
     with pytest.raises(FtdError, match="owned by uid"):
