@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from ftd.errors import ManifestError
+from ftd.manifest import parse_json
 
 BLOB_ALIGN = 4096
 BLOB_FORMAT = 1
@@ -109,14 +110,14 @@ def parse_header(buf: bytes | memoryview, total: int) -> tuple[int, int, list[Bl
     (length,) = struct.unpack_from("<Q", buf, 0)
     if length > MAX_HEADER_BYTES or 8 + length > len(buf):
         raise ManifestError(f"blob header of {length} bytes does not fit")
+    doc = parse_json(bytes(buf[8:8 + length]), "blob header", max_bytes=MAX_HEADER_BYTES, max_depth=8)
     try:
-        doc = json.loads(bytes(buf[8:8 + length]))
         if doc.get("format") != BLOB_FORMAT:
             raise ManifestError(f"unknown blob format {doc.get('format')!r}")
         parts = [BlobPart(int(e["rank"]), int(e["offset"]), int(e["nbytes"]), str(e["manifest"]).encode())
                  for e in doc["ranks"]]
         step, node = int(doc["step"]), int(doc["node"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ManifestError(f"malformed blob header: {exc}") from exc
     for part in parts:
         if part.offset < 8 + length or part.nbytes < 0 or part.offset + part.nbytes > total:

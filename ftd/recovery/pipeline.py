@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from ftd.client import jsonsafe
 from ftd.client import restore as restore_mod
-from ftd.errors import CheckFreeError, FtdError
+from ftd.errors import CheckFreeError, FtdError, ManifestError
+from ftd.manifest import parse_json
 from ftd.recovery.checkfree import DEFAULT_LR_SCALE, rebuild_intermediate, restart_optimizer
 from ftd.recovery.gradnorm import GradNormTracker
 
@@ -237,4 +238,7 @@ def _recv_json(peer: int) -> Any:
         raise CheckFreeError(f"stage {peer} announced a {int(size.item())}-byte message")
     blob = torch.empty(int(size.item()), dtype=torch.uint8)
     dist.recv(blob, peer)
-    return json.loads(blob.numpy().tobytes())
+    try:
+        return parse_json(blob.numpy().tobytes(), f"stage {peer}'s message", max_bytes=MAX_JSON_BYTES)
+    except ManifestError as exc:
+        raise CheckFreeError(str(exc)) from exc
