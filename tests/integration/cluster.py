@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ftd.demo.procs import DaemonProcess, ftd_env, read_losses, start_trainer
+from tests.bitexact import differing
 
 STEPS = 24
 TRAIN_ARGS = ["--steps", str(STEPS)]
@@ -107,9 +108,7 @@ def assert_bit_exact(node: Cluster, reference: tuple[dict[int, str], dict[str, t
     diverged = [s for s in ref_losses if losses[s] != ref_losses[s]]
     assert not diverged, f"losses differ from step {diverged[0]}: {losses[diverged[0]]} vs {ref_losses[diverged[0]]}"
     params = node.params(rank)
-    assert params.keys() == ref_params.keys()
-    for name, value in ref_params.items():
-        assert torch.equal(params[name].view(torch.uint8), value.view(torch.uint8)), f"{name} differs"
+    assert not differing(params, ref_params), f"rank {rank}: {differing(params, ref_params)} differ"
 
 
 def python() -> str:

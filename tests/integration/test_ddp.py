@@ -15,6 +15,7 @@ import torch
 
 from ftd.demo.procs import ftd_env, read_losses, wait_for_step
 
+from tests.bitexact import differing
 from tests.integration.cluster import STEPS, Cluster
 
 RANKS = 2
@@ -67,4 +68,4 @@ def test_ddp_rank_killed_resumes_bit_exact(node: Cluster, ddp_reference: tuple[P
         assert len(ref_losses) == STEPS and read_losses(node.losses, rank) == ref_losses, f"rank {rank} losses differ"
         ref = torch.load(ddp_reference / f"params-{rank}.pt", weights_only=True)
         got = torch.load(node.root / f"params-{rank}.pt", weights_only=True)
-        assert all(torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)) for k, v in ref.items())
+        assert not differing(got, ref), differing(got, ref)

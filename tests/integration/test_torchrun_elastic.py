@@ -15,6 +15,7 @@ import torch
 from ftd.demo.cluster import RendezvousStore, all_losses, kill_tree
 from ftd.demo.procs import ftd_env, free_port, start_trainer
 
+from tests.bitexact import differing
 from tests.integration.multinode import make_nodes, wait_protected
 
 STEPS = 24
@@ -73,4 +74,4 @@ def test_node_replaced_under_torchrun_ranks_reassigned_bit_exact(tmp_path: Path)
     want = torch.load(ref_root / "p-0.pt", weights_only=True)
     for path in cluster.glob("node*/params-*.pt"):
         params = torch.load(path, weights_only=True)
-        assert all(torch.equal(params[k], v) for k, v in want.items()), f"{path} differs"
+        assert not differing(params, want), f"{path} differs in {differing(params, want)}"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.bitexact import byte_view, same_bytes
 from torch import nn
 
 import ftd
@@ -53,12 +54,6 @@ def _snap(snap: ftd.Snapshotter, step: int) -> None:
     assert snap.stats.last_sealed_step == step
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bytes(a), _bytes(b))
 
 
 def _random(dtype: torch.dtype, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -125,13 +120,13 @@ def test_every_dtype_round_trips_byte_exact(socket_path):
     expected_sd, got_sd = model.state_dict(), fresh.state_dict()
     assert list(got_sd) == list(expected_sd)
     for name, want in expected_sd.items():
-        assert _same_bytes(got_sd[name], want), name
-    assert any(not torch.equal(_bytes(t), torch.zeros_like(_bytes(t))) for t in got_sd.values())
+        assert same_bytes(got_sd[name], want), name
+    assert any(not torch.equal(byte_view(t), torch.zeros_like(byte_view(t))) for t in got_sd.values())
 
     assert set(restored_extra) == set(extra)  # replaced in place, stale key gone
     for key, want in extra.items():
         if isinstance(want, torch.Tensor):
-            assert _same_bytes(restored_extra[key], want), key
+            assert same_bytes(restored_extra[key], want), key
     assert restored_extra["meta"] == extra["meta"]
     assert restored_extra["zero_dim"].dim() == 0
     assert str(restored_extra["zero_dim"].item()) == "-0.0"
@@ -208,11 +203,11 @@ def test_optimizer_resumes_bitwise(socket_path, kind):
             _train_step(resumed, opt2, step)
 
     for (name, want), got in zip(model.named_parameters(), resumed.parameters()):
-        assert _same_bytes(got, want), name
+        assert same_bytes(got, want), name
     want_state, got_state = _state_tensors(opt), _state_tensors(opt2)
     assert want_state and set(got_state) == set(want_state)
     for key, want in want_state.items():
-        assert _same_bytes(got_state[key], want), key
+        assert same_bytes(got_state[key], want), key
     g1, g2 = opt.state_dict()["param_groups"], opt2.state_dict()["param_groups"]
     assert g1 == g2
 
@@ -262,7 +257,7 @@ def test_scheduler_resumes(socket_path, make_sched):
             lrs2.append((sched2.get_last_lr(), [g.get("momentum") for g in opt2.param_groups]))
     assert lrs2 == lrs
     for want, got in zip(model.parameters(), resumed.parameters()):
-        assert _same_bytes(got, want)
+        assert same_bytes(got, want)
 
 
 # ---- RNG --------------------------------------------------------------------------------------
