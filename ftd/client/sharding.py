@@ -1,4 +1,4 @@
-"""Sharded snapshots of replicated state (DESIGN §4): which replica stores which part of which tensor.
+"""Sharded snapshots of replicated state (docs/ARCHITECTURE.md §3.4): which replica stores which part of which tensor.
 
 Under plain data parallelism every replica of a *replica group* holds bit-identical parameters
 and optimizer state, so each of the `dp` replicas stores only its part of them:

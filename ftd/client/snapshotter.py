@@ -1,4 +1,4 @@
-"""`ftd.Snapshotter`: the trainer-facing API (DESIGN §8).
+"""`ftd.Snapshotter`: the trainer-facing API (docs/ARCHITECTURE.md §3.1).
 
     snap = ftd.Snapshotter(model, optimizer, scheduler=sched, extra=loader_state)
     start = snap.restore()

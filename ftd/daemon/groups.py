@@ -1,4 +1,4 @@
-"""EC group membership and the rotated parity layout (DESIGN §5). Pure functions, no I/O.
+"""EC group membership and the rotated parity layout (docs/ARCHITECTURE.md §5.1). Pure functions, no I/O.
 
 Nodes 0..N-1 (the order of FTD_PEERS) form groups of about `k + m` consecutive nodes. When N is
 not a multiple of k + m, the remainder is spread over the groups, which then use a larger k

@@ -1,4 +1,4 @@
-"""Erasure-coding protection of sealed steps across the EC group (DESIGN §5).
+"""Erasure-coding protection of sealed steps across the EC group (docs/ARCHITECTURE.md §5.4).
 
 Each node coordinates one rotation per step (the one whose first parity node it is): it pulls
 the k contributors' data chunks over the bulk transport, encodes m parity chunks stripe by

@@ -1,4 +1,4 @@
-"""Bulk data plane between node daemons: chunked GET/PUT of byte ranges over CurveZMQ (DESIGN §2, §5).
+"""Bulk data plane between node daemons: chunked GET/PUT of byte ranges over CurveZMQ (docs/ARCHITECTURE.md §5.5, §8.4).
 
 A `BulkServer` (ROUTER) serves byte ranges of the daemon's memory through two callbacks, a
 `Reader` and a `Writer`; a `BulkClient` (DEALER, one per peer) pulls or pushes ranges in pieces

@@ -1,4 +1,4 @@
-"""Recovery of lost training state without a snapshot: CheckFree and CheckFree+ (DESIGN §6).
+"""Recovery of lost training state without a snapshot: CheckFree and CheckFree+ (docs/ARCHITECTURE.md §6).
 
     tracker = GradNormTracker.attach(optimizer)                       # every stage, once
     # stage i lost; its neighbours send state_dict() and tracker.norm

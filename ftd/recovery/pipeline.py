@@ -1,4 +1,4 @@
-"""The recovery planner for pipeline-parallel jobs: memory first, CheckFree when memory is gone (DESIGN §6).
+"""The recovery planner for pipeline-parallel jobs: memory first, CheckFree when memory is gone (docs/ARCHITECTURE.md §6).
 
 Every stage process calls, once, in place of `Snapshotter.restore()`:
 
