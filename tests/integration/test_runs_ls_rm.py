@@ -25,7 +25,7 @@ def _train(env: dict[str, str], tmp_path: Path, name: str, steps: int, run: str)
     losses = tmp_path / f"{name}.jsonl"
     proc = start_trainer(["--steps", str(steps), "--dim", "16", "--layers", "1", "--losses", str(losses)],
                          dict(env, TORCHELASTIC_RUN_ID=run), tmp_path / f"{name}.log")
-    assert proc.wait(120) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    assert proc.wait(60) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     return [json.loads(line)["step"] for line in losses.read_text().splitlines()]
 
 
@@ -38,7 +38,7 @@ def _held(env: dict[str, str]) -> list[int]:
 
 
 def _ftd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ftd", *args], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "ftd", *args], env=env, capture_output=True, text=True, timeout=30)
 
 
 @pytest.fixture
