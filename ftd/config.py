@@ -200,10 +200,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("chunk_bytes", parse_size, 4 << 20, "bytes per checksummed chunk", (CLIENT,)),
     Setting("shard_replicated", parse_bool, False, "parameters and optimizer state are identical on every rank "
             "(plain data parallelism): each of the dp ranks snapshots 1/dp of them; restore gathers them", (CLIENT,)),
-    Setting("debug_pause_copy_at_step", int, -1, "testing: pause the copy of this step half-way for 600 s", (CLIENT,)),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
-KNOWN_ENV = frozenset(s.env for s in SETTINGS)
+KNOWN_ENV = frozenset(s.env for s in SETTINGS) | {"FTD_KNOBS"}  # FTD_KNOBS: ftd.knobs, not a setting
 
 
 def check_environment(environ: Mapping[str, str]) -> None:
@@ -312,7 +311,6 @@ class ClientConfig:
     restore_timeout: float
     max_stall: float
     chunk_bytes: int
-    debug_pause_copy_at_step: int
     shard_replicated: bool = False
     daemon_wait: float = 120.0
     run: str = ""

@@ -85,6 +85,12 @@ class DaemonMetrics:
                                       registry=r)
         self.rebuild_seconds = Histogram("ftd_rebuild_seconds", "Duration of completed rebuilds",
                                          buckets=_SECONDS_BUCKETS, registry=r)
+        self.rebuilds = Counter("ftd_rebuilds", "Rebuild checks of this node by outcome: rebuilt, nothing (no "
+                                "protected step in the group), unrecoverable (more than m nodes lost), failed",
+                                ["outcome"], registry=r)
+        self.rebuilt_step = Gauge("ftd_rebuilt_step", "Step this node last rebuilt from peers (-1: none)",
+                                  registry=r)
+        self.rebuilt_step.set(-1)
         self.checksum_failures = Counter("ftd_checksum_failures", "Pieces that failed their checksum",
                                          ["kind"], registry=r)
         self.host_available_bytes = Gauge("ftd_host_memory_available_bytes", "Host memory available (psutil)",

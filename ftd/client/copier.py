@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ftd import knobs
 from ftd.client.rpc import DaemonClient
 from ftd.client.segments import MappedSegment, SegmentCache
 from ftd.client.state import Captured
@@ -30,7 +31,6 @@ from ftd.manifest import Entry, Manifest, chunk_checksums, layout
 log = logging.getLogger(__name__)
 
 COPY_SLICE_BYTES = 64 << 20  # a stop request is honoured within one slice
-DEBUG_PAUSE_SECONDS = 600.0
 
 
 @dataclass
@@ -172,7 +172,8 @@ class CopyEngine:
     def _copy_all(self, job: CopyJob, seg: MappedSegment, entries: list[Entry]) -> None:
         cap = job.captured
         assert cap is not None
-        pause_at = len(entries) // 2 if cap.step == self.config.debug_pause_copy_at_step else -1
+        hooks = knobs.get()
+        pause_at = len(entries) // 2 if cap.step == hooks.pause_copy_at_step else -1
         on_cuda = any(src.is_cuda for src in cap.sources)
         if on_cuda:
             self._stream = self._stream or torch.cuda.Stream()
@@ -181,8 +182,8 @@ class CopyEngine:
         with torch.no_grad(), (torch.cuda.stream(self._stream) if on_cuda else contextlib.nullcontext()):
             for i, (entry, src) in enumerate(zip(entries, cap.sources)):
                 if i == pause_at:
-                    log.warning("rank %d: debug pause half-way through the copy of step %d", self.rank, cap.step)
-                    job.abandon.wait(DEBUG_PAUSE_SECONDS)
+                    log.warning("rank %d: test hook pause half-way through the copy of step %d", self.rank, cap.step)
+                    job.abandon.wait(hooks.pause_copy_seconds)
                 if job.abandon.is_set():
                     return
                 _copy_tensor(seg.entry(entry), src)

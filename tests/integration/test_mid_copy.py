@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -12,7 +13,7 @@ from tests.integration.cluster import STEPS, assert_bit_exact
 
 def test_kill_mid_copy_restores_previous_step(node, reference):
     pause_at = STEPS // 2
-    env = dict(node.env, FTD_DEBUG_PAUSE_COPY_AT_STEP=str(pause_at))
+    env = dict(node.env, FTD_KNOBS=json.dumps({"pause_copy_at_step": pause_at}))
     proc = node.trainer(env=env)
     deadline = time.monotonic() + 120
     while "debug pause half-way" not in (node.log.read_text() if node.log.exists() else ""):
