@@ -66,7 +66,7 @@ import ftd  # noqa: E402
 from ftd.client.rpc import DaemonClient  # noqa: E402
 from ftd.codec import available_codecs, decode_striped, encode_striped, make_codec  # noqa: E402
 from ftd.daemon.groups import ECShape  # noqa: E402
-from ftd.daemon.protection import STRIPE_BYTES as DAEMON_STRIPE_BYTES  # noqa: E402
+from ftd import knobs  # noqa: E402
 from ftd.errors import FtdError  # noqa: E402
 from ftd.demo.cluster import LocalNode as Node, make_nodes  # noqa: E402
 
@@ -269,9 +269,9 @@ def measure_codecs(k: int, m: int, chunk_mib: int, repeats: int, cpu: int) -> di
                     rows.append(row)
                     log(f"  {row['codec']}: {row['median_gbps']:.2f} GB/s")
                 ref = small_ref[n]
-            for stripe in sorted({256 << 10, DAEMON_STRIPE_BYTES}):
+            for stripe in sorted({256 << 10, knobs.get().stripe_bytes}):
                 label = f"{name}, {stripe / MIB:g} MiB stripes" + (f", {n // MIB} MiB chunks" if n != length else "")
-                if stripe == DAEMON_STRIPE_BYTES:
+                if stripe == knobs.get().stripe_bytes:
                     label += " (daemon's stripe)"
                 got = _codec_rows(codec, label, chunks, stripe, repeats if name == "isal" else max(1, repeats // 2))
                 for r in got:

@@ -4,7 +4,7 @@ Ranks snapshot their state asynchronously into the node daemon's shared memory a
 it bit for bit after a crash.
 """
 
-__version__ = "0.1.0"
+from ftd._version import __version__
 
 from typing import TYPE_CHECKING, Any  # noqa: E402
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ftd import __version__
+from ftd._version import __version__
 from ftd.config import CLIENT, DAEMON, ClientConfig, DaemonConfig, add_arguments, overrides_from
 from ftd.errors import FtdError
 

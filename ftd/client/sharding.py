@@ -27,7 +27,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import xxhash
@@ -35,8 +35,14 @@ import xxhash
 from ftd.errors import FtdError, SnapshotCorrupt
 from ftd.manifest import EntrySpec, Manifest, itemsize
 
-if TYPE_CHECKING:
-    from ftd.client.state import Captured
+
+
+class CapturedState(Protocol):
+    """What `shard` needs of a capture (ftd.client.state.Captured): its specs, sources and meta."""
+
+    specs: list[EntrySpec]
+    sources: list[torch.Tensor]
+    meta: dict[str, Any]
 
 SPLIT = -1  # the owner of a tensor that lies in the stream
 
@@ -193,7 +199,7 @@ def plan(specs: Sequence[EntrySpec], contiguous: Sequence[bool], dp: int, index:
     return Layout(dp, index, tensors, tuple(cuts))
 
 
-def shard(cap: Captured, replicas: Replicas, eligible: Callable[[str], bool]) -> Layout:
+def shard(cap: CapturedState, replicas: Replicas, eligible: Callable[[str], bool]) -> Layout:
     """Replace the eligible entries of `cap` by this replica's pieces and record the layout in its meta."""
     chosen = [i for i, spec in enumerate(cap.specs) if eligible(spec.name)]
     layout = plan([cap.specs[i] for i in chosen], [cap.sources[i].is_contiguous() for i in chosen],

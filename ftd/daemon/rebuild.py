@@ -13,25 +13,25 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
+from ftd import knobs
 from ftd._proto import peer_pb2 as pb
-from ftd.codec import decode_striped
-from ftd.daemon import remote
+from ftd.codec import Codec, decode_striped
 from ftd.daemon.blob import parse_header
-from ftd.daemon.groups import rotations
-from ftd.daemon.parity import RotationRecord, stripe_checksums
+from ftd.daemon.bulkmsg import DataChunk, ParityChunk, Record, read_sized
+from ftd.daemon.groups import Group, rotations
+from ftd.daemon.links import PeerLink
+from ftd.daemon.parity import ParityStore, RotationRecord, stripe_checksums
+from ftd.daemon.peers import PeerTable
+from ftd.daemon.slots import Source
+from ftd.daemon.store import SegmentStore
 from ftd.errors import FtdError
-
-if TYPE_CHECKING:
-    from ftd.daemon.protection import Protector
+from ftd.metrics import DaemonMetrics
 
 log = logging.getLogger(__name__)
-
-BATCH_BYTES = 16 << 20
-MAX_RECORD_BYTES = 64 << 20
-"""Largest rotation record a peer may announce (its stripe checksums: 8 bytes per MiB and piece)."""
 
 
 class Unrecoverable(FtdError):
@@ -54,44 +54,76 @@ def _holds(inv: pb.Inventory | None, step: int) -> bool:
     return inv is not None and (any(s.step == step for s in inv.steps) or any(p.step == step for p in inv.parity))
 
 
+@dataclass(frozen=True)
+class RebuildInputs:
+    """What a rebuild reads and writes: the group, the peers, this node's stores."""
+
+    me: int
+    group: Group
+    codec: Codec
+    table: PeerTable
+    links: Callable[[int], PeerLink]
+    store: SegmentStore
+    parity: ParityStore
+    metrics: DaemonMetrics
+    wait_seconds: float
+    """How long to wait for the group's peers to answer before deciding."""
+    timeout: Callable[[], float]
+    """Longest stall of one bulk transfer."""
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """A completed rebuild: the step this node holds again and the rotation records it got."""
+
+    step: int
+    records: tuple[RotationRecord, ...]
+
+
 class Rebuilder:
-    """One rebuild attempt of `protector`'s node."""
+    """One rebuild attempt of a node that lost its memory. It changes only this node's stores;
+    the caller adopts the result (its records and protected step)."""
 
-    def __init__(self, protector: Protector):
-        self.p = protector
-        self.group = protector.group
-        self.me = protector.membership.me
+    def __init__(self, inputs: RebuildInputs):
+        self.p = inputs
+        self.group = inputs.group
+        self.me = inputs.me
 
-    def run(self) -> bool:
-        """Rebuild if the group holds a protected step; True when this node now holds it."""
-        self.p.rebuilding = True
+    def run(self) -> Rebuilt | None:
+        """Rebuild if the group holds a protected step; the result when this node now holds it."""
+        metrics = self.p.metrics
         try:
             invs = self._wait_for_peers()
             candidates = _candidate_steps(invs)
             if not candidates:
                 log.info("no protected step in group %d: nothing to rebuild", self.group.index)
-                return False
+                metrics.rebuilds.labels("nothing").inc()
+                return None
+            unrecoverable = False
             for step in candidates:
                 try:
-                    self._rebuild(step, invs)
-                    return True
+                    result = self._rebuild(step, invs)
+                    metrics.rebuilds.labels("rebuilt").inc()
+                    metrics.rebuilt_step.set(step)
+                    return result
                 except FtdError as exc:
+                    unrecoverable = unrecoverable or isinstance(exc, Unrecoverable)
                     log.error("rebuild of node %d step %d failed: %s", self.me, step, exc)
             log.error("memory cannot recover node %d's snapshots: none of the steps %s the group holds parity for "
                       "could be rebuilt", self.me, candidates)
-            return False
+            metrics.rebuilds.labels("unrecoverable" if unrecoverable else "failed").inc()
+            return None
         finally:
-            self.p.rebuilding = False
-            self.p.metrics.rebuild_progress.set(0)
+            metrics.rebuild_progress.set(0)
 
     def _wait_for_peers(self) -> dict[int, pb.Inventory]:
-        """Inventories of the group peers that answer within rebuild_wait (all of them, usually sooner)."""
-        deadline = time.monotonic() + self.p.config.rebuild_wait
+        """Inventories of the group peers that answer within the wait (all of them, usually sooner)."""
+        deadline = time.monotonic() + self.p.wait_seconds
         while True:
             invs = self.p.table.inventories()
             if len(invs) >= self.group.size - 1 or time.monotonic() > deadline:
                 return {n: inv for n, inv in invs.items() if not inv.rebuilding}
-            time.sleep(0.1)
+            time.sleep(knobs.get().peer_poll_interval)
 
     def _holders(self, step: int, record: RotationRecord, invs: dict[int, pb.Inventory]) -> dict[int, int]:
         """Codec index -> node that can serve that piece of `record`'s rotation."""
@@ -109,19 +141,15 @@ class Rebuilder:
     def _record(self, step: int, rot: int, invs: dict[int, pb.Inventory]) -> RotationRecord:
         for node in invs:
             try:
-                client = self.p.client(node)
-                key = {"kind": "record_size", "step": step, "rot": rot}
-                timeout = self.p.transfer_timeout()
-                size = remote.parse_size(client.get(key, 0, 16, timeout), MAX_RECORD_BYTES, "rotation record")
-                raw = bytearray(size)
-                client.get_range({"kind": "record", "step": step, "rot": rot}, 0, size, memoryview(raw), timeout)
+                raw = read_sized(self.p.links(node), Record(step, rot), knobs.get().max_record_bytes,
+                                 "rotation record", self.p.timeout())
                 return RotationRecord.from_json(bytes(raw))
             except FtdError as exc:
                 log.warning("record of step %d rotation %d not available from node %d: %s", step, rot, node, exc)
         raise Unrecoverable(f"no surviving node of group {self.group.index} holds the record of step {step} "
                             f"rotation {rot}")
 
-    def _rebuild(self, step: int, invs: dict[int, pb.Inventory]) -> None:
+    def _rebuild(self, step: int, invs: dict[int, pb.Inventory]) -> Rebuilt:
         g, position = self.group, self.group.position(self.me)
         t0 = time.perf_counter()
         records = []
@@ -155,7 +183,8 @@ class Rebuilder:
                 ThreadPoolExecutor(1, thread_name_prefix="ftd-prefetch") as prefetch:
             done = self._decode_all(step, plans, size, blob, pool, prefetch)
         self.p.metrics.ec_decode_bytes.inc(done)
-        self._install(step, records, blob, size * len(plans), t0)
+        self._install(step, blob, size * len(plans), t0)
+        return Rebuilt(step, tuple(records))
 
     def _decode_all(self, step: int, plans: list[tuple[RotationRecord, int, dict[int, int]]], size: int,
                     blob: bytearray, pool: ThreadPoolExecutor, prefetch: ThreadPoolExecutor) -> int:
@@ -168,15 +197,16 @@ class Rebuilder:
                 target = memoryview(blob)[chunk_no * size:(chunk_no + 1) * size]
             else:
                 target = memoryview(self.p.parity.create(step, record.rotation, mine - record.k, size))
-            starts = list(range(0, size, BATCH_BYTES))
-            pending = prefetch.submit(self._fetch, pool, step, record, holders, 0, min(BATCH_BYTES, size))
+            batch = knobs.get().rebuild_batch_bytes
+            starts = list(range(0, size, batch))
+            pending = prefetch.submit(self._fetch, pool, step, record, holders, 0, min(batch, size))
             for i, start in enumerate(starts):
-                n = min(BATCH_BYTES, size - start)
+                n = min(batch, size - start)
                 present = pending.result()
                 if i + 1 < len(starts):  # pull the next batch while this one decodes
                     nxt = starts[i + 1]
                     pending = prefetch.submit(self._fetch, pool, step, record, holders, nxt,
-                                              min(BATCH_BYTES, size - nxt))
+                                              min(batch, size - nxt))
                 decode_striped(self.p.codec, present, [mine], record.stripe_bytes, out={mine: target[start:start + n]})
                 done += n
                 self.p.metrics.rebuild_progress.set(done / total)
@@ -185,19 +215,14 @@ class Rebuilder:
                     next_report += 0.1
         return done
 
-    def _install(self, step: int, records: list[RotationRecord], blob: bytearray, total: int, t0: float) -> None:
-        """Seal the rebuilt ranks' segments and the parity chunks; this node is whole again."""
+    def _install(self, step: int, blob: bytearray, total: int, t0: float) -> None:
+        """Seal the rebuilt ranks' segments; the caller adopts the records."""
         _, node, parts = parse_header(blob, len(blob))
         if node != self.me:
             raise FtdError(f"rebuilt blob belongs to node {node}, not {self.me}")
         for part in parts:
             self.p.store.install_sealed(part.rank, step, part.manifest_json,
-                                        memoryview(blob)[part.offset:part.offset + part.nbytes])
-        for record in records:
-            self.p._accept_record(record)
-        self.p.protected_step = step
-        self.p.metrics.protected_step.set(step)
-        self.p.metrics.group_protected.set(1)
+                                        memoryview(blob)[part.offset:part.offset + part.nbytes], source=Source.REBUILT)
         seconds = time.perf_counter() - t0
         self.p.metrics.rebuild_seconds.observe(seconds)
         data = sum(part.nbytes for part in parts)
@@ -227,12 +252,12 @@ class Rebuilder:
     def _fetch_one(self, step: int, record: RotationRecord, index: int, node: int, start: int,
                    n: int) -> tuple[int, bytearray | None]:
         if index < record.k:
-            key = {"kind": "data", "step": step, "chunk": record.data[index][1], "C": record.chunk_bytes}
+            key = DataChunk(step, record.data[index][1], record.chunk_bytes).key()
         else:
-            key = {"kind": "parity", "step": step, "rot": record.rotation, "j": index - record.k}
+            key = ParityChunk(step, record.rotation, index - record.k).key()
         buf = bytearray(n)
         try:
-            self.p.client(node).get_range(key, start, n, memoryview(buf), self.p.transfer_timeout())
+            self.p.links(node).get_range(key, start, n, memoryview(buf), self.p.timeout())
         except FtdError as exc:
             log.warning("piece %d of step %d rotation %d from node %d unavailable: %s", index, step,
                         record.rotation, node, exc)

@@ -1,7 +1,8 @@
 """`ftd daemon`: the snapshot manager process. gRPC servicer over the SegmentStore.
 
-The servicer only translates protobuf <-> plain values and ftd errors -> gRPC status codes;
-the store holds all the logic.
+The servicer only translates protobuf <-> plain values and ftd errors -> gRPC status codes:
+the store holds the snapshots, the recovery chain (ftd.daemon.sources) decides where a restore
+comes from, and the node's Redundancy (ftd.daemon.redundancy) protects and fetches.
 """
 
 from __future__ import annotations
@@ -19,11 +20,16 @@ from typing import Any, TypeVar
 
 import grpc
 
-from ftd import __version__
+from ftd._version import __version__
 from ftd._proto import snapshot_pb2 as pb
 from ftd._proto import snapshot_pb2_grpc as pb_grpc
 from ftd.config import DaemonConfig
-from ftd.daemon import remote, unixsock
+from ftd.codec import make_codec
+from ftd.daemon import unixsock
+from ftd.daemon.erasure import ErasureCoding
+from ftd.daemon.peers import Membership
+from ftd.daemon.redundancy import NoRedundancy, Redundancy
+from ftd.daemon.sources import NotReady, RecoveryChain
 from ftd.daemon.store import SegmentStore
 from ftd.errors import FtdError, ManifestError, NotFound, OutOfMemory, RequestRejected
 from ftd.metrics import DaemonMetrics
@@ -43,26 +49,25 @@ def _status_for(exc: FtdError) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, RequestRejected):
         return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, NotReady):
+        return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL
 
 
 class SnapshotServicer(pb_grpc.SnapshotServicer):
     """Rank -> daemon snapshot service (proto/ftd/v1/snapshot.proto)."""
 
-    def __init__(self, config: DaemonConfig, store: SegmentStore, protector: Any = None):
+    def __init__(self, config: DaemonConfig, store: SegmentStore, redundancy: Redundancy | None = None):
         self.config = config
         self.store = store
-        self.protector = protector
-        self.ready: threading.Event | None = protector.ready if protector is not None else None
+        self.redundancy: Redundancy = redundancy if redundancy is not None else NoRedundancy()
+        self.recovery = RecoveryChain(store, self.redundancy)
 
-    def _wait_ready(self, context: grpc.ServicerContext) -> None:
-        """Hold List/Open while the daemon rebuilds its memory from peers (bounded by the caller's deadline)."""
-        if self.ready is None or self.ready.is_set():
-            return
+    @staticmethod
+    def _deadline(context: grpc.ServicerContext) -> float:
+        """When the caller stops waiting, less a margin to answer in time."""
         remaining = context.time_remaining()
-        log.info("a rank asked for its snapshots while this node rebuilds; holding the call")
-        if not self.ready.wait(max(0.0, (remaining if remaining is not None else 600.0) - 0.5)):
-            context.abort(grpc.StatusCode.UNAVAILABLE, "this node is still rebuilding its snapshots from peers")
+        return time.monotonic() + (remaining if remaining is not None else 600.0) - 1.0
 
     def _call(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         try:
@@ -100,6 +105,7 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
             self.store.metrics.client_copy.observe(request.copy_seconds)
         if request.stall_seconds >= 0:
             self.store.metrics.client_stall.observe(request.stall_seconds)
+        self.redundancy.notify_sealed(request.rank, request.step)
         return pb.CommitReply(held_steps=held)
 
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
@@ -107,46 +113,18 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
                                                      request.reason))
         return pb.AbortReply()
 
-    def _wait_for_peer_rebuilds(self, context: grpc.ServicerContext) -> None:
-        """A peer that is rebuilding may be the one that will hold this rank: wait for it (bounded)."""
-        deadline = time.monotonic() + max(0.0, (context.time_remaining() or 60.0) - 1.0)
-        while any(inv.rebuilding for inv in self.protector.table.inventories().values()):
-            if time.monotonic() > deadline:
-                log.warning("a peer is still rebuilding; answering with what the group holds now")
-                return
-            time.sleep(0.2)
-
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListReply:
-        """Steps of the rank held here or by any group peer (Open fetches the ones that are not here).
-
-        After a node is replaced, ranks move: a rank may find an old step of its own here and its
-        newest protected step on a peer; the union lets every rank agree on that newest step.
-        """
-        self._wait_ready(context)
-        local = self._call(context, lambda: self.store.list_steps(request.job, request.rank))
-        if self.protector is None:
-            return pb.ListReply(steps=local)
-        self._wait_for_peer_rebuilds(context)
-        elsewhere = sorted(set(remote.remote_steps(self.protector, request.rank)) - set(local))
-        if elsewhere:
-            log.info("rank %d: steps %s here, %s on peers", request.rank, local, elsewhere)
-        return pb.ListReply(steps=sorted(set(local) | set(elsewhere)))
+        """Steps of the rank held here or by any other source (Open fetches the ones that are not here)."""
+        deadline = self._deadline(context)
+        steps = self._call(context, lambda: self.recovery.steps(request.job, request.rank, deadline))
+        return pb.ListReply(steps=steps)
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenReply:
-        """A sealed step of a rank; fetched from the peer that holds it when it is not here."""
-        self._wait_ready(context)
-
-        def open_here_or_fetch() -> tuple[str, int, bytes, str]:
-            try:
-                return self.store.open(request.job, request.rank, request.step)
-            except NotFound:
-                if self.protector is None:
-                    raise
-                remote.fetch(self.protector, request.job, request.rank, request.step)
-                return self.store.open(request.job, request.rank, request.step)
-
-        path, capacity, manifest, source = self._call(context, open_here_or_fetch)
-        return pb.OpenReply(path=path, capacity=capacity, manifest_json=manifest, source=source)
+        """A sealed step of a rank, from the first recovery source that holds it."""
+        deadline = self._deadline(context)
+        opened = self._call(context, lambda: self.recovery.open(request.job, request.rank, request.step, deadline))
+        return pb.OpenReply(path=opened.path, capacity=opened.capacity, manifest_json=opened.manifest_json,
+                            source=opened.source)
 
     def Recovered(self, request: pb.RecoveredRequest, context: grpc.ServicerContext) -> pb.RecoveredReply:
         source = request.source if request.source in ("local", "peers", "checkfree", "none") else "other"
@@ -174,23 +152,17 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
                                held_bytes=self.store.held_bytes(), budget_bytes=self.config.memory_budget,
                                available_bytes=psutil.virtual_memory().available, ranks=ranks, version=__version__,
                                protected_step=-1, node_index=-1)
-        p = self.protector
-        if p is not None:
-            reply.node_index, reply.ec = p.membership.me, f"{p.group.k}+{p.group.m}"
-            reply.group.extend(p.group.members)
-            reply.protected_step, reply.rebuilding = p.protected_step, p.rebuilding
-            now = time.monotonic()
-            for state in p.table.states():
-                inv = state.inventory
-                peer = pb.PeerStatus(node=state.node, endpoint=p.membership.peers[state.node], up=state.up,
-                                     protected_step=inv.protected_step if inv else -1,
-                                     rebuilding=bool(inv and inv.rebuilding),
-                                     seconds_since_heartbeat=now - state.last_seen if state.last_seen else -1)
-                if inv is not None:
-                    peer.ranks.extend(inv.ranks)
-                    peer.steps.extend(s.step for s in inv.steps)
-                    peer.parity_chunks = len(inv.parity)
-                reply.peers.append(peer)
+        status = self.redundancy.status()
+        if status is not None:
+            reply.node_index, reply.ec = status.node_index, status.scheme
+            reply.group.extend(status.group)
+            reply.protected_step, reply.rebuilding = status.protected_step, status.rebuilding
+            for peer in status.peers:
+                reply.peers.append(pb.PeerStatus(node=peer.node, endpoint=peer.endpoint, up=peer.up,
+                                                 protected_step=peer.protected_step, rebuilding=peer.rebuilding,
+                                                 seconds_since_heartbeat=peer.seconds_since_heartbeat,
+                                                 ranks=peer.ranks, steps=peer.steps,
+                                                 parity_chunks=peer.parity_chunks))
         return reply
 
 
@@ -217,7 +189,7 @@ class Daemon:
         self.store = SegmentStore(config, self.metrics)
         self._server: grpc.Server | None = None
         self._lock_fd: int | None = None
-        self.protector: Any = None
+        self.redundancy: Redundancy | None = None
         self._stopped = threading.Event()
 
     def start(self) -> Daemon:
@@ -235,10 +207,10 @@ class Daemon:
         adopted, dropped = self.store.adopt(retain=not self.config.peer_list)  # with peers: after pinning
         log.info("job %r on node %s: shm %s, re-adopted %d sealed segment(s), dropped %d half-written",
                  self.config.job, self.config.node, self.store.root, adopted, dropped)
-        self.protector = self._start_protection()
+        self.redundancy = self._start_redundancy()
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ftd-rpc"),
                              options=GRPC_OPTIONS)
-        pb_grpc.add_SnapshotServicer_to_server(SnapshotServicer(self.config, self.store, self.protector), server)
+        pb_grpc.add_SnapshotServicer_to_server(SnapshotServicer(self.config, self.store, self.redundancy), server)
         unixsock.bind(server, self.config.socket, self.config.shm_group)
         server.start()
         self._server = server
@@ -246,28 +218,23 @@ class Daemon:
                  self.config.keep, self.config.memory_budget or "none", self.config.memory_reserve)
         return self
 
-    def _start_protection(self) -> Any:
-        """Erasure coding across peers, when FTD_PEERS is set."""
-        from ftd.daemon.peers import Membership
-
+    def _start_redundancy(self) -> Redundancy:
+        """Erasure coding across peers when FTD_PEERS is set; no redundancy otherwise."""
         membership = Membership.from_config(self.config)
         if membership is None:
             log.info("no peers configured: snapshots are not erasure-coded across nodes")
-            return None
-        from ftd.codec import make_codec
-        from ftd.daemon.protection import Protector
-
+            return NoRedundancy()
         group = membership.group
         codec = make_codec(self.config.codec, group.k, group.m)
-        return Protector(self.config, membership, self.store, codec, self.metrics).start()
+        return ErasureCoding(self.config, membership, self.store, codec, self.metrics).start()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
 
     def stop(self, grace: float = 2.0) -> None:
-        if self.protector is not None:
-            self.protector.stop()
-            self.protector = None
+        if self.redundancy is not None:
+            self.redundancy.stop()
+            self.redundancy = None
         if self._server is not None:
             self._server.stop(grace).wait(grace + 1)
             self._server = None

@@ -54,14 +54,20 @@ from typing import Any
 import zmq
 from zmq.utils import z85
 
+from ftd.daemon.bulk import (
+    MAX_INT,
+    BadKey,
+    PeerRejected,
+    PeerUnavailable,
+    Reader,
+    Writer,
+    byte_view,
+    check_key,
+    error_text,
+)
 from ftd.errors import ConfigError, FtdError
 
 log = logging.getLogger(__name__)
-
-Reader = Callable[[dict[str, Any], int, int], memoryview | bytes]
-"""(key, offset, length) -> exactly `length` bytes. Raise (KeyError, ValueError, FtdError, ...) to refuse."""
-Writer = Callable[[dict[str, Any], int, memoryview], None]
-"""(key, offset, data): copy `data` into place; the view is only valid during the call."""
 
 DEFAULT_MAX_CHUNK = 8 << 20
 HWM = 16
@@ -71,11 +77,6 @@ MAX_WINDOW = HWM // 2
 reads, so a writer may see a pipe as full with up to HWM/2 - 1 messages already read; a window of
 at most HWM/2 therefore never meets a full queue, on either side, from a well-behaved client."""
 MAX_HEADER_BYTES = 4096
-MAX_KEY_ITEMS = 16
-MAX_KEY_NAME = 64
-MAX_KEY_STR = 256
-MAX_INT = (1 << 63) - 1
-MAX_ERROR_TEXT = 2048
 ZAP_DOMAIN = b"ftd-bulk"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 THREAD_NAME = "ftd-bulk-server"
@@ -85,18 +86,6 @@ OK, ERR = b"OK", b"ERR"
 _ID = struct.Struct(">Q")
 _POLL_MS = 50
 _JOIN_TIMEOUT_S = 5.0
-
-
-class PeerUnavailable(FtdError):
-    """A peer daemon did not answer in time, refused the connection, or could not be reached."""
-
-
-class PeerRejected(FtdError):
-    """A peer daemon answered a bulk request with an error; `peer_message` is its text."""
-
-    def __init__(self, message: str, peer_message: str = ""):
-        super().__init__(message)
-        self.peer_message = peer_message
 
 
 @dataclass(frozen=True)
@@ -147,22 +136,6 @@ def _check_int(name: str, value: Any) -> int:
     return value
 
 
-def _check_key(key: Any) -> dict[str, str | int]:
-    if not isinstance(key, dict):
-        raise _BadRequest(f"key must be a JSON object, got {type(key).__name__}")
-    if len(key) > MAX_KEY_ITEMS:
-        raise _BadRequest(f"key has {len(key)} items, at most {MAX_KEY_ITEMS} allowed")
-    for name, value in key.items():
-        if not 0 < len(name) <= MAX_KEY_NAME:
-            raise _BadRequest(f"key names must have 1..{MAX_KEY_NAME} characters, got {name!r:.80}")
-        if isinstance(value, str):
-            if len(value) > MAX_KEY_STR:
-                raise _BadRequest(f"key[{name!r}] is longer than {MAX_KEY_STR} characters")
-        elif type(value) is not int or not -MAX_INT <= value <= MAX_INT:
-            raise _BadRequest(f"key[{name!r}] must be a string or a 64-bit integer, got {value!r:.40}")
-    return key
-
-
 def parse_header(raw: bytes | memoryview, max_chunk: int) -> tuple[dict[str, str | int], int, int]:
     """Validate a request header; return (key, offset, length) or raise _BadRequest."""
     if len(raw) > MAX_HEADER_BYTES:
@@ -173,17 +146,15 @@ def parse_header(raw: bytes | memoryview, max_chunk: int) -> tuple[dict[str, str
         raise _BadRequest(f"header is not valid JSON: {exc}") from None
     if not isinstance(obj, dict) or set(obj) != {"key", "offset", "length"}:
         raise _BadRequest('header must be a JSON object with exactly "key", "offset" and "length"')
-    key = _check_key(obj["key"])
+    try:
+        key = check_key(obj["key"])
+    except BadKey as exc:
+        raise _BadRequest(str(exc)) from None
     offset = _check_int("offset", obj["offset"])
     length = _check_int("length", obj["length"])
     if length > max_chunk:
         raise _BadRequest(f"length {length} exceeds this server's max_chunk {max_chunk}")
     return key, offset, length
-
-
-def _error_text(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 3] + "..."
 
 
 # --- server ---------------------------------------------------------------------------------------
@@ -362,7 +333,7 @@ class BulkServer:
         except Exception as exc:  # noqa: BLE001
             if not isinstance(exc, (KeyError, ValueError, IndexError, FtdError)):
                 log.exception("bulk %s %s @%d+%d failed", op.decode(), key, offset, length)
-            return self._reply_error(ident, rid, _error_text(exc))
+            return self._reply_error(ident, rid, error_text(exc))
         self.served += 1
         self._send([ident, rid, OK, header] + ([data] if op == GET else []))
 
@@ -452,7 +423,7 @@ class BulkClient:
 
     def put(self, key: dict[str, Any], offset: int, data: memoryview | bytes, timeout: float) -> None:
         """Write one piece (`len(data)` <= max_chunk) at `offset`."""
-        view = _bytes_view(data)
+        view = byte_view(data)
         if view.nbytes > self.max_chunk:
             raise ValueError(f"put of {view.nbytes} bytes exceeds max_chunk {self.max_chunk}; use put_range")
         self._range(PUT, key, offset, view.nbytes, view, timeout, 1, self.max_chunk)
@@ -460,7 +431,7 @@ class BulkClient:
     def get_range(self, key: dict[str, Any], offset: int, length: int, into: memoryview | bytearray,
                   timeout: float, window: int = 4) -> None:
         """Read `length` bytes at `offset` into `into[:length]`, `window` pieces of max_chunk in flight."""
-        view = _bytes_view(into)
+        view = byte_view(into)
         if view.readonly or view.nbytes < length:
             raise ValueError(f"`into` must be a writable buffer of at least {length} bytes")
         self._range(GET, key, offset, length, view, timeout, window, self.max_chunk)
@@ -468,7 +439,7 @@ class BulkClient:
     def put_range(self, key: dict[str, Any], offset: int, data: memoryview | bytes, timeout: float,
                   window: int = 4) -> None:
         """Write `data` at `offset` in pieces of max_chunk, at most `window` in flight."""
-        view = _bytes_view(data)
+        view = byte_view(data)
         self._range(PUT, key, offset, view.nbytes, view, timeout, window, self.max_chunk)
 
     # --- internals (called with the lock held) ---
@@ -571,13 +542,27 @@ class BulkClient:
                 raise
 
 
-def _bytes_view(buf: memoryview | bytes | bytearray) -> memoryview:
-    view = memoryview(buf)
-    if not view.c_contiguous:
-        raise ValueError("bulk transfers need a contiguous buffer")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
-
-
 def _drain(sock: zmq.Socket) -> None:
     while sock.rcvmore:
         sock.recv(zmq.DONTWAIT, copy=False)
+
+
+class ZmqTransport:
+    """The production `BulkTransport` (ftd.daemon.bulk): a CurveZMQ server on this node's data
+    endpoint and a DEALER client per peer. `endpoints` maps node -> ZeroMQ endpoint."""
+
+    def __init__(self, bind: str, endpoints: Callable[[int], str], keys: CurveKeys, *,
+                 max_chunk: int = DEFAULT_MAX_CHUNK, on_error: Callable[[], None] | None = None):
+        self.bind, self.endpoints, self.keys, self.max_chunk = bind, endpoints, keys, max_chunk
+        self._on_error = on_error
+        self.server: BulkServer | None = None
+
+    def serve(self, reader: Reader, writer: Writer) -> None:
+        self.server = BulkServer(self.bind, self.keys, reader, writer, self.max_chunk, on_error=self._on_error)
+
+    def connect(self, node: int) -> BulkClient:
+        return BulkClient(self.endpoints(node), self.keys, max_chunk=self.max_chunk)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()

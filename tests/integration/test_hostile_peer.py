@@ -103,20 +103,20 @@ def test_a_hostile_heartbeat_reply_is_ignored(cluster):
         assert status.held_bytes <= BUDGET
     finally:
         client.close()
-    assert daemon.protector.table.inventories() == {}  # a rebuilding peer would hold List: none is believed
+    assert daemon.redundancy.table.inventories() == {}  # a rebuilding peer would hold List: none is believed
     assert daemon.metrics.peer_refused._value.get() >= 10  # each one refused (nothing else refuses here)
     assert _parity_bytes(tmp_path / "shm") == 0
-    assert daemon.protector._thread.is_alive() and daemon.protector.heartbeat._thread.is_alive()
+    assert daemon.redundancy.protector.alive() and daemon.redundancy.heartbeat._thread.is_alive()
 
 
 def test_parity_beyond_the_budget_or_the_groups_blobs_is_refused(cluster):
     """Even an authenticated peer cannot make this node allocate more parity than its blobs imply
     or than the memory budget allows."""
     daemon, _, tmp_path = cluster
-    p = daemon.protector
-    assert p.parity_limit(5000) == 0  # no authenticated inventory announces any blob: no parity at all
+    p = daemon.redundancy
+    assert p.service.parity_limit(5000) == 0  # no authenticated inventory announces any blob: no parity at all
     with pytest.raises(ValueError):  # 1+1 has no pushed parity (j 0 stays on its coordinator)
-        p._write({"kind": "parity", "step": 5000, "rot": 1, "j": 0, "size": 2 << 30, "from": 1}, 0,
+        p.service.write({"kind": "parity", "step": 5000, "rot": 1, "j": 0, "size": 2 << 30, "from": 1}, 0,
                  memoryview(b"x" * 4096))
     with pytest.raises(FtdError, match="memory budget"):
         p.parity.create(5000, 1, 0, BUDGET + 4096)
@@ -126,8 +126,8 @@ def test_parity_beyond_the_budget_or_the_groups_blobs_is_refused(cluster):
 def test_protection_gives_up_on_a_dead_peer_within_the_peer_timeout(tmp_path: Path):
     """Node 1's bulk port accepts TCP connections and never answers: encoding a step that needs its
     data fails after the peer timeout, not the 30 s transfer timeout."""
-    from ftd.daemon.protection import TRANSFER_TIMEOUT
-    from ftd.daemon.transport import PeerUnavailable
+    from ftd import knobs
+    from ftd.daemon.bulk import PeerUnavailable
 
     ports = [free_port_pair(), free_port_pair()]
     peers = [f"127.0.0.1:{p}" for p in ports]
@@ -136,13 +136,13 @@ def test_protection_gives_up_on_a_dead_peer_within_the_peer_timeout(tmp_path: Pa
     silent.listen(8)  # the kernel accepts; nobody ever reads or answers
     daemon = Daemon(_config(tmp_path, peers)).start()
     try:
-        p = daemon.protector
+        p = daemon.redundancy
         assert p.transfer_timeout() == daemon.config.peer_timeout
         t0 = time.monotonic()
         with pytest.raises(PeerUnavailable):
-            p.encode(3, {0: 4096, 1: 4096})  # rotation 0 of node 0 reads node 1's data first
-        assert time.monotonic() - t0 < TRANSFER_TIMEOUT / 2
-        assert p._thread.is_alive()
+            p.protector.encoder.encode(3, {0: 4096, 1: 4096})  # rotation 0 of node 0 reads node 1's data first
+        assert time.monotonic() - t0 < knobs.get().transfer_timeout / 2
+        assert p.protector.alive()
     finally:
         daemon.stop(grace=0.5)
         silent.close()
@@ -175,8 +175,8 @@ def test_a_pushed_parity_chunk_larger_than_the_groups_blobs_is_refused(tmp_path:
     try:
         for size in (2 << 30, 4096):
             with pytest.raises(ValueError, match="imply at most 0"):
-                daemon.protector._write({"kind": "parity", "step": 8, "rot": 1, "j": 1, "size": size, "from": 1}, 0,
-                                        memoryview(b"x" * 4096))
+                daemon.redundancy.service.write({"kind": "parity", "step": 8, "rot": 1, "j": 1, "size": size,
+                                                 "from": 1}, 0, memoryview(b"x" * 4096))
     finally:
         daemon.stop(grace=0.5)
     assert _parity_bytes(tmp_path / "shm") == 0

@@ -200,7 +200,8 @@ def test_a_step_held_only_for_a_moved_rank_does_not_break_the_inventory(tmp_path
     """The real `KeyError: node N holds no data of step S`: a replacement daemon holds a step only as
     a segment fetched for a rank that moved here (not its own data). Its inventory must not raise."""
     from ftd.codec import make_codec
-    from ftd.daemon.protection import Protector
+    from ftd.daemon.erasure import ErasureCoding
+    from ftd.daemon.slots import Source
     from ftd.daemon.store import SegmentStore
     from ftd.manifest import EntrySpec, Manifest, chunk_checksums, layout
 
@@ -216,13 +217,13 @@ def test_a_step_held_only_for_a_moved_rank_does_not_break_the_inventory(tmp_path
                for e in entries]
     manifest = Manifest(job=JOB, rank=1, world_size=2, step=9, chunk_bytes=4096, data_bytes=total,
                         entries=tuple(entries), meta={})
-    store.install_sealed(1, 9, manifest.to_json(), memoryview(data), foreign=True)
+    store.install_sealed(1, 9, manifest.to_json(), memoryview(data), source=Source.FETCHED)
     assert 9 in store.complete_steps() and not store.blob_parts(9)
     membership = Membership.from_config(config)
-    protector = Protector(config, membership, store, make_codec("auto", 1, 1), metrics)
+    ec = ErasureCoding(config, membership, store, make_codec("auto", 1, 1), metrics)
     try:
-        protector.ready.set()
-        inv = protector.inventory()
+        ec.protector.ready.set()
+        inv = ec.protector.inventory()
         assert [s.step for s in inv.steps] == []  # not its own data: not announced, and no exception
     finally:
-        protector.stop()
+        ec.stop()

@@ -71,7 +71,8 @@ def test_parity_of_steps_newer_than_the_protected_one_is_kept(tmp_path):
     """A rotation record that arrives before any inventory mentions its step must survive the next
     clean-up, or the step becomes protected with that rotation's record only on its coordinator."""
     from ftd.daemon.parity import ParityStore, RotationRecord
-    from ftd.daemon.protection import UNPROTECTED_KEPT, parity_steps_to_keep
+    from ftd import knobs
+    from ftd.daemon.protection import parity_steps_to_keep
 
     store = ParityStore(tmp_path)
     for step in (10, 13, 17):
@@ -80,7 +81,7 @@ def test_parity_of_steps_newer_than_the_protected_one_is_kept(tmp_path):
     store.drop_except(parity_steps_to_keep(13, store.steps()))  # step 13 just became protected
     assert store.steps() == {13, 17}
     store.record(17, 0)  # still readable by a replacement
-    assert parity_steps_to_keep(5, set(range(100))) == {5, *range(100 - UNPROTECTED_KEPT, 100)}
+    assert parity_steps_to_keep(5, set(range(100))) == {5, *range(100 - knobs.get().unprotected_kept, 100)}
 
 
 def test_a_restarted_daemon_claims_only_steps_every_rotation_encoded(tmp_path):
