@@ -89,7 +89,7 @@ class NodeBlob:
     def _map(self, path: str) -> mmap.mmap:
         m = self._maps.get(path)
         if m is None:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # a segment path is never a link
             try:
                 m = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
             finally:

@@ -99,6 +99,8 @@ class ParityStore:
         self._lock = threading.Lock()
         self._maps: dict[tuple[int, int, int], mmap.mmap] = {}
         self._admit = admit
+        self._verified: set[tuple[int, int, int]] = set()  # checked against their records
+        self._written: set[tuple[int, int, int]] = set()  # written by this process: checked when the record comes
 
     def _make_root(self) -> None:
         """Create the parity directory privately; refuse a symlink or someone else's directory."""
@@ -132,6 +134,8 @@ class ParityStore:
         """A writable, pre-allocated parity file (an unsealed one is replaced)."""
         with self._lock:
             key = (step, rot, j)
+            self._verified.discard(key)
+            self._written.add(key)
             if key in self._maps and len(self._maps[key]) == size:
                 return self._maps[key]
             path = self._par(step, rot, j)
@@ -200,8 +204,14 @@ class ParityStore:
         got = stripe_checksums(self._read_map(step, rot, j), rec.stripe_bytes)
         if got != rec.checksums[rec.k + j]:
             log.error("parity step %d rotation %d j %d does not match its record; dropped", step, rot, j)
+            with self._lock:
+                m = self._maps.pop((step, rot, j), None)
+                if m is not None:
+                    m.close()
             path.unlink(missing_ok=True)
             return False
+        with self._lock:
+            self._verified.add((step, rot, j))
         return True
 
     def read(self, step: int, rot: int, j: int, offset: int, length: int) -> bytes:
@@ -234,7 +244,11 @@ class ParityStore:
             return self._maps[key]
 
     def held(self) -> list[tuple[int, int, int, int]]:
-        """(step, rotation, j, chunk bytes) of every parity chunk with a record."""
+        """(step, rotation, j, chunk bytes) of every parity chunk that matches its record.
+
+        A chunk written by this process is announced once its record sealed it; one found on disk
+        (a restarted daemon) is checked against its record the first time, and dropped if it fails.
+        """
         out = []
         names = self._names()
         records = {(int(a), int(b)) for a, b in (_REC_RE.match(n).groups() for n in names if _REC_RE.match(n))}
@@ -242,12 +256,23 @@ class ParityStore:
             path = self.root / name
             match = _PAR_RE.match(name)
             if match:
-                step, rot, j = (int(x) for x in match.groups())
-                if (step, rot) in records:
+                step, rot, j = key = tuple(int(x) for x in match.groups())
+                if (step, rot) not in records:
+                    continue
+                with self._lock:
+                    verified, written = key in self._verified, key in self._written
+                if not verified:
+                    if written:
+                        continue  # its record has not sealed it (yet)
                     try:
-                        out.append((step, rot, j, path.stat().st_size))
-                    except FileNotFoundError:
+                        if not self.seal(step, rot, j):
+                            continue
+                    except (FtdError, ValueError, OSError):
                         continue
+                try:
+                    out.append((step, rot, j, path.stat().st_size))
+                except FileNotFoundError:
+                    continue
         return sorted(out)
 
     def _names(self) -> list[str]:
@@ -285,6 +310,8 @@ class ParityStore:
                     m = self._maps.pop(key, None) if len(key) == 3 else None  # type: ignore[arg-type]
                     if m is not None:
                         m.close()
+                    self._verified.discard(key)  # type: ignore[arg-type]
+                    self._written.discard(key)  # type: ignore[arg-type]
                     path.unlink(missing_ok=True)
 
     def close(self) -> None:

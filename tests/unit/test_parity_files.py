@@ -78,3 +78,30 @@ def test_parity_held_on_the_node_counts_against_the_segment_budget(tmp_path):
         store.begin(JOB, 1, 1, 2 * MiB)
     parity.drop_except(set())
     assert store.begin(JOB, 1, 1, 2 * MiB).capacity >= 2 * MiB
+
+
+def test_only_parity_that_matches_its_record_is_announced(tmp_path):
+    """Written here: announced once its record seals it. Found on disk by a restarted daemon:
+    checked against its record first; a chunk that rotted is dropped, never announced."""
+    from ftd.daemon.parity import stripe_checksums
+
+    good, bad = os.urandom(4096), os.urandom(4096)
+
+    def record(step: int, chunk: bytes) -> RotationRecord:
+        return RotationRecord(step, 0, "isal", 2, 1, 4096, 4096, [0, 1, 2], [[1, 0], [2, 0]], [0],
+                              [[0], [0], stripe_checksums(chunk, 4096)])
+
+    store = ParityStore(tmp_path)
+    for step, chunk in ((4, good), (5, bad)):
+        store.write(step, 0, 0, 4096, 0, chunk)
+    store.put_record(record(4, good))
+    store.put_record(record(5, bad))
+    assert store.held() == []  # records on disk, but nothing sealed them in this process
+    assert store.seal(4, 0, 0) and store.seal(5, 0, 0)
+    assert [h[0] for h in store.held()] == [4, 5]
+    store.close()
+    with open(tmp_path / "parity" / "s5-r0-p0.par", "r+b") as f:  # step 5's chunk rots while the daemon is down
+        f.write(b"\0" * 64)
+    restarted = ParityStore(tmp_path)
+    assert [h[0] for h in restarted.held()] == [4]
+    assert not (tmp_path / "parity" / "s5-r0-p0.par").exists()
