@@ -3,12 +3,14 @@
 Files live under `<shm_dir>/ftd-<job>/rank-<r>/`: `<id>.seg` is a segment (allocated once,
 pre-faulted, reused) and `<id>.manifest.json` exists exactly while it is sealed. The manifest is
 written atomically (temp + rename) at seal and removed before a segment is reused, so a daemon
-restarted after SIGKILL re-adopts what it finds sealed and drops everything else.
+restarted after SIGKILL re-adopts what it finds sealed and drops everything else. `<id>.source`
+holds the `Source` of a segment installed from peers ("rebuilt" or "fetched", written before its
+manifest); absent, the segment is LOCAL. A segment is adopted with the source found there.
 
 Trust: the daemon creates `ftd-<job>` itself (0700, or 0750 with group `shm_group`) and refuses one
 that is a symlink, owned by another uid, or writable by group/others. Rank directories are checked
 the same way; every file is opened with O_NOFOLLOW and must be a regular file of the daemon's uid;
-manifests and markers are 0600. Stray entries are skipped (log + ftd_shm_entries_skipped), never fatal.
+manifests and source files are 0600. Stray entries are skipped (log + ftd_shm_entries_skipped), never fatal.
 
 Retention keeps the newest `keep` steps of the current timeline (steps up to the one sealed last)
 and, separately, up to `keep` higher steps of an older timeline (a trainer that started over from
@@ -31,7 +33,7 @@ from pathlib import Path
 import psutil
 
 from ftd.config import DaemonConfig
-from ftd.daemon.slots import Slot, SlotState
+from ftd.daemon.slots import Slot, SlotState, Source
 from ftd.errors import FtdError, ManifestError, NotFound, OutOfMemory, RequestRejected
 from ftd.manifest import Manifest
 from ftd.metrics import DaemonMetrics
@@ -42,6 +44,7 @@ SEGMENT_ROUNDING = 1 << 20
 _ZEROS = bytes(8 << 20)
 MAX_RANK = 1 << 20
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_SOURCE_BYTES = 64  # a `<id>.source` file holds one Source value
 STALE_TIMELINE = "stale-timeline"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -79,6 +82,7 @@ class SegmentStore:
         self._root_ready = False
         self._stale_logged: dict[int, list[int]] = {}
         self._age_tracked: set[int] = set()
+        self._newest_begin: dict[int, int] = {}  # rank -> lease of its latest Begin (supersedes a prefaulting one)
         self._lock = threading.Lock()
         self.metrics.shm_budget_bytes.set(config.memory_budget)
 
@@ -205,13 +209,14 @@ class SegmentStore:
                     elif outcome == "dropped":
                         dropped += 1
                 for entry in entries:
-                    if not entry.endswith(".manifest.json"):
+                    suffix = next((x for x in _COMPANIONS if entry.endswith(x)), None)
+                    if suffix is None:
                         continue
                     orphan = rank_dir / entry
                     try:
                         st = os.lstat(orphan)
                         if not stat.S_ISDIR(st.st_mode) and not os.path.lexists(
-                                rank_dir / (entry.removesuffix(".manifest.json") + ".seg")):
+                                rank_dir / (entry.removesuffix(suffix) + ".seg")):
                             orphan.unlink()
                     except OSError as exc:
                         self._skip(orphan, "error", str(exc))
@@ -242,16 +247,32 @@ class SegmentStore:
         if step is None:
             log.warning("dropping segment %s: %s", seg, why)
             seg.unlink(missing_ok=True)
-            _unlink_file(slot.manifest_path)
+            for companion in _companions(slot):
+                _unlink_file(companion)
             return "dropped"
-        slot.adopt_sealed(step, manifest_json, mtime)
+        try:
+            source = self._source_on_disk(slot)
+        except (OSError, ValueError) as exc:
+            self._skip(slot.source_path, "bad_source", f"{exc}; segment {seg.name} is not adopted and left alone")
+            return "skipped"
+        slot.adopt_sealed(step, manifest_json, mtime, source)
         manifest = Manifest.from_json(manifest_json)
         slot.data_bytes, slot.run = manifest.data_bytes, manifest.run
-        slot.foreign = slot.rebuilt = _is_file(_foreign_marker(slot))
         self._track_age(rank)
         self._slots.setdefault(rank, []).append(slot)
-        log.info("re-adopted rank %d step %d (%s, %d bytes)", rank, step, seg.name, slot.capacity)
+        log.info("re-adopted rank %d step %d (%s, %d bytes, %s)", rank, step, seg.name, slot.capacity, source.value)
         return "adopted"
+
+    def _source_on_disk(self, slot: Slot) -> Source:
+        """The source persisted beside a sealed segment (absent: LOCAL); OSError/ValueError when untrustworthy.
+
+        A `.foreign` marker of an earlier version means FETCHED and is rewritten as a source file.
+        """
+        legacy = slot.path.with_suffix(_LEGACY_FOREIGN)
+        if not os.path.lexists(slot.source_path) and _is_file(legacy):
+            _write_source(slot.source_path, Source.FETCHED)
+            _unlink_file(legacy)
+        return _read_source(slot.source_path)
 
     def _read_sealed(self, slot: Slot, rank: int) -> tuple[int | None, bytes, str, int]:
         try:
@@ -302,28 +323,54 @@ class SegmentStore:
             self._reap()
             slots = self._slots.setdefault(rank, [])
             for slot in slots:
-                if slot.state is SlotState.WRITING:
+                if slot.state is SlotState.WRITING and slot.lease:  # lease 0 is install_sealed's own copy
                     log.warning("rank %d: step %s was never committed; its segment is reused", rank, slot.step)
                     self.metrics.snapshots_aborted.labels("superseded").inc()
                     slot.release()
             slot = self._free_slot(rank, nbytes)
             lease = secrets.randbits(63) or 1
-            slot.begin(step, lease, time.monotonic())
-            fresh = slot.unfilled
+            self._newest_begin[rank] = lease
+            now = time.monotonic()
+            fresh = slot.state is SlotState.NEW
+            if fresh:
+                slot.prefault()
+            else:
+                slot.begin(step, lease, now)
         if fresh:  # outside the lock: other ranks keep committing while this one's pages are faulted in
             try:
                 self._fill(rank, slot)
             except OutOfMemory as exc:
                 slot = self._reuse_when_full(rank, step, nbytes, lease, exc)
             else:
+                self._take_prefaulted(rank, slot, step, lease, now)
                 if self.config.preallocate:
                     self._preallocate_later(rank, slot.capacity)
         log.debug("rank %d step %d: writing into %s", rank, step, slot.path.name)
         return Lease(lease, str(slot.path), slot.capacity)
 
+    def _take_prefaulted(self, rank: int, slot: Slot, step: int, lease: int, now: float) -> None:
+        """The Begin that prefaulted `slot` takes it (PREFAULTING -> FREE -> WRITING in one hold of the lock).
+
+        When a newer Begin of the rank came meanwhile, the segment stays FREE and this Begin is
+        refused (its caller has given up on it): one writer per rank, and no lease to a segment
+        another Begin may get.
+        """
+        with self._lock:
+            slot.prefaulted()
+            self._refuse_if_superseded(rank, step, lease)
+            slot.begin(step, lease, now)
+
+    def _refuse_if_superseded(self, rank: int, step: int, lease: int) -> None:
+        if self._newest_begin.get(rank) == lease:
+            return
+        log.warning("rank %d: step %d was superseded by a newer Begin while its segment was prefaulted", rank, step)
+        self.metrics.snapshots_aborted.labels("superseded").inc()
+        raise RequestRejected(f"rank {rank} step {step}: superseded by a newer Begin of the rank")
+
     def _reuse_when_full(self, rank: int, step: int, nbytes: int, lease: int, exc: OutOfMemory) -> Slot:
         """The tmpfs is full: take the oldest evictable sealed segment big enough, keeping at least one step."""
         with self._lock:
+            self._refuse_if_superseded(rank, step, lease)
             evictable = [s for s in self._evictable(rank) if _intact(s)]
             victims = [s for s in evictable if s.capacity >= nbytes]
             if len(evictable) < 2 or not victims:
@@ -392,7 +439,7 @@ class SegmentStore:
             return self._sealed_steps(rank)
 
     def open(self, job: str, rank: int, step: int) -> tuple[str, int, bytes, str]:
-        """(path, capacity, manifest JSON, "local" | "peers") of a sealed step.
+        """(path, capacity, manifest JSON, "local" | "peers") of a sealed step (`Source.recovery_source`).
 
         The manifest is read back from shared memory, not from the copy taken at seal: what is
         restored is what is there now, and the reader verifies it.
@@ -406,7 +453,16 @@ class SegmentStore:
                     except OSError as exc:
                         raise NotFound(f"rank {rank} step {step}: manifest {slot.manifest_path} is gone: {exc}") from exc
                     self.metrics.restores_served.inc()
-                    return str(slot.path), slot.capacity, manifest_json, "peers" if slot.rebuilt else "local"
+                    return str(slot.path), slot.capacity, manifest_json, slot.source.recovery_source
+        raise NotFound(f"job {job!r} rank {rank} step {step} is not held here (held: {self.list_steps(job, rank)})")
+
+    def source_of(self, job: str, rank: int, step: int) -> Source:
+        """Where the sealed (rank, step) came from; NotFound when it is not held here."""
+        self._check(job, rank, step)
+        with self._lock:
+            for slot in self._slots.get(rank, []):
+                if slot.state is SlotState.SEALED and slot.step == step:
+                    return slot.source
         raise NotFound(f"job {job!r} rank {rank} step {step} is not held here (held: {self.list_steps(job, rank)})")
 
     def discard(self, job: str, rank: int, above_step: int) -> list[int]:
@@ -434,7 +490,7 @@ class SegmentStore:
                     if slot.state is SlotState.SEALED:
                         dropped.append((rank, int(slot.step)))  # type: ignore[arg-type]
                         self._evict(slot, "discarded (all steps of the job)")
-                    if slot.state is SlotState.FREE and not slot.filling:
+                    if slot.state is SlotState.FREE:
                         self._delete(rank, slot)
                 self._update_gauges(rank)
         log.warning("discarded every snapshot of job %r: %d step(s)", job, len(dropped))
@@ -505,7 +561,7 @@ class SegmentStore:
         by rank. Unlike `complete_steps` it does not change when ranks move."""
         with self._lock:
             found = [(rank, str(s.path), s.data_bytes, s.manifest_json or b"") for rank, slots in self._slots.items()
-                     for s in slots if s.state is SlotState.SEALED and s.step == step and not s.foreign]
+                     for s in slots if s.state is SlotState.SEALED and s.step == step and s.source.in_node_blob]
         return sorted(found)
 
     def newest_sealed_step(self) -> int | None:
@@ -519,12 +575,16 @@ class SegmentStore:
         with self._lock:
             return not any(self._slots.values())
 
-    def install_sealed(self, rank: int, step: int, manifest_json: bytes, data: memoryview,
-                       foreign: bool = False) -> None:
-        """Seal a snapshot rebuilt from peers as if rank `rank` had committed it.
+    def install_sealed(self, rank: int, step: int, manifest_json: bytes, data: memoryview, *,
+                       source: Source) -> None:
+        """Seal a snapshot rebuilt or fetched from peers as if rank `rank` had committed it.
 
-        `foreign`: fetched for a rank that moved here; it stays out of this node's blob (the node
-        that sealed it protects it), also after a daemon restart (a marker file says so).
+        `source` (REBUILT: this node's own data; FETCHED: for a rank that moved here, kept out of
+        this node's blob) is persisted beside the segment, so a restarted daemon reports it too.
+        The payload is verified first: a corrupt one reserves and evicts nothing. The segment is
+        reserved under the lock (WRITING with lease 0: nothing hands it out, evicts, supersedes or
+        reaps it), written without the lock, so other ranks' Begin/Commit/List go on during a
+        large copy, then sealed under the lock. Any failure frees it.
         """
         manifest = Manifest.from_json(manifest_json)
         manifest.validate(len(data))
@@ -532,31 +592,33 @@ class SegmentStore:
         with self._lock:
             self._slots.setdefault(rank, [])
             slot = self._free_slot(rank, max(1, len(data)))
-            slot.unfilled = False  # the write below touches what is needed
-            slot.begin(step, 0, time.monotonic())
-            try:
-                fd = os.open(slot.path, os.O_RDWR | _NOFOLLOW | _CLOEXEC)
-                try:
-                    with os.fdopen(fd, "r+b", closefd=False) as f:
-                        f.write(data)
-                finally:
-                    os.close(fd)
-                _write_private(slot.manifest_path, manifest_json)
-                if foreign:
-                    _write_private(_foreign_marker(slot), b"")
-                else:
-                    _unlink_file(_foreign_marker(slot))
-            except (OSError, FtdError):
+            slot.begin(step, 0, time.monotonic())  # FREE, or NEW: the copy touches the pages it needs
+        try:
+            self._copy_into(slot, data)
+            _write_source(slot.source_path, source)  # before the manifest: sealed on disk means its source is there
+            _write_private(slot.manifest_path, manifest_json)
+        except BaseException:
+            _unlink_file(slot.manifest_path)
+            _unlink_file(slot.source_path)
+            with self._lock:
                 slot.release()
-                raise
-            slot.seal(manifest_json, time.time_ns())
+            raise
+        with self._lock:
+            slot.seal(manifest_json, time.time_ns(), source)
             slot.data_bytes, slot.run = manifest.data_bytes, manifest.run
-            slot.rebuilt = True
-            slot.foreign = foreign
             self._track_age(rank)
             self._retain(rank)
             self._update_gauges(rank)
-        log.info("installed rebuilt rank %d step %d (%d bytes)", rank, step, len(data))
+        log.info("installed rebuilt rank %d step %d (%d bytes, %s)", rank, step, len(data), source.value)
+
+    def _copy_into(self, slot: Slot, data: memoryview) -> None:
+        """Write `data` at the start of the segment (install_sealed's copy; the lock is not held)."""
+        fd = os.open(slot.path, os.O_RDWR | _NOFOLLOW | _CLOEXEC)
+        try:
+            with os.fdopen(fd, "r+b", closefd=False) as f:
+                f.write(data)
+        finally:
+            os.close(fd)
 
     # ---- internals (lock held) --------------------------------------------------------------
 
@@ -607,7 +669,8 @@ class SegmentStore:
 
     def _inflight(self) -> int:
         """Bytes of segments created but not yet faulted in: not yet visible in the host's available memory."""
-        return sum(s.capacity for slots in self._slots.values() for s in slots if s.unfilled or s.filling)
+        return sum(s.capacity for slots in self._slots.values() for s in slots
+                   if s.state in (SlotState.NEW, SlotState.PREFAULTING))
 
     def _refusal(self, rank: int, capacity: int, freed: int = 0) -> tuple[str, str] | None:
         """Why a new `capacity`-byte segment cannot be admitted once `freed` bytes are given back; None: it can."""
@@ -635,13 +698,16 @@ class SegmentStore:
         return OutOfMemory(why[1] + hint)
 
     def _free_slot(self, rank: int, nbytes: int) -> Slot:
-        """A FREE segment of at least `nbytes` for `rank`. Decides admission first: a refusal evicts nothing."""
+        """A FREE (or, newly allocated, NEW) segment of at least `nbytes` for `rank`.
+
+        Decides admission first: a refusal evicts nothing.
+        """
         slots = self._slots[rank]
-        for slot in [s for s in slots if s.state is SlotState.FREE and not s.filling and not _intact(s)]:
+        for slot in [s for s in slots if s.state is SlotState.FREE and not _intact(s)]:
             log.warning("rank %d: segment %s was truncated or removed behind the daemon's back; replacing it",
                         rank, slot.path.name)
             self._delete(rank, slot)
-        free = sorted((s for s in slots if s.state is SlotState.FREE and not s.filling), key=lambda s: s.capacity)
+        free = sorted((s for s in slots if s.state is SlotState.FREE), key=lambda s: s.capacity)
         fitting = [s for s in free if s.capacity >= nbytes]
         if fitting:
             return fitting[0]
@@ -693,16 +759,17 @@ class SegmentStore:
             path.unlink(missing_ok=True)
             raise OutOfMemory(f"cannot size a {capacity}-byte segment in {directory}: {exc}") from exc
         os.close(fd)
-        slot = Slot(path, capacity, unfilled=True)
+        slot = Slot(path, capacity, state=SlotState.NEW)
         self._slots[rank].append(slot)
         self.metrics.shm_held_bytes.set(self._held())
         return slot
 
     def _fill(self, rank: int, slot: Slot) -> None:
-        """Allocate and touch every page of a new segment (lock not held), so no copy ever page-faults.
+        """Allocate and touch every page of a PREFAULTING segment (lock not held), so no copy ever page-faults.
 
         tmpfs pages are only zeroed on first touch; writing zeros here keeps that cost out of the
-        trainer's copy. A full tmpfs gives OutOfMemory and the segment is removed.
+        trainer's copy. A full tmpfs gives OutOfMemory and the segment is removed. The caller
+        moves the slot on (`prefaulted`) under the lock.
         """
         t0 = time.perf_counter()
         try:
@@ -716,12 +783,9 @@ class SegmentStore:
         except OSError as exc:
             with self._lock:
                 if slot in self._slots.get(rank, []):
-                    if slot.state is SlotState.WRITING:
-                        slot.release()
                     self._delete(rank, slot)
             self.metrics.refused.labels("shm_full").inc()
             raise OutOfMemory(f"cannot allocate {slot.capacity} bytes in {slot.path.parent}: {exc}") from exc
-        slot.unfilled = False
         seconds = time.perf_counter() - t0
         log.info("rank %d: allocated segment %s (%d bytes, pre-faulted in %.2f s)", rank, slot.path.name,
                  slot.capacity, seconds)
@@ -739,27 +803,27 @@ class SegmentStore:
                     except OutOfMemory as exc:
                         log.debug("rank %d: no segment prepared ahead: %s", rank, exc)
                         return
-                    slot.filling = True
+                    slot.prefault()
                 try:
                     self._fill(rank, slot)
                 except OutOfMemory as exc:
                     log.warning("rank %d: preparing a segment ahead failed: %s", rank, exc)
                     return
-                finally:
-                    slot.filling = False
+                with self._lock:
+                    slot.prefaulted()
 
         threading.Thread(target=run, name=f"ftd-prealloc-{rank}", daemon=True).start()
 
     def _evict(self, slot: Slot, why: str) -> None:
         _unlink_file(slot.manifest_path)
-        _unlink_file(_foreign_marker(slot))
+        _unlink_file(slot.source_path)
         log.debug("evicting step %s (%s): %s", slot.step, slot.path.name, why)
         slot.release()
 
     def _delete(self, rank: int, slot: Slot) -> None:
         _unlink_file(slot.path)
-        _unlink_file(slot.manifest_path)
-        _unlink_file(_foreign_marker(slot))
+        for companion in _companions(slot):
+            _unlink_file(companion)
         self._slots[rank].remove(slot)
         self.metrics.shm_held_bytes.set(self._held())
 
@@ -783,7 +847,7 @@ class SegmentStore:
         now = time.monotonic()
         for rank, slots in self._slots.items():
             for slot in list(slots):
-                if slot.state is not SlotState.WRITING or slot.unfilled or not slot.lease:
+                if slot.state is not SlotState.WRITING or not slot.lease:  # lease 0: the daemon's own copy
                     continue
                 if self.config.lease_timeout > 0 and now - slot.begun_at > self.config.lease_timeout:
                     why = "lease_timeout"
@@ -855,8 +919,8 @@ def _unlink_file(path: Path) -> None:
         log.warning("cannot remove %s: %s", path, exc)
 
 
-def _read_private(path: Path) -> tuple[bytes, int]:
-    """(content, mtime ns) of a regular file of ours, never through a symlink, at most MAX_MANIFEST_BYTES."""
+def _read_private(path: Path, limit: int = MAX_MANIFEST_BYTES) -> tuple[bytes, int]:
+    """(content, mtime ns) of a regular file of ours, never through a symlink, at most `limit` bytes."""
     fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0))
     try:
         st = os.fstat(fd)
@@ -864,14 +928,14 @@ def _read_private(path: Path) -> tuple[bytes, int]:
             raise OSError(errno.EINVAL, f"{path.name} is not a regular file")
         if st.st_uid != os.geteuid():
             raise OSError(errno.EPERM, f"{path.name} is owned by uid {st.st_uid}, not the daemon's")
-        if st.st_size > MAX_MANIFEST_BYTES:
-            raise OSError(errno.EFBIG, f"{path.name} has {st.st_size} bytes, over {MAX_MANIFEST_BYTES}")
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, f"{path.name} has {st.st_size} bytes, over {limit}")
         chunks, total = [], 0
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
             total += len(chunk)
-            if total > MAX_MANIFEST_BYTES:
-                raise OSError(errno.EFBIG, f"{path.name} grew over {MAX_MANIFEST_BYTES} bytes")
+            if total > limit:
+                raise OSError(errno.EFBIG, f"{path.name} grew over {limit} bytes")
         return b"".join(chunks), st.st_mtime_ns
     finally:
         os.close(fd)
@@ -908,5 +972,31 @@ def _parse_rank(name: str) -> int | None:
     return rank if 0 <= rank < MAX_RANK else None
 
 
-def _foreign_marker(slot: Slot) -> Path:
-    return slot.path.with_suffix(".foreign")
+_LEGACY_FOREIGN = ".foreign"  # an earlier version's marker of a FETCHED segment; rewritten at adoption
+_COMPANIONS = (".manifest.json", ".source", _LEGACY_FOREIGN)  # files beside `<id>.seg`, removed with it
+
+
+def _companions(slot: Slot) -> list[Path]:
+    return [slot.path.with_suffix(suffix) for suffix in _COMPANIONS]
+
+
+def _write_source(path: Path, source: Source) -> None:
+    """Persist a non-local `source` beside its segment (0600, atomic); LOCAL is the absence of the file."""
+    if source is Source.LOCAL:
+        _unlink_file(path)
+    else:
+        _write_private(path, source.value.encode("ascii"))
+
+
+def _read_source(path: Path) -> Source:
+    """The Source in `path` (absent: LOCAL); OSError when it is not a small regular file of ours, ValueError
+    when it holds no known value."""
+    try:
+        raw, _ = _read_private(path, MAX_SOURCE_BYTES)
+    except FileNotFoundError:
+        return Source.LOCAL
+    try:
+        return Source(raw.decode("ascii").strip())
+    except ValueError:  # UnicodeDecodeError too
+        raise ValueError(f"{path.name} holds {raw[:MAX_SOURCE_BYTES]!r}, not one of "
+                         f"{', '.join(s.value for s in Source)}") from None

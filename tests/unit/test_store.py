@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ftd.config import DaemonConfig
+from ftd.daemon.slots import Source
 from ftd.daemon.store import SEGMENT_ROUNDING, SegmentStore
 from ftd.errors import ManifestError, NotFound, OutOfMemory, RequestRejected
 from ftd.manifest import EntrySpec, Manifest, chunk_checksums, layout
@@ -561,7 +562,7 @@ def test_blob_parts_leave_out_segments_fetched_for_a_moved_rank_even_after_a_res
     fetched = dataclasses.replace(fetched, entries=tuple(
         dataclasses.replace(e, checksums=chunk_checksums(memoryview(data)[e.offset:e.offset + e.nbytes], CHUNK))
         for e in fetched.entries))
-    store.install_sealed(1, 7, fetched.to_json(), memoryview(data), foreign=True)
+    store.install_sealed(1, 7, fetched.to_json(), memoryview(data), source=Source.FETCHED)
     assert [rank for rank, *_ in store.blob_parts(7)] == [0]
     assert sorted(store.complete_steps()[7], key=lambda p: p[0])[1][0] == 1  # both ranks hold step 7
     again = SegmentStore(_config(tmp_path, keep=3), DaemonMetrics())
