@@ -77,6 +77,7 @@ class SegmentStore:
         self.root = Path(config.shm_dir) / f"ftd-{config.job}"
         self._slots: dict[int, list[Slot]] = {}
         self._pins: dict[str, set[int]] = {}
+        self._last_stamp = 0  # ns of the newest seal (under the lock)
         self._external: Callable[[], int] | None = None
         self._clients: dict[int, tuple[int, float]] = {}  # rank -> (pid, its start time) from Hello
         self._root_ready = False
@@ -413,7 +414,7 @@ class SegmentStore:
             for other in self._slots[rank]:
                 if other is not slot and other.state is SlotState.SEALED and other.step == step:
                     self._evict(other, "replaced by a newer copy of the same step")
-            slot.seal(manifest_json, time.time_ns())
+            slot.seal(manifest_json, self._stamp(slot.manifest_path))
             slot.data_bytes, slot.run = manifest.data_bytes, manifest.run
             self._track_age(rank)
             self.metrics.commit_latency.observe(time.monotonic() - slot.begun_at)
@@ -604,7 +605,7 @@ class SegmentStore:
                 slot.release()
             raise
         with self._lock:
-            slot.seal(manifest_json, time.time_ns(), source)
+            slot.seal(manifest_json, self._stamp(slot.manifest_path), source)
             slot.data_bytes, slot.run = manifest.data_bytes, manifest.run
             self._track_age(rank)
             self._retain(rank)
@@ -621,6 +622,19 @@ class SegmentStore:
             os.close(fd)
 
     # ---- internals (lock held) --------------------------------------------------------------
+
+    def _stamp(self, manifest_path: Path) -> int:
+        """The seal time of a segment, also set as its manifest's mtime, strictly after every earlier one.
+
+        Adoption orders what it finds by that mtime; tmpfs records the clock only to a few
+        milliseconds on its own, so snapshots sealed close together would tie.
+        """
+        stamp = self._last_stamp = max(time.time_ns(), self._last_stamp + 1)
+        try:
+            os.utime(manifest_path, ns=(stamp, stamp), follow_symlinks=False)
+        except OSError as exc:
+            log.warning("cannot stamp %s with its seal time: %s", manifest_path, exc)
+        return stamp
 
     def _check(self, job: str, rank: int, step: int) -> None:
         if job != self.config.job:
