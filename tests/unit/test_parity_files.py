@@ -11,7 +11,7 @@ import pytest
 
 from ftd.daemon.parity import ParityStore, RotationRecord
 from ftd.errors import FtdError, OutOfMemory
-from tests.unit.test_store import JOB, _store
+from tests.unit.storekit import JOB, _store
 
 MiB = 1 << 20
 

@@ -19,7 +19,7 @@ from ftd.daemon.store import SegmentStore
 from ftd.errors import OutOfMemory, RequestRejected
 from ftd.manifest import layout
 from ftd.metrics import DaemonMetrics
-from tests.unit.test_store import JOB, _config, _manifest, _manifests, _metric, _segs, _snapshot, _specs, _store
+from tests.unit.storekit import JOB, _config, _manifest, _manifests, _metric, _segs, _snapshot, _specs, _store
 
 MiB = 1 << 20
 

@@ -17,7 +17,7 @@ from ftd.daemon.store import SegmentStore
 from ftd.errors import RequestRejected, SnapshotCorrupt
 from ftd.manifest import EntrySpec, Manifest, chunk_checksums, layout
 from ftd.metrics import DaemonMetrics
-from tests.unit.test_store import CHUNK, JOB, MiB, _config, _manifest, _metric, _segs, _snapshot, _store
+from tests.unit.storekit import CHUNK, JOB, MiB, _config, _manifest, _metric, _segs, _snapshot, _store
 from tests.unit import test_store_edges
 
 small_tmpfs = test_store_edges.small_tmpfs  # the fixture: a 3 MiB tmpfs as the shm directory

@@ -13,7 +13,7 @@ from ftd.errors import FtdError, OutOfMemory
 from ftd.manifest import layout
 from ftd.metrics import DaemonMetrics
 from tests.unixusers import run_as, second_user
-from tests.unit.test_store import JOB, _config, _manifest, _metric, _snapshot, _specs, _store
+from tests.unit.storekit import JOB, _config, _manifest, _metric, _snapshot, _specs, _store
 
 def _mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
