@@ -44,8 +44,8 @@ class Knobs:
     """How many recently read steps stay pinned."""
     unprotected_kept: int = 4
     """Steps above the protected one whose parity and records are kept."""
-    max_record_bytes: int = 64 << 20
-    """Largest rotation record a peer may announce (8 bytes of checksum per MiB and piece)."""
+    max_record_bytes: int = 16 << 20
+    """Largest rotation record read from a peer or from disk (8 bytes of checksum per MiB and piece)."""
     max_manifest_bytes: int = 64 << 20
     """Largest segment manifest a peer may announce."""
     protect_interval: float = 0.2

@@ -35,6 +35,8 @@ Reader = Callable[[Key, int, int], "memoryview | bytes"]
 Writer = Callable[[Key, int, memoryview], None]
 """(key, offset, data): copy `data` into place; the view is only valid during the call."""
 
+DEFAULT_MAX_CHUNK = 8 << 20
+"""Largest byte range of one request unless a transport is given another (ftd.knobs.bulk_max_chunk)."""
 MAX_KEY_ITEMS = 16
 MAX_KEY_NAME = 64
 MAX_KEY_STR = 256

@@ -18,20 +18,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from ftd.daemon.bulk import (
-    BadKey,
-    BulkClient,
-    Key,
-    PeerRejected,
-    PeerUnavailable,
-    Reader,
-    Writer,
-    byte_view,
-    check_key,
-    error_text,
-)
-
-DEFAULT_MAX_CHUNK = 8 << 20
+from ftd.daemon import bulk
+from ftd.daemon.bulk import DEFAULT_MAX_CHUNK, BadKey, BulkClient, Key, PeerRejected, PeerUnavailable, Reader, Writer
 
 
 class _Endpoint:
@@ -146,7 +134,7 @@ class InProcessClient:
         if delay > 0:
             time.sleep(delay)
         try:
-            check_key(key)
+            bulk.check_key(key)
             if offset < 0 or length < 0:
                 raise BadKey("offset and length must be non-negative")
             if length > self.fabric.max_chunk:
@@ -156,7 +144,7 @@ class InProcessClient:
             return False, f"bad request: {exc}".encode()
         try:
             if op == "GET":
-                view = byte_view(endpoint.reader(key, offset, length))
+                view = bulk.byte_view(endpoint.reader(key, offset, length))
                 if view.nbytes != length:
                     raise ValueError(f"reader returned {view.nbytes} bytes for a request of {length}")
                 out = bytes(view)
@@ -165,7 +153,7 @@ class InProcessClient:
                 out = b""
         except Exception as exc:  # noqa: BLE001 - the contract: any refusal becomes PeerRejected
             endpoint.refused += 1
-            return False, error_text(exc).encode(errors="replace")
+            return False, bulk.error_text(exc).encode(errors="replace")
         endpoint.served += 1
         return True, out
 
@@ -174,7 +162,7 @@ class InProcessClient:
             return self._call("GET", key, offset, length, timeout)
 
     def put(self, key: Key, offset: int, data: memoryview | bytes, timeout: float) -> None:
-        view = byte_view(data)
+        view = bulk.byte_view(data)
         if view.nbytes > self.fabric.max_chunk:
             raise ValueError(f"put of {view.nbytes} bytes exceeds max_chunk {self.fabric.max_chunk}; use put_range")
         with self._lock:
@@ -182,7 +170,7 @@ class InProcessClient:
 
     def get_range(self, key: Key, offset: int, length: int, into: memoryview | bytearray, timeout: float,
                   window: int = 4) -> None:
-        view = byte_view(into)
+        view = bulk.byte_view(into)
         if view.readonly or view.nbytes < length:
             raise ValueError(f"`into` must be a writable buffer of at least {length} bytes")
         chunk = self.fabric.max_chunk
@@ -192,7 +180,7 @@ class InProcessClient:
                 view[pos:pos + n] = self._call("GET", key, offset + pos, n, timeout)
 
     def put_range(self, key: Key, offset: int, data: memoryview | bytes, timeout: float, window: int = 4) -> None:
-        view = byte_view(data)
+        view = bulk.byte_view(data)
         chunk = self.fabric.max_chunk
         with self._lock:
             for pos in range(0, view.nbytes, chunk):

@@ -26,6 +26,7 @@ from typing import Any
 
 import xxhash
 
+from ftd import knobs
 from ftd.errors import FtdError, ManifestError, NotFound
 from ftd.manifest import parse_json
 
@@ -35,7 +36,6 @@ _PAR_RE = re.compile(r"^s(\d+)-r(\d+)-p(\d+)\.par$")
 _REC_RE = re.compile(r"^s(\d+)-r(\d+)\.rec\.json$")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-MAX_RECORD_BYTES = 16 << 20
 
 
 def _open_own(path: Path, flags: int, mode: int = 0o600) -> int:
@@ -74,7 +74,7 @@ class RotationRecord:
     @classmethod
     def from_json(cls, raw: bytes) -> RotationRecord:
         try:
-            doc: dict[str, Any] = parse_json(raw, "rotation record", max_bytes=MAX_RECORD_BYTES, max_depth=8)
+            doc: dict[str, Any] = parse_json(raw, "rotation record", max_bytes=knobs.get().max_record_bytes, max_depth=8)
             rec = cls(**{k: doc[k] for k in cls.__dataclass_fields__})
         except (ValueError, KeyError, TypeError, ManifestError) as exc:
             raise FtdError(f"malformed rotation record: {exc}") from exc
@@ -187,7 +187,7 @@ class ParityStore:
         except OSError as exc:
             raise FtdError(f"record of step {step} rotation {rot} is unusable: {exc}") from None
         try:
-            raw = os.read(fd, MAX_RECORD_BYTES + 1)
+            raw = os.read(fd, knobs.get().max_record_bytes + 1)
         finally:
             os.close(fd)
         return RotationRecord.from_json(raw)

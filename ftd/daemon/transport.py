@@ -55,6 +55,7 @@ import zmq
 from zmq.utils import z85
 
 from ftd.daemon.bulk import (
+    DEFAULT_MAX_CHUNK,
     MAX_INT,
     BadKey,
     PeerRejected,
@@ -69,7 +70,6 @@ from ftd.errors import ConfigError, FtdError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_CHUNK = 8 << 20
 HWM = 16
 """High-water mark (messages) of every bulk socket."""
 MAX_WINDOW = HWM // 2
