@@ -84,6 +84,14 @@ class Cluster:
         self.nodes.pop(node).stop()
         self.generation[node] += 1
 
+    def replace(self, node: int) -> ErasureCoding:
+        """Lose node `node` (unless it is gone already), start its replacement, wait for its rebuild check."""
+        if node in self.nodes:
+            self.lose(node)
+        replacement = self.start(node)
+        self.wait(f"the rebuild check of node {node}", replacement.protector.ready.is_set)
+        return replacement
+
     def stop(self) -> None:
         for ec in self.nodes.values():
             ec.stop()

@@ -52,9 +52,7 @@ def test_a_lost_node_is_rebuilt_bit_exact_from_its_peers(cluster_of) -> None:
     c.seal(4)
     c.wait_protected(4)
     before, _ = held_bytes(c.nodes[1].store, 1, 4)
-    c.lose(1)
-    replacement = c.start(1)
-    c.wait("the rebuild", lambda: replacement.protector.ready.is_set())
+    replacement = c.replace(1)
     data, source = held_bytes(replacement.store, 1, 4)
     assert data == before == state_bytes(1, 4, len(data))
     assert source == "peers"
@@ -75,8 +73,7 @@ def test_a_corrupt_piece_is_refused_and_another_survivor_used(cluster_of) -> Non
     with open(_segment_path(c, 0, 6), "r+b") as f:  # a survivor's data rots after it was encoded
         f.seek(1000)
         f.write(os.urandom(64))
-    replacement = c.start(3)
-    c.wait("the rebuild", lambda: replacement.protector.ready.is_set())
+    replacement = c.replace(3)
     data, _ = held_bytes(replacement.store, 3, 6)
     assert data == original
     assert metric(replacement, "ftd_checksum_failures_total", {"kind": "data"}) >= 1
@@ -86,10 +83,8 @@ def test_losing_more_than_m_nodes_is_reported_unrecoverable(cluster_of) -> None:
     c = cluster_of(3, "2+1", rebuild_wait=1.0)
     c.seal(2)
     c.wait_protected(2)
-    c.lose(1)
     c.lose(2)
-    replacement = c.start(1)
-    c.wait("the rebuild check", lambda: replacement.protector.ready.is_set())
+    replacement = c.replace(1)
     assert metric(replacement, "ftd_rebuilds_total", {"outcome": "unrecoverable"}) == 1
     assert metric(replacement, "ftd_rebuilt_step") == -1
     with pytest.raises(NotFound):
@@ -104,11 +99,9 @@ def test_a_slow_peer_past_the_timeout_is_skipped_for_another(cluster_of) -> None
     c.seal(3)
     c.wait_protected(3)
     original, _ = held_bytes(c.nodes[0].store, 0, 3)
-    c.lose(0)
     c.fabric.delay(1, 5.0)  # node 1 answers heartbeats but its bulk plane stalls past the transfer timeout
     with knobs.override(transfer_timeout=0.5):
-        replacement = c.start(0)
-        c.wait("the rebuild", lambda: replacement.protector.ready.is_set())
+        replacement = c.replace(0)
     data, _ = held_bytes(replacement.store, 0, 3)
     assert data == original
     assert metric(replacement, "ftd_rebuilds_total", {"outcome": "rebuilt"}) == 1
