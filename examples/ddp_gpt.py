@@ -11,7 +11,9 @@ from the newest step every rank holds, bit for bit.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -53,6 +55,7 @@ def main(make_opt=make_optimizer) -> None:  # type: ignore[no-untyped-def]
     p.add_argument("--steps", type=int, default=200, help="stop after this step")
     p.add_argument("--schedule-steps", type=int, default=200, help="length of the LR schedule")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--results", default="", help="append a JSON line with the run's facts ({rank} is replaced)")
     args = p.parse_args()
     torch.set_num_threads(1)  # fixed: the thread count changes reduction bits
     dist.init_process_group("gloo")
@@ -78,6 +81,10 @@ def main(make_opt=make_optimizer) -> None:  # type: ignore[no-untyped-def]
         if rank == 0 and step % 20 == 0:
             print(f"step {step} loss {loss.item():.4f} (stall {snap.stats.last_stall_s * 1e3:.1f} ms)", flush=True)
     snap.close()  # ftd
+    if args.results:  # for programs (the tests): where this run started and what its snapshots did
+        with open(args.results.replace("{rank}", str(rank)), "a") as f:
+            f.write(json.dumps({"event": "done", "rank": rank, "time": time.time(), "started_at": start,
+                                "last_step": args.steps, **snap.stats.to_json()}) + "\n")
     if rank == 0:
         print(f"done at step {args.steps} (started at {start}) world {dist.get_world_size()} pid {os.getpid()}")
     dist.destroy_process_group()

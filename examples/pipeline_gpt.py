@@ -106,6 +106,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--losses", default="", help="the last stage appends {'step', 'loss'} lines here")
+    p.add_argument("--results", default="", help="every stage appends a JSON line with its run's facts here "
+                   "({rank} is replaced)")
     args = p.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s stage[%(process)d] %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
@@ -135,6 +137,10 @@ def main() -> None:
         if args.step_sleep:
             time.sleep(args.step_sleep)
     snap.close()
+    if args.results:  # for programs (the tests): how this stage was restored and what its snapshots did
+        with open(args.results.replace("{rank}", str(rank)), "a") as f:
+            f.write(json.dumps({"event": "done", "rank": rank, "time": time.time(), "started_at": start,
+                                "last_step": args.steps, **snap.stats.to_json()}) + "\n")
     logging.info("stage %d done at step %d (started at %d)", rank, args.steps, start)
     dist.destroy_process_group()
 

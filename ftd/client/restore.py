@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,6 +43,15 @@ WAIT_LOG_EVERY_S = 10.0
 
 @dataclass
 class RestoreResult:
+    """What a restore did: the step resumed (0: a fresh start) and why newer steps were not used.
+
+    `failures` are messages, one per problem met. `unusable` maps each step this rank could not
+    use (it failed verification, its shards disagree with the replicas', or applying it failed)
+    to the reason; steps other ranks could not use are not in it. `held` is the steps this
+    rank's daemon listed (empty when it listed none or could not be reached), `gathered` tells
+    whether the restored step was all-gathered from the replica group (sharded snapshots).
+    """
+
     step: int
     seconds: float
     nbytes: int
@@ -52,6 +61,9 @@ class RestoreResult:
     meta: dict[str, Any] | None = None
     sealed_at: float | None = None  # the restored step's seal time (seconds since the epoch)
     partial_step: int | None = None  # a fresh start whose live objects hold part of this step (a failed apply)
+    unusable: dict[int, str] = field(default_factory=dict)
+    held: list[int] = field(default_factory=list)
+    gathered: bool = False
 
 
 class OpenedSnapshot:
@@ -132,6 +144,7 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
     """
     t0 = time.perf_counter()
     failures: list[str] = []
+    unusable: dict[int, str] = {}
     if steps is not None:
         local = candidates = sorted(set(steps), reverse=True)
     else:
@@ -141,14 +154,17 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
     for step in candidates:
         if abstain:  # take part in both agreements of the ranks that load
             if all_ranks_agree(True) and all_ranks_agree(True):
-                return RestoreResult(0, time.perf_counter() - t0, 0, None, failures)
+                return RestoreResult(0, time.perf_counter() - t0, 0, None, failures, held=local)
             continue
         opened = _open_checked(client, job, rank, world_size, step, model, optimizer, scheduler, extra,
                                restore_rng, list_timeout, replicas, failures, run)
         usable = opened is not None
+        if not usable:
+            unusable[step] = failures[-1]
         if replicas is not None and not gather.layouts_agree(opened.layout if opened else None, usable, replicas):
             if usable:
                 log.error("rank %d: step %d is unusable: the replicas' snapshots are not sharded alike", rank, step)
+                unusable[step] = "the replicas' snapshots are not sharded alike"
             usable = False
         if not all_ranks_agree(usable):
             if opened is not None:
@@ -164,6 +180,7 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
         except Exception as exc:  # noqa: BLE001 - the training loop is never raised into
             log.error("rank %d: applying step %d failed: %s: %s", rank, step, type(exc).__name__, exc)
             failures.append(f"step {step}: apply failed: {exc!r}")
+            unusable[step] = f"apply failed: {exc!r}"
         finally:
             opened.close()
         if not all_ranks_agree(applied):
@@ -181,7 +198,8 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
         except FtdError as exc:
             log.debug("could not report the recovery: %s", exc)
         return RestoreResult(step, seconds, manifest.data_bytes, decoded, failures, opened.source, manifest.meta,
-                             manifest.created_at or None)
+                             manifest.created_at or None, unusable=unusable, held=local,
+                             gathered=opened.layout is not None and replicas is not None)
     if local and not abstain:
         # Nothing is discarded here: a launch with the wrong model must not wipe good snapshots.
         log.error("rank %d: none of the held steps %s could be restored on every rank; starting from step 0",
@@ -189,7 +207,8 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
     if partial is not None:
         log.error("rank %d: starting from step 0, but the model/optimizer/scheduler hold part of step %d from an "
                   "apply that failed; re-create them before training for a clean fresh start", rank, partial)
-    return RestoreResult(0, time.perf_counter() - t0, 0, None, failures, partial_step=partial)
+    return RestoreResult(0, time.perf_counter() - t0, 0, None, failures, partial_step=partial, unusable=unusable,
+                         held=local)
 
 
 def _open_checked(client: DaemonClient, job: str, rank: int, world_size: int, step: int, model: torch.nn.Module,

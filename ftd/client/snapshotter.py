@@ -25,7 +25,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -45,7 +45,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SnapshotStats:
-    """What the Snapshotter has done so far. `stalls_s` holds the most recent stalls."""
+    """What the Snapshotter has done so far. `stalls_s` holds the most recent stalls.
+
+    The restore_* fields describe the last `restore()` (ftd.client.restore.RestoreResult):
+    `restore_unusable` maps each step this rank could not use to the reason, `restore_held` is
+    the steps its daemon listed, `restore_gathered` whether the step was gathered from the
+    replica group. `to_json()` gives all of it as JSON-safe values, for results files.
+    The counters are updated under `lock`; hold it to read several of them consistently.
+    """
 
     requested: int = 0
     sealed: int = 0
@@ -61,14 +68,33 @@ class SnapshotStats:
     restore_sealed_at: float | None = None  # seal time of the restored step (seconds since the epoch)
     restore_partial_step: int | None = None  # a fresh start over live objects holding part of this step
     restore_failures: list[str] = field(default_factory=list)  # why newer steps were not restored
+    restore_unusable: dict[int, str] = field(default_factory=dict)  # step -> why this rank could not use it
+    restore_held: list[int] = field(default_factory=list)  # the steps this rank's daemon listed at the restore
+    restore_gathered: bool = False  # the restored step was all-gathered from the replica group
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def median_stall_s(self) -> float:
-        return statistics.median(self.stalls_s) if self.stalls_s else 0.0
+        with self.lock:
+            stalls = list(self.stalls_s)
+        return statistics.median(stalls) if stalls else 0.0
 
     @property
     def last_stall_s(self) -> float:
-        return self.stalls_s[-1] if self.stalls_s else 0.0
+        with self.lock:
+            return self.stalls_s[-1] if self.stalls_s else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """Every counter and the last restore's facts as JSON-safe values (steps as int keys become strings)."""
+        with self.lock:
+            doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("lock", "stalls_s")}
+            doc["skip_reasons"] = dict(self.skip_reasons)
+            doc["restore_unusable"] = {str(k): v for k, v in self.restore_unusable.items()}
+            doc["restore_failures"] = list(self.restore_failures)
+            doc["restore_held"] = list(self.restore_held)
+            doc["stalls"] = len(self.stalls_s)
+        doc["median_stall_s"] = self.median_stall_s
+        return doc
 
 
 class Snapshotter:
@@ -99,7 +125,7 @@ class Snapshotter:
         self.replicas = _replicas(self.config.shard_replicated, replica_group)
         self._shard_dtensors = replica_group is not None
         self.stats = SnapshotStats()
-        self._lock = threading.Lock()
+        self._lock = self.stats.lock  # guards _inflight and the stats the copy and training threads update
         self._inflight: CopyJob | None = None
         self._unmeasured: CopyJob | None = None  # latest job whose stall the next optimizer.step measures
         self.restored_extra: dict[str, Any] | None = None
@@ -129,7 +155,8 @@ class Snapshotter:
     def _snapshot(self, step: int) -> None:
         if self._engine is None or self._closed:
             return
-        self.stats.requested += 1
+        with self._lock:
+            self.stats.requested += 1
         self._wait_copied(self._inflight, "snapshot")
         try:
             extra = self.extra() if callable(self.extra) else self.extra
@@ -179,7 +206,8 @@ class Snapshotter:
             job, self._unmeasured = self._unmeasured, None
             if job is not None:
                 stall = self._wait_copied(job, "optimizer.step")
-                self.stats.stalls_s.append(stall)
+                with self._lock:
+                    self.stats.stalls_s.append(stall)
                 self._pending_stall = stall
         except Exception:  # noqa: BLE001 - runs inside optimizer.step
             log.exception("rank %d: the optimizer.step pre-hook failed; training continues", self.rank)
@@ -244,10 +272,14 @@ class Snapshotter:
             # next step pushes them into the restored partition's optimizer.
             for group, saved in zip(self.optimizer.param_groups, jsonsafe.decode(outer_groups, _no_tensors)):
                 group.update(saved)
-        self.stats.restored_step, self.stats.restore_s = result.step, result.seconds
-        self.stats.restore_source = result.source
-        self.stats.restore_sealed_at, self.stats.restore_partial_step = result.sealed_at, result.partial_step
-        self.stats.restore_failures = list(result.failures)
+        with self._lock:
+            self.stats.restored_step, self.stats.restore_s = result.step, result.seconds
+            self.stats.restore_source = result.source
+            self.stats.restore_sealed_at, self.stats.restore_partial_step = result.sealed_at, result.partial_step
+            self.stats.restore_failures = list(result.failures)
+            self.stats.restore_unusable = dict(result.unusable)
+            self.stats.restore_held = list(result.held)
+            self.stats.restore_gathered = result.gathered
         self.restored_extra = result.extra
         return result.step
 

@@ -14,21 +14,25 @@ After each kill the run waits until every rank has written new losses (a recover
 `recovery_timeout` is a hang and ends the run), then a random pause. Finally training runs to the
 end and every (rank, step) loss ever recorded and the final parameters are compared bit for bit
 with a reference run without ftd.
+
+Facts come from structured sources, never from log text: each rank's restores from the trainers'
+results files (ftd.demo.results), and each restarted or replacement daemon's rebuild outcome and
+re-adopted segments from a scrape of its metrics once the group has recovered (a SIGKILL resets a
+daemon's counters, so each is read from the daemon that has just recovered).
 """
 
 from __future__ import annotations
 
 import random
-import re
 import statistics
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftd.demo import results
 from ftd.demo.cluster import (LocalNode, LossTail, RendezvousStore, all_losses, compare, make_nodes,
                               reference_run, stamp)
 from ftd.errors import FtdError
@@ -82,6 +86,8 @@ class Kill:
     progress_lost: int = 0
     hang: bool = False
     note: str = ""
+    rebuilds: dict[str, float] = field(default_factory=dict)  # the restarted daemon's ftd_rebuilds_total by outcome
+    segments_adopted: int | None = None  # what the restarted daemon re-adopted (daemon and node kills)
 
 
 @dataclass
@@ -94,10 +100,10 @@ class ChaosResult:
     missing: int = 0
     compared: int = 0
     torn_lines: int = 0
-    restarts_from_0: int = 0
-    unrecoverable_lines: int = 0
-    resumes_logged: int = 0
-    rebuilt_lines: int = 0
+    restarts_from_0: int = 0  # rank restores that started from step 0 although their daemon held steps
+    unrecoverable: int = 0  # rebuilds the replacement daemons gave up on (more than m nodes lost)
+    resumes: int = 0  # rank restores that resumed a step
+    rebuilt: int = 0  # rebuilds from peers the replacement daemons completed
     finished: bool = False
     errors: list[str] = field(default_factory=list)
     wall_s: float = 0.0
@@ -139,9 +145,9 @@ class ChaosResult:
                   f"losses compared     {self.compared} (rank, step); {self.missing} missing; "
                   f"{self.torn_lines} torn lines",
                   f"progress lost       {len(lost)} kills went back > {self.options['lost_threshold']} steps {lost[:8]}",
-                  f"restarts from 0     {self.restarts_from_0} rank lines; {self.unrecoverable_lines} daemon "
-                  "'memory cannot recover' lines",
-                  f"resumes logged      {self.resumes_logged}; nodes rebuilt {self.rebuilt_lines}",
+                  f"restarts from 0     {self.restarts_from_0} rank restores; {self.unrecoverable} rebuilds "
+                  "unrecoverable",
+                  f"resumes             {self.resumes} rank restores; nodes rebuilt {self.rebuilt}",
                   f"training finished   {self.finished}",
                   f"errors              {self.errors or 'none'}",
                   f"wall time           {self.wall_s:.1f} s (reference {self.reference_s:.1f} s)",
@@ -232,8 +238,7 @@ def run_chaos(opts: ChaosOptions, say: Callable[[str], None] = _say) -> ChaosRes
     t_start = time.monotonic()
     say("reference run (no ftd, no failures) ...")
     # step-sleep only sleeps; it cannot change a bit, so the reference runs without it
-    reference, reference_params = reference_run(work / "reference", opts.nodes, opts.train_args(),
-                                                    opts.reference_timeout)
+    reference = reference_run(work / "reference", opts.nodes, opts.train_args(), opts.reference_timeout)
     result.reference_s = round(time.monotonic() - t_start, 1)
     say(f"reference done in {result.reference_s} s")
 
@@ -270,6 +275,8 @@ def run_chaos(opts: ChaosOptions, say: Callable[[str], None] = _say) -> ChaosRes
                 result.hangs += 1
                 say(f"  HANG: no recovery within {opts.recovery_timeout} s")
                 break
+            if kind != "rank":
+                _daemon_facts(job.nodes[i], kill)
             say(f"  recovered in {kill.recovery_s:.2f} s (restarted at step {kill.restart_step}, "
                 f"now {tail.frontier()})")
             tail.mark()  # the next kill's frontier counts only steps written after this recovery
@@ -290,20 +297,31 @@ def run_chaos(opts: ChaosOptions, say: Callable[[str], None] = _say) -> ChaosRes
     tail.poll()
     got = all_losses([n.losses for n in job.nodes])
     params = sorted((work / "cluster").glob("node*/params-*.pt")) if result.finished else []
-    verdict = compare(reference, got, reference_params, params)
+    verdict = compare(reference, got, params)
     result.divergent, result.compared, result.torn_lines = len(verdict.divergent), verdict.compared, tail.torn_lines
     result.param_mismatch = verdict.param_mismatch + ([] if params or not result.finished else ["no parameter files"])
     result.missing = len(verdict.missing) if result.finished else 0
     for key in verdict.divergent[:10]:
-        say(f"DIVERGENCE rank {key[0]} step {key[1]}: got {sorted(got[key])} want {sorted(reference.get(key, []))}")
-    logs = "\n".join(n.log.read_text(errors="replace") for n in job.nodes if n.log.exists())
-    daemon_logs = "\n".join(n.daemon_log.read_text(errors="replace") for n in job.nodes if n.daemon_log.exists())
-    result.resumes_logged = len(re.findall(r"rank \d+ resumed at step \d+", logs))
-    result.restarts_from_0 = len(re.findall(r"could be restored on every rank; starting from step 0", logs))
-    result.unrecoverable_lines = len(re.findall(r"memory cannot recover", daemon_logs))
-    result.rebuilt_lines = len(re.findall(r"rebuilt node", daemon_logs))
+        say(f"DIVERGENCE rank {key[0]} step {key[1]}: got {sorted(got[key])} want "
+            f"{sorted(reference.losses.get(key, []))}")
+    records = [r for n in job.nodes for r in n.results()]
+    result.resumes = len(results.resumed(records))
+    result.restarts_from_0 = len(results.restarted_from_0(records))
+    result.unrecoverable = int(sum(k.rebuilds.get("unrecoverable", 0) for k in result.kills))
+    result.rebuilt = int(sum(k.rebuilds.get("rebuilt", 0) for k in result.kills))
     result.wall_s = round(time.monotonic() - t_start, 1)
     return result
+
+
+def _daemon_facts(node: LocalNode, kill: Kill) -> None:
+    """After a recovery: the restarted daemon's rebuild outcomes and re-adopted segments (its metrics)."""
+    try:
+        scrape = node.metrics()
+    except OSError as exc:
+        kill.note = f"metrics of node {node.index} unreadable: {exc}"
+        return
+    kill.rebuilds = scrape.by_label("ftd_rebuilds_total", "outcome")
+    kill.segments_adopted = int(scrape.value("ftd_segments_adopted_total"))
 
 
 def _wait(ready: Callable[[], bool], job: _Job, timeout: float, error: str | None) -> bool:

@@ -16,15 +16,18 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
 from ftd.client.rpc import DaemonClient
-from ftd.demo.procs import DaemonProcess, free_port, free_port_pair, ftd_env, start_trainer
+from ftd.demo import results
+from ftd.demo.procs import DaemonProcess, free_port, free_port_pair, ftd_env, read_losses, start_trainer
 from ftd.errors import FtdError
 
 TRAIN_MODULE = "ftd.demo.train"
@@ -33,7 +36,11 @@ Losses = dict[tuple[int, int], set[str]]
 
 @dataclass
 class LocalNode:
-    """One simulated node: its files, its daemon, its agent or trainers."""
+    """One simulated node: its files, its daemon, its agent or trainers.
+
+    Trainers started here write their losses, final parameters and results records
+    (ftd.demo.results) into the node's directory; `results()` reads the records back.
+    """
 
     index: int
     root: Path
@@ -57,6 +64,30 @@ class LocalNode:
     def daemon_log(self) -> Path:
         return self.root / "daemon.log"
 
+    @property
+    def results_path(self) -> str:
+        """The `--results` argument of this node's trainers (one file per rank)."""
+        return str(self.root / "results-{rank}.jsonl")
+
+    def file_args(self) -> list[str]:
+        """The demo trainer's arguments that put its losses, parameters and results in this node's files."""
+        return ["--losses", str(self.losses), "--out", str(self.root / "params-{rank}.pt"),
+                "--results", self.results_path]
+
+    def results(self) -> list[results.Record]:
+        """Every results record the trainers of this node wrote (see ftd.demo.results)."""
+        return results.read(sorted(self.root.glob("results-*.jsonl")))
+
+    def params(self, rank: int = 0) -> dict[str, Any]:
+        """The final parameters the trainer of `rank` saved on this node."""
+        import torch
+
+        return torch.load(self.root / f"params-{rank}.pt", weights_only=True)
+
+    def sealed_manifests(self, rank: int = 0) -> dict[int, Path]:
+        """Step -> manifest file of every sealed snapshot of `rank` in this node's shm directory."""
+        return {json.loads(p.read_bytes())["step"]: p for p in self.shm.glob(f"ftd-*/rank-{rank}/*.manifest.json")}
+
     def start_daemon(self, attempts: int = 1) -> DaemonProcess:
         """Start the node's daemon (retrying `attempts` times: a killed one may still hold its ports)."""
         for _ in range(attempts - 1):
@@ -68,17 +99,35 @@ class LocalNode:
         self.daemon = DaemonProcess(self.env, self.daemon_log).start()
         return self.daemon
 
-    def status(self) -> object:
+    def status(self) -> Any:
+        """The daemon's `Status` reply (ranks with sealed_steps, protected_step, rebuilding, peers)."""
         client = DaemonClient(self.env["FTD_SOCKET"], self.env["FTD_JOB"], 0, timeout=5)
         try:
             return client.status()
         finally:
             client.close()
 
+    def metrics(self) -> Metrics:
+        """A scrape of the daemon's Prometheus endpoint (FTD_METRICS_PORT must be set)."""
+        return Metrics.scrape(int(self.env["FTD_METRICS_PORT"]))
+
     def trainer(self, args: list[str], **env: str) -> subprocess.Popen[bytes]:
-        """A trainer process of this node (outside torchrun), writing the node's loss and params files."""
-        proc = start_trainer([*args, "--losses", str(self.losses), "--out", str(self.root / "params-{rank}.pt")],
-                             dict(self.env, **env), self.log)
+        """A demo trainer process of this node (outside torchrun), writing the node's files."""
+        proc = start_trainer([*args, *self.file_args()], dict(self.env, **env), self.log)
+        self.trainers.append(proc)
+        return proc
+
+    def run_trainer(self, args: list[str], timeout: float = 180, **env: str) -> None:
+        """Run a demo trainer to its end; FtdError when it fails."""
+        proc = self.trainer(args, **env)
+        if proc.wait(timeout) != 0:
+            raise FtdError(f"trainer exited with {proc.returncode}:\n" + self.log.read_text()[-4000:])
+
+    def torchrun(self, nproc: int, train_args: list[str], program: list[str] | None = None,
+                 max_restarts: int = 2, **env: str) -> subprocess.Popen[bytes]:
+        """A standalone torchrun of `nproc` demo trainers (or `program` with `train_args` as they are)."""
+        worker = ["-m", TRAIN_MODULE, *train_args, *self.file_args()] if program is None else [*program, *train_args]
+        proc = torchrun(worker, dict(self.env, **env), self.log, nproc, max_restarts)
         self.trainers.append(proc)
         return proc
 
@@ -86,22 +135,18 @@ class LocalNode:
               max_restarts: int = 100, program: list[str] | None = None) -> subprocess.Popen[bytes]:
         """A torchrun agent (elastic, c10d rendezvous on the external store) running one worker.
 
-        The worker is the demo trainer (with this node's loss and params files), or `program`
-        (e.g. [script.py]) with `train_args` and `--losses <node's loss file>`.
+        The worker is the demo trainer (with this node's files), or `program` (e.g. [script.py])
+        with `train_args`, `--losses` and `--results` of this node.
         """
-        env = dict(self.env, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", OMP_NUM_THREADS="1")
         if program is None:
-            worker = ["-m", TRAIN_MODULE, *train_args, "--losses", str(self.losses),
-                      "--out", str(self.root / "params-{rank}.pt")]
+            worker = ["-m", TRAIN_MODULE, *train_args, *self.file_args()]
         else:
-            worker = [*program, *train_args, "--losses", str(self.losses)]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", "--nproc-per-node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{store_port}", f"--rdzv-id={rdzv_id}",
-               f"--max-restarts={max_restarts}",
-               "--rdzv-conf=is_host=0,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=300",
-               "--monitor-interval=0.5", *worker]
-        with open(self.log, "ab") as log:
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            worker = [*program, *train_args, "--losses", str(self.losses), "--results", self.results_path]
+        rendezvous = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{store_port}",
+                      f"--rdzv-id={rdzv_id}",
+                      "--rdzv-conf=is_host=0,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=300",
+                      "--monitor-interval=0.5"]
+        proc = torchrun(worker, self.env, self.log, 1, max_restarts, rendezvous)
         self.trainers.append(proc)
         return proc
 
@@ -114,6 +159,16 @@ class LocalNode:
             except (psutil.Error, KeyError, ValueError):
                 pass
         return ranks
+
+    def worker_of_rank(self, rank: int) -> psutil.Process:
+        """The training process of `rank` running under this node's agents (FtdError when there is none)."""
+        for worker in self.workers():
+            try:
+                if worker.environ().get("RANK") == str(rank):
+                    return worker
+            except psutil.Error:
+                continue
+        raise FtdError(f"no worker of rank {rank} runs on node {self.index}")
 
     def workers(self) -> list[psutil.Process]:
         """The training processes running under this node's agents right now."""
@@ -146,13 +201,69 @@ class LocalNode:
     close = lose_everything
 
 
+class Metrics:
+    """One scrape of a daemon's Prometheus endpoint: `value(name, **labels)` sums the matching samples."""
+
+    def __init__(self, samples: list[tuple[str, dict[str, str], float]]):
+        self.samples = samples
+
+    @classmethod
+    def scrape(cls, port: int, timeout: float = 10) -> Metrics:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as reply:
+            text = reply.read().decode()
+        return cls([(s.name, dict(s.labels), s.value) for f in text_string_to_metric_families(text)
+                    for s in f.samples])
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sum of the samples called `name` whose labels include `labels` (0.0 when none)."""
+        return sum(v for n, lab, v in self.samples if n == name and all(lab.get(k) == w for k, w in labels.items()))
+
+    def by_label(self, name: str, label: str) -> dict[str, float]:
+        """label value -> sample value, for the samples called `name`."""
+        return {lab[label]: v for n, lab, v in self.samples if n == name and label in lab}
+
+
+def torchrun(worker: list[str], env: dict[str, str], log: Path, nproc: int = 1, max_restarts: int = 2,
+             rendezvous: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """`python -m torch.distributed.run` of `worker` (arguments after the launcher's), output appended to `log`.
+
+    Without `rendezvous` (torchrun's --nnodes/--rdzv-* flags) it runs --standalone.
+    """
+    env = dict(env, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", *(rendezvous or ["--standalone"]),
+           f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", *worker]
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def shm_root(fallback: Path) -> Path:
+    """Where simulated nodes put their shm directories: /dev/shm when it exists."""
+    return Path("/dev/shm") if Path("/dev/shm").is_dir() else fallback
+
+
+def single_node(root: Path, job: str, **env: str) -> LocalNode:
+    """A node without peers: its own socket, shm directory (fresh, under /dev/shm) and metrics port."""
+    root.mkdir(parents=True, exist_ok=True)
+    shm = shm_root(root) / f"ftd-{job}-{uuid.uuid4().hex[:12]}"
+    settings = dict(FTD_SHM_DIR=str(shm), FTD_LOG_LEVEL="INFO", FTD_METRICS_PORT=str(free_port()),
+                    FTD_METRICS_ADDRESS="127.0.0.1")
+    return LocalNode(0, root, ftd_env(root, job, **dict(settings, **env)))
+
+
 def make_nodes(root: Path, count: int, ec: str, host: str = "127.0.0.1", job: str = "ectest",
                token: str | None = None, **env: str) -> list[LocalNode]:
     """`count` nodes protecting each other with `ec` ("k+m"); `host` may be a DNS name like "localhost"."""
     ports = [free_port_pair() for _ in range(count)]
+    metrics_ports: list[int] = []
+    while len(metrics_ports) < count:
+        port = free_port()
+        if port not in metrics_ports and not any(port in (p, p + 1) for p in ports):
+            metrics_ports.append(port)
     tag = uuid.uuid4().hex[:8]  # shm paths are global: never share one with another run
     peers = ",".join(f"{host}:{p}" for p in ports)
-    shm_root = Path("/dev/shm") if Path("/dev/shm").is_dir() else root
+    shm = shm_root(root)
     settings = dict(FTD_PEERS=peers, FTD_EC=ec, FTD_CLUSTER_TOKEN=token or secrets.token_hex(16),
                     FTD_HEARTBEAT_INTERVAL="0.2", FTD_PEER_TIMEOUT="2", FTD_REBUILD_WAIT="20", FTD_LOG_LEVEL="INFO")
     settings.update(env)
@@ -160,7 +271,9 @@ def make_nodes(root: Path, count: int, ec: str, host: str = "127.0.0.1", job: st
     for i in range(count):
         node_root = root / f"node{i}"
         node_root.mkdir(parents=True)
-        node_env = ftd_env(node_root, job, FTD_SHM_DIR=str(shm_root / f"ftd-{tag}-n{i}"), FTD_NODE=str(i), **settings)
+        node_env = ftd_env(node_root, job, **{"FTD_SHM_DIR": str(shm / f"ftd-{tag}-n{i}"), "FTD_NODE": str(i),
+                                              "FTD_METRICS_PORT": str(metrics_ports[i]),
+                                              "FTD_METRICS_ADDRESS": "127.0.0.1", **settings})
         nodes.append(LocalNode(i, node_root, node_env))
     return nodes
 
@@ -176,8 +289,8 @@ def protected_steps(nodes: list[LocalNode]) -> list[int]:
     return steps
 
 
-def wait_protected(nodes: list[LocalNode], step: int, timeout: float = 120) -> int:
-    """Wait until every node reports a protected step >= `step`; return the smallest reported."""
+def wait_protected(nodes: list[LocalNode], step: int, timeout: float = 120, poll: float = 0.1) -> int:
+    """Wait until every node reports a protected step >= `step` (asking every `poll` s); return the smallest."""
     deadline = time.monotonic() + timeout
     while True:
         steps = protected_steps(nodes)
@@ -185,7 +298,7 @@ def wait_protected(nodes: list[LocalNode], step: int, timeout: float = 120) -> i
             return min(steps)
         if time.monotonic() > deadline:
             raise FtdError(f"protected steps {steps} did not reach {step} within {timeout} s")
-        time.sleep(0.1)
+        time.sleep(poll)
 
 
 class RendezvousStore:
@@ -282,25 +395,70 @@ def all_losses(paths: list[Path]) -> Losses:
     return tail.seen
 
 
-def reference_run(root: Path, world: int, train_args: list[str], timeout: float = 1800) -> tuple[Losses, Path]:
-    """The same job without ftd and without failures: `world` plain gloo ranks. Returns losses and params file."""
-    root.mkdir(parents=True)
-    master = free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(ftd_env(root, "reference"), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master))
-        procs.append(start_trainer([*train_args, "--no-ftd", "--losses", str(root / f"losses-{rank}.jsonl"),
-                                    "--out", str(root / "params-{rank}.pt")], env, root / "train.log"))
-    try:
-        for proc in procs:
-            if proc.wait(timeout) != 0:
-                raise FtdError("reference run failed:\n" + (root / "train.log").read_text()[-3000:])
-    finally:
-        for proc in procs:
+class Reference:
+    """The same job without ftd and without failures: `world` plain gloo ranks started directly.
+
+    `start()` launches them and returns at once (a test can run its own job beside them);
+    `wait()` waits for them to finish. Rank r writes losses-r.jsonl and params-r.pt in `root`.
+    """
+
+    def __init__(self, root: Path, world: int, train_args: list[str]):
+        self.root, self.world, self.train_args = root, world, train_args
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> Reference:
+        self.root.mkdir(parents=True, exist_ok=True)
+        env = ftd_env(self.root, "reference", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                      WORLD_SIZE=str(self.world))
+        for rank in range(self.world):
+            self.procs.append(start_trainer([*self.train_args, "--no-ftd", "--losses", str(self.losses_file(rank)),
+                                             "--out", str(self.params_file(rank))],
+                                            dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), self.root / "train.log"))
+        return self
+
+    def wait(self, timeout: float = 1800) -> Reference:
+        """Wait for every rank; FtdError (the ranks killed) when one fails or the time runs out."""
+        deadline = time.monotonic() + timeout
+        try:
+            for proc in self.procs:
+                if proc.wait(max(deadline - time.monotonic(), 0.1)) != 0:
+                    raise FtdError("reference run failed:\n" + (self.root / "train.log").read_text()[-3000:])
+        except subprocess.TimeoutExpired:
+            raise FtdError(f"the reference run did not finish within {timeout:.0f} s") from None
+        finally:
+            self.kill()
+        return self
+
+    def kill(self) -> None:
+        for proc in self.procs:
             if proc.poll() is None:
                 kill_tree(proc.pid)
-    return all_losses([root / f"losses-{r}.jsonl" for r in range(world)]), root / "params-0.pt"
+                proc.wait(30)
+
+    def losses_file(self, rank: int) -> Path:
+        return self.root / f"losses-{rank}.jsonl"
+
+    def params_file(self, rank: int) -> Path:
+        return self.root / f"params-{rank}.pt"
+
+    @property
+    def losses(self) -> Losses:
+        """(rank, step) -> its loss (a one-element set, as all_losses gives)."""
+        return all_losses([self.losses_file(r) for r in range(self.world)])
+
+    def rank_losses(self, rank: int = 0) -> dict[int, str]:
+        """step -> loss of one rank."""
+        return read_losses(self.losses_file(rank), rank)
+
+    def params(self, rank: int = 0) -> dict[str, Any]:
+        import torch
+
+        return torch.load(self.params_file(rank), weights_only=True)
+
+
+def reference_run(root: Path, world: int, train_args: list[str], timeout: float = 1800) -> Reference:
+    """Run the reference (see Reference) to its end."""
+    return Reference(root, world, train_args).start().wait(timeout)
 
 
 @dataclass
@@ -318,17 +476,28 @@ class Comparison:
         return not (self.divergent or self.missing or self.param_mismatch) and self.param_files > 0
 
 
-def compare(reference: Losses, got: Losses, reference_params: Path, param_files: list[Path]) -> Comparison:
-    """Every recorded (rank, step) loss and every final parameter file against the reference."""
+def differing(got: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """Names whose tensors are missing or differ in dtype, shape or bytes (byte views, not values)."""
     import torch
 
-    divergent = sorted(k for k in got if got[k] != reference.get(k))
-    missing = sorted(set(reference) - set(got))
-    want = torch.load(reference_params, weights_only=True)
+    def same(a: Any, b: Any) -> bool:
+        return (a.dtype == b.dtype and a.shape == b.shape
+                and torch.equal(a.detach().contiguous().reshape(-1).view(torch.uint8),
+                                b.detach().contiguous().reshape(-1).view(torch.uint8)))
+    return [n for n in sorted(set(got) | set(want)) if n not in got or n not in want or not same(got[n], want[n])]
+
+
+def compare(reference: Reference, got: Losses, param_files: list[Path]) -> Comparison:
+    """Every recorded (rank, step) loss and every final parameter file (params-<rank>.pt) against the reference."""
+    import torch
+
+    want_losses = reference.losses
+    divergent = sorted(k for k in got if got[k] != want_losses.get(k))
+    missing = sorted(set(want_losses) - set(got))
     mismatch = []
     for path in param_files:
-        params = torch.load(path, weights_only=True)
-        if params.keys() != want.keys() or not all(torch.equal(params[k], v) for k, v in want.items()):
+        rank = int(path.stem.rsplit("-", 1)[1])
+        if differing(torch.load(path, weights_only=True), reference.params(rank)):
             mismatch.append(str(path))
     return Comparison(len(got), divergent, missing, len(param_files), mismatch)
 

@@ -8,26 +8,31 @@
    memory), from the peers (a replaced node's memory is decoded from the others), or keeps going
    (a restarted daemon re-adopts its memory while training continues);
 3. a table: failure, recovery source, time to recover, steps lost, and whether every step's loss
-   of every rank and the final parameters equal the reference run bit for bit.
+   of every rank and the final parameters equal the reference run bit for bit. The same facts go
+   to `<workdir>/demo-result.json` (see `DemoResult`).
+
+Recoveries are described from structured sources only: the trainers' results files
+(ftd.demo.results: restored step, source and seconds per rank) and the daemons' metrics.
 """
 
 from __future__ import annotations
 
-import re
+import json
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ftd.demo.cluster import (LocalNode, LossTail, RendezvousStore, compare, make_nodes, protected_steps,
-                              reference_run)
+from ftd.demo import results
+from ftd.demo.cluster import (Comparison, LocalNode, LossTail, RendezvousStore, compare, make_nodes,
+                              protected_steps, reference_run)
 from ftd.errors import FtdError
 
 FAULTS = ("rank", "daemon", "node")
 FAULT_AT = {"rank": 0.2, "daemon": 0.4, "node": 0.6}  # fraction of the run at which each fault strikes
-RESTORED = re.compile(r"rank (\d+): recovered step (\d+) from (\w+) in ([\d.]+) s \((\d+) bytes\)")
+RESULT_FILE = "demo-result.json"
 
 
 @dataclass
@@ -58,11 +63,28 @@ class Row:
     restore_s: float = 0.0
     restored_step: int | None = None
     ranks_restored: dict[int, str] = field(default_factory=dict)
+    segments_adopted: int | None = None  # daemon crash: what the restarted daemon re-adopted (its metrics)
 
     @property
     def steps_lost(self) -> int:
         """Steps computed before the failure that had to be computed again."""
         return 0 if self.restored_step is None else max(0, self.at_step + 1 - self.restored_step)
+
+
+@dataclass
+class DemoResult:
+    """What `ftd demo` found, written as JSON to <workdir>/demo-result.json: one row per failure and the verdict."""
+
+    rows: list[Row]
+    comparison: Comparison
+
+    @property
+    def bit_exact(self) -> bool:
+        return self.comparison.bit_exact
+
+    def to_json(self) -> dict:
+        rows = [dict(asdict(r), steps_lost=r.steps_lost) for r in self.rows]
+        return {"rows": rows, "comparison": asdict(self.comparison), "bit_exact": self.bit_exact}
 
 
 class Progress:
@@ -100,7 +122,7 @@ def run_cluster_demo(opts: DemoOptions) -> int:
 
     print("[1/3] reference run: same ranks, no ftd, no failures")
     t0 = time.monotonic()
-    reference, reference_params = reference_run(work / "reference", opts.nodes, opts.train_args())
+    reference = reference_run(work / "reference", opts.nodes, opts.train_args())
     print(f"  done in {time.monotonic() - t0:.1f} s")
 
     print("[2/3] the cluster, failures injected")
@@ -133,7 +155,8 @@ def run_cluster_demo(opts: DemoOptions) -> int:
 
     print("[3/3] compare with the reference, bit for bit")
     tail.poll()
-    verdict = compare(reference, tail.seen, reference_params, sorted((work / "cluster").glob("node*/params-*.pt")))
+    verdict = compare(reference, tail.seen, sorted((work / "cluster").glob("node*/params-*.pt")))
+    (work / RESULT_FILE).write_text(json.dumps(DemoResult(rows, verdict).to_json(), indent=2))
     exact = "yes" if verdict.bit_exact else "NO"
     table = [("failure", "node", "at step", "recovery source", "recovered s", "restore s", "restored step",
               "steps lost", "bit-exact")]
@@ -192,7 +215,7 @@ def _inject(fault: str, victim: LocalNode, nodes: list[LocalNode], agents: list,
             store: RendezvousStore, opts: DemoOptions, train: list[str]) -> Row:
     """Inject one fault, wait until every rank trains again, and describe the recovery."""
     at = tail.mark()
-    marks = {n.index: n.log.stat().st_size if n.log.exists() else 0 for n in nodes}
+    since = time.time()
     before = dict(tail.lines_per_rank)
     t0 = time.monotonic()
     if fault == "rank":
@@ -207,8 +230,8 @@ def _inject(fault: str, victim: LocalNode, nodes: list[LocalNode], agents: list,
         bar.say(f"SIGKILL the daemon of node {victim.index} at step {at}; restarting it")
         victim.start_daemon(attempts=5)
         row = Row("daemon crash (SIGKILL)", victim.index, at)
-        adopted = re.findall(r"re-adopted (\d+) sealed", victim.daemon_log.read_text(errors="replace"))
-        row.source = f"own memory ({adopted[-1] if adopted else '?'} segments)"
+        row.segments_adopted = int(victim.metrics().value("ftd_segments_adopted_total"))
+        row.source = f"own memory ({row.segments_adopted} segments)"
         row.seconds = time.monotonic() - t0
     else:
         bar.say(f"node {victim.index} lost at step {at}: agent, rank and daemon SIGKILLed, its memory wiped")
@@ -227,12 +250,11 @@ def _inject(fault: str, victim: LocalNode, nodes: list[LocalNode], agents: list,
         time.sleep(0.05)
     if fault != "daemon":
         row.seconds = time.monotonic() - t0
-        for node in nodes:
-            text = node.log.read_text(errors="replace")[marks[node.index]:]
-            for rank, step, source, seconds, _ in RESTORED.findall(text):
-                row.ranks_restored[int(rank)] = source
-                row.restored_step = int(step)
-                row.restore_s = max(row.restore_s, float(seconds))
+        for record in results.restores([r for n in nodes for r in n.results()], since):
+            if record["restored_step"]:
+                row.ranks_restored[record["rank"]] = record["restore_source"]
+                row.restored_step = record["restored_step"]
+                row.restore_s = max(row.restore_s, record["restore_s"])
         sources = sorted(set(row.ranks_restored.values()))
         counts = {s: list(row.ranks_restored.values()).count(s) for s in sources}
         row.source = ", ".join(f"{s} ({n} rank{'s' if n > 1 else ''})" for s, n in counts.items()) or \

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ftd
+from ftd.demo import results
 from ftd.demo.model import TinyGPT, batch, warmup_cosine
 
 log = logging.getLogger("ftd.demo.train")
@@ -40,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep per step (lets tests kill mid-run)")
     p.add_argument("--losses", default="", help="append {'step', 'loss'} JSON lines here")
     p.add_argument("--out", default="", help="write final parameters here ({rank} is replaced)")
+    p.add_argument("--results", default="", help="append the restore's and the run's facts here as JSON lines "
+                   "({rank} is replaced; see ftd.demo.results)")
     p.add_argument("--no-ftd", action="store_true", help="train without snapshots (the reference run)")
     p.add_argument("--zero", action="store_true", help="shard the optimizer state (ZeroRedundancyOptimizer)")
     p.add_argument("--shard-replicated", action="store_true", help="each DDP rank snapshots 1/world of the "
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     start = snap.restore() if snap else 0
     if start:
         log.info("rank %d resumed at step %d (data position %s)", rank, start, data_position)
+    if snap:
+        results.write(args.results, "restore", rank, snap.stats, data_position=data_position["step"])
     losses = open(args.losses, "a") if args.losses else None
     for step in range(start, args.steps if args.stop_at is None else min(args.stop_at, args.steps)):
         x, y = batch(step, rank, args.batch, args.context, args.seed)
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("rank %d done: %d snapshots sealed, %d skipped %s, median stall %.2f ms", rank, s.sealed,
                  s.skipped, dict(s.skip_reasons), s.median_stall_s * 1e3)
         snap.close()
+        results.write(args.results, "done", rank, s, started_at=start, last_step=data_position["step"])
     if args.out:
         local = {k: v.to_local() if hasattr(v, "to_local") else v  # FSDP: this rank's shards
                  for k, v in model.state_dict().items()}

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from ftd.manifest import DIGEST_KEY, manifest_digest
-from tests.integration.cluster import STEPS, Cluster, assert_bit_exact
+from ftd.demo.cluster import LocalNode
+
+from tests.integration.cluster import STEPS, assert_bit_exact, restores
 
 STOP = STEPS // 2
 
@@ -54,8 +56,8 @@ def _edit_lr(seg: Path, manifest: dict) -> str:
 
 @pytest.mark.parametrize("corrupt", [_flip_byte, _truncate, _point_outside, _wrong_job, _edit_lr],
                          ids=["checksum", "truncated", "manifest-outside-segment", "wrong-job", "edited-lr"])
-def test_corrupt_newest_step_falls_back_to_previous(node: Cluster, reference, corrupt):
-    node.run_trainer("--stop-at", str(STOP))
+def test_corrupt_newest_step_falls_back_to_previous(node: LocalNode, reference, corrupt):
+    node.run_trainer(["--steps", str(STEPS), "--stop-at", str(STOP)])
     manifests = node.sealed_manifests()
     assert sorted(manifests) == [STOP - 1, STOP]
     path = manifests[STOP]
@@ -63,19 +65,19 @@ def test_corrupt_newest_step_falls_back_to_previous(node: Cluster, reference, co
     expected = corrupt(Path(str(path).removesuffix(".manifest.json") + ".seg"), doc)
     path.write_text(json.dumps(doc))
 
-    node.run_trainer()
-    log = node.log.read_text()
-    errors = [line for line in log.splitlines() if f"step {STOP} is unusable" in line]
-    assert errors and expected in errors[0] and "rank 0" in errors[0], log[-3000:]
-    assert f"resumed at step {STOP - 1}" in log
+    node.run_trainer(["--steps", str(STEPS)])
+    restore = restores(node)[-1]
+    assert list(restore["restore_unusable"]) == [str(STOP)], restore
+    assert expected in restore["restore_unusable"][str(STOP)], restore
+    assert restore["restored_step"] == STOP - 1, restore
     assert_bit_exact(node, reference)
 
 
-def test_model_mismatch_is_named_and_training_starts_fresh(node: Cluster):
-    node.run_trainer("--stop-at", str(STOP))
-    node.run_trainer("--dim", "32", "--stop-at", str(STOP + 2))
-    log = node.log.read_text()
-    assert "entry 'pos': snapshot holds float32[32, 64], the model has float32[32, 32]" in log, log[-3000:]
-    assert "starting from step 0" in log
-    assert "resumed at step" not in log
-    assert "discarded" not in (node.root / "daemon.log").read_text(), "a mismatched launch discarded snapshots"
+def test_model_mismatch_is_named_and_training_starts_fresh(node: LocalNode):
+    node.run_trainer(["--steps", str(STEPS), "--stop-at", str(STOP)])
+    node.run_trainer(["--steps", str(STEPS), "--dim", "32", "--stop-at", "0"])  # restores, trains no step
+    restore = restores(node)[-1]
+    assert restore["restored_step"] == 0 and sorted(restore["restore_held"]) == [STOP - 1, STOP], restore
+    why = "entry 'pos': snapshot holds float32[32, 64], the model has float32[32, 32]"
+    assert all(why in restore["restore_unusable"].get(str(s), "") for s in (STOP, STOP - 1)), restore
+    assert node.status().ranks[0].sealed_steps == [STOP - 1, STOP], "a mismatched launch discarded snapshots"

@@ -15,16 +15,19 @@ from ftd._proto import snapshot_pb2_grpc as pb_grpc
 from ftd.client.rpc import DaemonClient
 from ftd.errors import RequestRejected
 
-from tests.integration.cluster import STEPS, Cluster
+from ftd.demo import results
+from ftd.demo.cluster import LocalNode
+
+from tests.integration.cluster import STEPS, TRAIN_ARGS
 
 
-def _stub(node: Cluster) -> tuple[grpc.Channel, pb_grpc.SnapshotStub]:
+def _stub(node: LocalNode) -> tuple[grpc.Channel, pb_grpc.SnapshotStub]:
     channel = grpc.insecure_channel(f"unix:{node.env['FTD_SOCKET']}")
     return channel, pb_grpc.SnapshotStub(channel)
 
 
-def test_malformed_requests_get_clear_errors_and_the_daemon_survives(node: Cluster):
-    node.run_trainer("--stop-at", "3")
+def test_malformed_requests_get_clear_errors_and_the_daemon_survives(node: LocalNode):
+    node.run_trainer([*TRAIN_ARGS, "--stop-at", "3"])
     channel, stub = _stub(node)
     job = node.env["FTD_JOB"]
     try:
@@ -61,19 +64,18 @@ def test_malformed_requests_get_clear_errors_and_the_daemon_survives(node: Clust
     assert node.daemon.proc.poll() is None
 
 
-def test_memory_budget_refuses_with_a_clear_error_and_training_continues(node: Cluster):
+def test_memory_budget_refuses_with_a_clear_error_and_training_continues(node: LocalNode):
     node.daemon.kill()
     node.env["FTD_MEMORY_BUDGET"] = "1MiB"
     node.start_daemon()
-    node.run_trainer("--stop-at", "5")
-    log = node.log.read_text()
-    assert "would exceed the memory budget" in log
-    assert "0 snapshots sealed, 5 skipped {'out_of_memory': 5}" in log
-    assert "ftd_refused_snapshots" not in log  # metrics stay in the daemon
+    node.run_trainer([*TRAIN_ARGS, "--stop-at", "5"])
+    done = results.latest(node.results(), "done")[0]
+    assert (done["sealed"], done["last_step"], done["skip_reasons"]) == (0, 5, {"out_of_memory": 5}), done
+    assert node.metrics().value("ftd_refused_snapshots_total") == 5
 
 
-def test_ftd_status_reports_held_steps(node: Cluster):
-    node.run_trainer("--stop-at", "4")
+def test_ftd_status_reports_held_steps(node: LocalNode):
+    node.run_trainer([*TRAIN_ARGS, "--stop-at", "4"])
     out = subprocess.run([sys.executable, "-m", "ftd", "status", "--json"], env=node.env, capture_output=True,
                          text=True, timeout=60, check=True).stdout
     doc = json.loads(out)
@@ -86,8 +88,8 @@ def test_ftd_status_reports_held_steps(node: Cluster):
 
 
 @pytest.mark.parametrize("same", ["socket", "shm"])
-def test_second_daemon_is_refused(node: Cluster, same: str):
-    node.run_trainer("--stop-at", "3")
+def test_second_daemon_is_refused(node: LocalNode, same: str):
+    node.run_trainer([*TRAIN_ARGS, "--stop-at", "3"])
     env = dict(node.env)
     if same == "shm":
         env["FTD_SOCKET"] = str(node.root / "second.sock")

@@ -7,18 +7,21 @@ import signal
 import time
 
 from ftd.client.rpc import DaemonClient
+from ftd.demo.procs import wait_for_step
 
-from tests.integration.cluster import STEPS, assert_bit_exact
+from tests.integration.cluster import STEPS, TRAIN_ARGS, assert_bit_exact, restores
 
 
 def test_kill_mid_copy_restores_previous_step(node, reference):
     pause_at = STEPS // 2
-    env = dict(node.env, FTD_KNOBS=json.dumps({"pause_copy_at_step": pause_at}))
-    proc = node.trainer(env=env)
-    deadline = time.monotonic() + 120
-    while "debug pause half-way" not in (node.log.read_text() if node.log.exists() else ""):
-        assert proc.poll() is None and time.monotonic() < deadline, "the copy never reached its pause"
-        time.sleep(0.05)
+    env = {"FTD_KNOBS": json.dumps({"pause_copy_at_step": pause_at})}
+    proc = node.trainer(TRAIN_ARGS, **env)
+    wait_for_step(node.losses, pause_at - 1, proc, timeout=120)  # the copy of step pause_at has been queued
+    deadline = time.monotonic() + 30
+    while not _copying(node, pause_at):
+        assert proc.poll() is None and time.monotonic() < deadline, "the copy of the paused step never began"
+        time.sleep(0.01)
+    time.sleep(0.2)  # the copy of the first half of the entries (microseconds for this model), then the pause
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
 
@@ -30,6 +33,12 @@ def test_kill_mid_copy_restores_previous_step(node, reference):
     assert pause_at not in held, "a half-copied step was sealed"
     assert held[-1] == pause_at - 1, held
 
-    node.run_trainer()
-    assert f"resumed at step {pause_at - 1}" in node.log.read_text()
+    node.run_trainer(TRAIN_ARGS)
+    assert restores(node)[-1]["restored_step"] == pause_at - 1
     assert_bit_exact(node, reference)
+
+
+def _copying(node, step: int) -> bool:
+    """The daemon sealed `step - 1` and holds a lease being written: the copy of `step` began."""
+    [rank] = node.status().ranks
+    return rank.writing and max(rank.sealed_steps, default=-1) == step - 1

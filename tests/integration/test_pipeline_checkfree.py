@@ -7,13 +7,15 @@ CheckFree from their neighbours; training goes on to the last step with no manua
 from __future__ import annotations
 
 import math
-import re
 import time
 from pathlib import Path
 
 import pytest
 
-from ftd.demo.cluster import RendezvousStore, all_losses, make_nodes, wait_protected
+from ftd.demo import results
+from ftd.demo.cluster import RendezvousStore, all_losses
+
+from tests.integration.cluster import make_nodes, wait_protected
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "pipeline_gpt.py"
 STAGES = 5
@@ -49,21 +51,23 @@ def test_lost_middle_stages_are_rebuilt_with_checkfree_and_training_continues(tm
             victim.agent(store.port, STAGES, args, "pipe", 3, program=[str(EXAMPLE)])
         for node in nodes:
             assert node.trainers[-1].wait(240) == 0, "\n".join(n.log.read_text()[-2500:] for n in nodes)
+        scrapes = [node.metrics() for node in nodes]  # the survivors' daemons and the replacements'
     finally:
         for node in nodes:
             node.close()
         store.stop()
 
-    logs = "\n".join(n.log.read_text(errors="replace") for n in nodes)
-    rebuilt = re.findall(r"rank (\d+): recovered step (\d+) from checkfree", logs)
-    assert sorted(int(r) for r, _ in rebuilt) == [1, 3], logs[-4000:]
-    step = int(rebuilt[0][1])
-    assert step >= protected and all(int(s) == step for _, s in rebuilt)
-    from_memory = re.findall(r"rank (\d+): recovered step (\d+) from (local|peers)", logs)
-    assert sorted(int(r) for r, s, _ in from_memory if int(s) == step) == [0, 2, 4], from_memory
-    daemon_logs = "\n".join(n.daemon_log.read_text(errors="replace") for n in nodes)
-    assert "memory cannot recover" in daemon_logs
-    assert re.search(r"recovered step \d+ from checkfree", daemon_logs)
+    done = results.latest([r for n in nodes for r in n.results()], "done")
+    assert sorted(done) == list(range(STAGES)), done
+    sources = {rank: (d["restore_source"], d["restored_step"]) for rank, d in done.items()}
+    step = sources[1][1]
+    assert step >= protected and all(s == step for _, s in sources.values()), sources
+    assert sorted(r for r, (src, _) in sources.items() if src == "checkfree") == [1, 3], sources
+    assert all(sources[r][0] in ("local", "peers") for r in (0, 2, 4)), sources
+    assert sum(m.value("ftd_recoveries_total", source="checkfree") for m in scrapes) == 2
+    replaced = [m for m, n in zip(scrapes, nodes) if any(n is v for v in victims)]
+    assert all(m.value("ftd_rebuilds_total", outcome="unrecoverable") >= 1 for m in replaced), \
+        [m.by_label("ftd_rebuilds_total", "outcome") for m in replaced]
     losses = _losses([n.losses for n in nodes])
     assert set(range(STEPS)) <= set(losses), sorted(set(range(STEPS)) - set(losses))[:10]
     after = [v for s in range(step, STEPS) for v in losses[s]]

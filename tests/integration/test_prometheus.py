@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.cluster import Cluster
-from tests.integration.multinode import free_port
+from ftd.demo.cluster import LocalNode
+
+from tests.integration.cluster import TRAIN_ARGS, free_port
 
 PROMETHEUS = shutil.which("prometheus")
 
@@ -42,11 +43,8 @@ def _wait_for(port: int, expr: str, timeout: float = 60) -> list[dict]:
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="the prometheus binary is not installed (.ci/run installs "
                                                "Debian's prometheus package; apt-get was not available here)")
-def test_prometheus_scrapes_snapshot_and_stall_metrics(node: Cluster, tmp_path: Path):
-    metrics_port, prom_port = free_port(), free_port()
-    node.daemon.kill()
-    node.env["FTD_METRICS_PORT"] = str(metrics_port)
-    node.start_daemon()
+def test_prometheus_scrapes_snapshot_and_stall_metrics(node: LocalNode, tmp_path: Path):
+    metrics_port, prom_port = int(node.env["FTD_METRICS_PORT"]), free_port()  # the node's daemon serves metrics
     config = tmp_path / "prometheus.yml"
     config.write_text(f"""
 global:
@@ -60,7 +58,7 @@ scrape_configs:
                              f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=subprocess.DEVNULL,
                             stderr=open(tmp_path / "prometheus.log", "wb"))
     try:
-        proc = node.trainer("--step-sleep", "0.2", "--stop-at", "15")
+        proc = node.trainer([*TRAIN_ARGS, "--step-sleep", "0.2", "--stop-at", "15"])
         up = _wait_for(prom_port, 'up{job="ftd"} == 1')
         assert up[0]["metric"]["instance"] == f"127.0.0.1:{metrics_port}"
         assert proc.wait(120) == 0

@@ -7,42 +7,21 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
+from ftd.demo.cluster import LocalNode, Reference
 from ftd.demo.model import TinyGPT
-from ftd.demo.procs import free_port, ftd_env, read_losses, start_trainer, wait_for_step
+from ftd.demo.procs import read_losses, wait_for_step
 from ftd.manifest import Manifest
 
 from tests.bitexact import differing
-from tests.integration.cluster import STEPS, Cluster
-from tests.integration.test_ddp import worker_of_rank
+from tests.integration.cluster import STEPS, TRAIN_ARGS, restores
 
 CASES = {"ddp-shard-replicated-2": (2, ["--shard-replicated"]), "fsdp2-2": (2, ["--fsdp"])}
 
 
-def torchrun(ranks: int, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    env = dict(env, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                 f"--nproc-per-node={ranks}", "--max-restarts=2", "-m", "ftd.demo.train", *args],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def reference_run(ranks: int, flags: list[str], root: Path) -> list[subprocess.Popen[bytes]]:
-    """The failure-free run without ftd: the ranks started directly (no agent), beside the test's own run."""
-    env = ftd_env(root, "ref", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(ranks))
-    args = ["--steps", str(STEPS), "--no-ftd", "--losses", str(root / "losses.jsonl"),
-            "--out", str(root / "params-{rank}.pt"), *flags]
-    return [start_trainer(args, dict(env, RANK=str(r), LOCAL_RANK=str(r)), root / f"train-{r}.log")
-            for r in range(ranks)]
-
-
-def newest_manifest(node: Cluster, rank: int) -> Manifest:
+def newest_manifest(node: LocalNode, rank: int) -> Manifest:
     found = [Manifest.from_json(p.read_bytes()) for p in node.shm.glob(f"ftd-*/rank-{rank}/*.manifest.json")]
     assert found, f"no sealed snapshot of rank {rank}"
     return max(found, key=lambda m: m.step)
@@ -55,29 +34,25 @@ def state_bytes(manifest: Manifest) -> int:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.timeout(120 + 180 + 180 + 60)  # the budgets below
-def test_sharded_rank_killed_resumes_bit_exact(node: Cluster, case: str, tmp_path_factory: pytest.TempPathFactory):
+def test_sharded_rank_killed_resumes_bit_exact(node: LocalNode, case: str, tmp_path_factory: pytest.TempPathFactory):
     ranks, flags = CASES[case]
-    reference = tmp_path_factory.mktemp("reference")
-    reference_ranks = reference_run(ranks, flags, reference)
-    node.procs.extend(reference_ranks)
+    # the failure-free run without ftd, started beside the test's own run
+    reference = Reference(tmp_path_factory.mktemp("reference"), ranks, [*TRAIN_ARGS, *flags]).start()
+    node.trainers.extend(reference.procs)
     kill_at = random.Random().randrange(3, STEPS - 4)
-    agent = torchrun(ranks, ["--steps", str(STEPS), "--step-sleep", "0.05", "--losses", str(node.losses),
-                             "--out", str(node.root / "params-{rank}.pt"), *flags], node.env, node.log)
-    node.procs.append(agent)
+    agent = node.torchrun(ranks, [*TRAIN_ARGS, "--step-sleep", "0.05", *flags])
     wait_for_step(node.losses, kill_at, agent, timeout=120, rank=1)
-    worker_of_rank(agent, 1).send_signal(signal.SIGKILL)
+    node.worker_of_rank(1).send_signal(signal.SIGKILL)
     assert agent.wait(180) == 0, node.log.read_text()[-4000:]
-    for r, proc in enumerate(reference_ranks):
-        assert proc.wait(180) == 0, (reference / f"train-{r}.log").read_text()[-4000:]
+    reference.wait(180)
 
-    log = node.log.read_text()
+    resumed = {}
     for rank in range(ranks):
-        assert f"rank {rank} resumed at step" in log, \
-            f"rank {rank} did not resume (killed at {kill_at}):\n{log[-3000:]}"
-        ref_losses = read_losses(reference / "losses.jsonl", rank)
+        resumed[rank] = [r for r in restores(node, rank) if r["restored_step"]]
+        assert resumed[rank], f"rank {rank} did not resume (killed at {kill_at}): {restores(node, rank)}"
+        ref_losses = reference.rank_losses(rank)
         assert len(ref_losses) == STEPS and read_losses(node.losses, rank) == ref_losses, f"rank {rank} losses differ"
-        ref = torch.load(reference / f"params-{rank}.pt", weights_only=True)
-        got = torch.load(node.root / f"params-{rank}.pt", weights_only=True)
+        ref, got = reference.params(rank), node.params(rank)
         assert ref.keys() == got.keys()
         assert not differing(got, ref), differing(got, ref)
 
@@ -89,10 +64,11 @@ def test_sharded_rank_killed_resumes_bit_exact(node: Cluster, case: str, tmp_pat
     assert {m.step for m in manifests} == {STEPS}
     held = [state_bytes(m) for m in manifests]
     if "--shard-replicated" in flags:
-        assert "gathered" in log, "the restore did not gather the shards"
+        assert all(resumed[r][-1]["restore_gathered"] for r in range(ranks)), "the restore did not gather the shards"
         assert all(m.meta["sharding"]["dp"] == ranks for m in manifests)
         assert sum(held) == full, (held, full)
     else:  # FSDP: the per-parameter step counters are plain tensors on every rank, the rest are local shards
+        assert not any(resumed[r][-1]["restore_gathered"] for r in range(ranks))
         assert sum(held) == full + (ranks - 1) * 4 * len(params), (held, full)
         assert all(m.meta["dtensors"] for m in manifests)
     assert all(0.9 * full / ranks < h < 1.1 * full / ranks for h in held), (held, full)
