@@ -10,7 +10,7 @@ One run, on one machine, measures:
    Protector uses), against memcpy of the same k chunks (bench/codec_bench.py's helpers), on one
    pinned core;
 2. seal -> protected: a loopback cluster of `--nodes` real `ftd daemon` processes
-   (tests/integration/multinode.py: own shm directory, socket and peer ports per node, CURVE
+   (ftd.demo.cluster.make_nodes: own shm directory, socket and peer ports per node, CURVE
    bulk transport, EC `--ec`), one snapshot process per node holding an nn.Module of `--gib` GiB
    of fp32 parameters (torch.randn, a fixed seed per node). Each process takes snapshot(1),
    waits until it is sealed and prints the time; this process polls every daemon's Status until
@@ -36,7 +36,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -46,14 +45,14 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
-for _p in (str(REPO), str(BENCH_DIR)):  # tests.integration.multinode and codec_bench
+for _p in (str(REPO), str(BENCH_DIR)):  # ftd from this checkout, and codec_bench
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
@@ -62,12 +61,12 @@ import psutil  # noqa: E402
 import xxhash  # noqa: E402
 
 import codec_bench  # noqa: E402  (memcpy baseline and timing helpers)
-import ftd  # noqa: E402
 from ftd.client.rpc import DaemonClient  # noqa: E402
 from ftd.codec import available_codecs, decode_striped, encode_striped, make_codec  # noqa: E402
 from ftd.daemon.groups import ECShape  # noqa: E402
 from ftd import knobs  # noqa: E402
 from ftd.errors import FtdError  # noqa: E402
+from ftd.bench.common import Row, machine_info as common_machine_info  # noqa: E402
 from ftd.demo.cluster import LocalNode as Node, make_nodes  # noqa: E402
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -644,18 +643,6 @@ def _own_core_seconds() -> float:
 # ---- report ------------------------------------------------------------------------------------
 
 
-@dataclass
-class Row:
-    metric: str
-    value: str
-    target: str = "-"
-    ok: bool | None = None
-
-    @property
-    def verdict(self) -> str:
-        return "-" if self.ok is None else ("PASS" if self.ok else "FAIL")
-
-
 def table(header: tuple[str, ...], cells: list[tuple[str, ...]]) -> str:
     widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
     line = "  ".join("-" * w for w in widths)
@@ -763,19 +750,6 @@ def render(rows: list[Row]) -> str:
     return table(("metric", "value", "target", "result"), [(r.metric, r.value, r.target, r.verdict) for r in rows])
 
 
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for text in Path("/proc/cpuinfo").read_text().splitlines():
-            if text.startswith("model name"):
-                cpu = text.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": psutil.virtual_memory().total / GIB,
-            "loadavg_at_start": os.getloadavg(), "python": platform.python_version(),
-            "platform": platform.platform(), "ftd": ftd.__version__, "codecs": available_codecs()}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -822,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if k != shape.k:
         notes.append(f"{args.nodes} nodes with EC {shape}: group 0 runs {k}+{m}")
-    machine = machine_info()
+    machine = dict(common_machine_info(), codecs=available_codecs())
     log(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']:.1f} GiB RAM, load average "
         f"{machine['loadavg_at_start'][0]:.2f}; ftd {machine['ftd']}, codecs {machine['codecs']}")
     gib = plan_resources(args, k, m, notes)

@@ -28,7 +28,6 @@ import argparse
 import logging
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ import torch
 from torch import nn
 
 import ftd
+from ftd.bench.common import gbps, median
 from ftd.demo.procs import DaemonProcess, ftd_env
 
 BYTES_PER_PARAM = 12  # fp32 parameter + AdamW exp_avg + exp_avg_sq
@@ -57,14 +57,6 @@ class CheckTimeout(Exception):
 
 def log(msg: str) -> None:
     print(f"[gpu-check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def gbps(nbytes: int, seconds: float) -> float:
-    return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
 
 
 class WarningCounter(logging.Handler):

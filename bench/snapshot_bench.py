@@ -26,10 +26,8 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,13 +45,14 @@ import torch
 from torch import nn
 
 import ftd
+from ftd.bench import common
+from ftd.bench.common import (GIB, MATMUL_DIM, Compute, Row, build_optimizer, gbps, log, machine_info, median,
+                              nbytes_of)
 from ftd.demo.procs import DaemonProcess, ftd_env
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-BYTES_PER_PARAM = 12  # fp32 parameter + AdamW exp_avg + exp_avg_sq
 ALIGN = 64
-MATMUL_DIM = 1024
 
 # targets
 TARGET_COPY_VS_MEMCPY = 0.8
@@ -61,36 +60,9 @@ TARGET_STALL_VS_SAVE = 0.05
 TARGET_RESTORE_SPEEDUP = 5.0
 
 
-def log(msg: str) -> None:
-    """A progress line (the run takes a while)."""
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def gbps(nbytes: int, seconds: float) -> float:
-    return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
-
-
-# ---- the training state -----------------------------------------------------------------------
-
-
 def build_model(gib: float, layers: int) -> nn.Sequential:
     """`layers` square nn.Linear layers whose params + AdamW state come to about `gib` GiB."""
-    params = gib * (1 << 30) / BYTES_PER_PARAM
-    dim = int((params / layers) ** 0.5)
-    return nn.Sequential(*[nn.Linear(dim, dim) for _ in range(layers)])
-
-
-def build_optimizer(model: nn.Module) -> torch.optim.AdamW:
-    """AdamW with its state materialised (one step on small constant-ish gradients)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for p in model.parameters():
-        p.grad = torch.empty_like(p).uniform_(-1e-3, 1e-3)
-    opt.step()
-    return opt
+    return common.build_model(int(gib * GIB), layers)
 
 
 def state_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -99,10 +71,6 @@ def state_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Te
     for st in opt.state.values():
         tensors.extend(v for v in st.values() if isinstance(v, torch.Tensor))
     return tensors
-
-
-def nbytes_of(tensors: list[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def compare_states(model_a: nn.Module, opt_a: torch.optim.Optimizer, model_b: nn.Module,
@@ -122,38 +90,6 @@ def compare_states(model_a: nn.Module, opt_a: torch.optim.Optimizer, model_b: nn
 
 
 # ---- the simulated forward/backward ------------------------------------------------------------
-
-
-@dataclass
-class Compute:
-    """`count` matmuls of MATMUL_DIM x MATMUL_DIM fp32 matrices, calibrated to about `target_s`."""
-
-    target_s: float
-    count: int = 0
-    alone_s: float = 0.0
-    a: torch.Tensor = field(default_factory=lambda: torch.randn(MATMUL_DIM, MATMUL_DIM))
-    b: torch.Tensor = field(default_factory=lambda: torch.randn(MATMUL_DIM, MATMUL_DIM))
-
-    def calibrate(self) -> None:
-        self.run(3)  # warm the BLAS
-        per = float("inf")
-        for _ in range(3):  # best of three: the machine may be shared
-            t0 = time.perf_counter()
-            self.run(5)
-            per = min(per, (time.perf_counter() - t0) / 5)
-        self.count = max(1, round(self.target_s / per))
-        self.alone_s = median([self.timed() for _ in range(3)])
-
-    def run(self, count: int) -> None:
-        c = self.a
-        for _ in range(count):
-            c = torch.mm(self.a, self.b)
-        float(c[0, 0])
-
-    def timed(self) -> float:
-        t0 = time.perf_counter()
-        self.run(self.count)
-        return time.perf_counter() - t0
 
 
 # ---- the daemon --------------------------------------------------------------------------------
@@ -415,18 +351,6 @@ def fmt_list(xs: list[float]) -> str:
     return "[" + ", ".join(f"{x:.3f}" for x in xs) + "]"
 
 
-@dataclass
-class Row:
-    metric: str
-    value: str
-    target: str = "-"
-    ok: bool | None = None
-
-    @property
-    def verdict(self) -> str:
-        return "-" if self.ok is None else ("PASS" if self.ok else "FAIL")
-
-
 def summarize(r: dict[str, Any]) -> list[Row]:
     nbytes = r["snapshot_bytes"]
     ms = lambda s: f"{s * 1e3:.1f} ms"  # noqa: E731
@@ -496,23 +420,6 @@ def render(rows: list[Row], machine: dict[str, Any]) -> str:
     out.append(line)
     return "\n".join(out)
 
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for text in Path("/proc/cpuinfo").read_text().splitlines():
-            if text.startswith("model name"):
-                cpu = text.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": psutil.virtual_memory().total / 2**30,
-            "loadavg_at_start": os.getloadavg(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "platform": platform.platform(), "ftd": ftd.__version__}
-
-
-# ---- main --------------------------------------------------------------------------------------
 
 
 def check_memory(gib: float) -> None:

@@ -37,6 +37,11 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def gbps(nbytes: int, seconds: float) -> float:
+    """Throughput in GB/s (10^9 bytes per second); infinite for 0 seconds."""
+    return nbytes / seconds / 1e9 if seconds > 0 else float("inf")
+
+
 def summary(xs: list[float]) -> dict[str, float]:
     """median / min / max of a list of seconds (NaN when empty)."""
     if not xs:
@@ -238,6 +243,20 @@ def kill_proc(proc: subprocess.Popen[Any] | None) -> None:
     if proc is not None and proc.poll() is None:
         proc.kill()
         proc.wait(30)
+
+
+@dataclass
+class Row:
+    """One line of a benchmark's verdict table: a measured value against its target."""
+
+    metric: str
+    value: str
+    target: str = "-"
+    ok: bool | None = None
+
+    @property
+    def verdict(self) -> str:
+        return "-" if self.ok is None else ("PASS" if self.ok else "FAIL")
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
