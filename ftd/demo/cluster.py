@@ -27,6 +27,7 @@ import psutil
 
 from ftd.client.rpc import DaemonClient
 from ftd.demo import results
+from ftd.demo.bitexact import differing
 from ftd.demo.procs import DaemonProcess, free_port, free_port_pair, ftd_env, read_losses, start_trainer
 from ftd.errors import FtdError
 
@@ -474,17 +475,6 @@ class Comparison:
     @property
     def bit_exact(self) -> bool:
         return not (self.divergent or self.missing or self.param_mismatch) and self.param_files > 0
-
-
-def differing(got: dict[str, Any], want: dict[str, Any]) -> list[str]:
-    """Names whose tensors are missing or differ in dtype, shape or bytes (byte views, not values)."""
-    import torch
-
-    def same(a: Any, b: Any) -> bool:
-        return (a.dtype == b.dtype and a.shape == b.shape
-                and torch.equal(a.detach().contiguous().reshape(-1).view(torch.uint8),
-                                b.detach().contiguous().reshape(-1).view(torch.uint8)))
-    return [n for n in sorted(set(got) | set(want)) if n not in got or n not in want or not same(got[n], want[n])]
 
 
 def compare(reference: Reference, got: Losses, param_files: list[Path]) -> Comparison:
