@@ -85,6 +85,10 @@ class DaemonMetrics:
                                       registry=r)
         self.rebuild_seconds = Histogram("ftd_rebuild_seconds", "Duration of completed rebuilds",
                                          buckets=_SECONDS_BUCKETS, registry=r)
+        self.prefault_seconds = Histogram("ftd_prefault_seconds", "Seconds to allocate and touch a new segment",
+                                          buckets=_SECONDS_BUCKETS, registry=r)
+        self.seal_to_protected = Histogram("ftd_seal_to_protected_seconds", "From the local seal of a step to "
+                                           "its protection across the group", buckets=_SECONDS_BUCKETS, registry=r)
         self.rebuilds = Counter("ftd_rebuilds", "Rebuild checks of this node by outcome: rebuilt, nothing (no "
                                 "protected step in the group), unrecoverable (more than m nodes lost), failed",
                                 ["outcome"], registry=r)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -245,6 +246,9 @@ class Protector:
                 protected = step
         if protected != before:
             log.info("group %d: step %d is protected", g.index, protected)
+            sealed = self.store.sealed_at(protected)
+            if sealed is not None:
+                self.metrics.seal_to_protected.observe(max(0.0, time.time() - sealed))
             self._set(protected=protected)
             self.metrics.protected_step.set(protected)
             self.metrics.group_protected.set(1)

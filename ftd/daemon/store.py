@@ -572,6 +572,13 @@ class SegmentStore:
                       if s.state is SlotState.SEALED and s.step is not None]
         return int(max(sealed)[1]) if sealed else None  # type: ignore[arg-type]
 
+    def sealed_at(self, step: int) -> float | None:
+        """Wall-clock time (s) the last local rank sealed `step`; None when no local rank holds it."""
+        with self._lock:
+            stamps = [s.sealed_at_ns for slots in self._slots.values() for s in slots
+                      if s.state is SlotState.SEALED and s.step == step]
+        return max(stamps) / 1e9 if stamps else None
+
     def is_empty(self) -> bool:
         with self._lock:
             return not any(self._slots.values())
@@ -801,6 +808,7 @@ class SegmentStore:
             self.metrics.refused.labels("shm_full").inc()
             raise OutOfMemory(f"cannot allocate {slot.capacity} bytes in {slot.path.parent}: {exc}") from exc
         seconds = time.perf_counter() - t0
+        self.metrics.prefault_seconds.observe(seconds)
         log.info("rank %d: allocated segment %s (%d bytes, pre-faulted in %.2f s)", rank, slot.path.name,
                  slot.capacity, seconds)
 

@@ -45,6 +45,7 @@ def test_a_step_sealed_everywhere_becomes_protected_on_every_node(cluster_of) ->
         assert ec.status().protected_step == 3
         assert metric(ec, "ftd_newest_protected_step") == 3
         assert metric(ec, "ftd_ec_encode_bytes_total") > 0
+        assert metric(ec, "ftd_seal_to_protected_seconds_count") >= 1
 
 
 def test_a_lost_node_is_rebuilt_bit_exact_from_its_peers(cluster_of) -> None:
