@@ -68,3 +68,13 @@ def _manifests(store: SegmentStore, rank: int = 0) -> list[Path]:
 
 def _metric(store: SegmentStore, name: str, labels: dict | None = None) -> float:
     return store.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+def fill_up(directory: Path) -> None:
+    """Write zeros into `directory` (a small tmpfs) until it is full."""
+    with open(directory / "filler", "wb", buffering=0) as f:
+        try:
+            while f.write(b"\0" * 4096):
+                pass
+        except OSError:
+            pass

@@ -19,7 +19,7 @@ from ftd.daemon.store import SegmentStore
 from ftd.errors import OutOfMemory, RequestRejected
 from ftd.manifest import layout
 from ftd.metrics import DaemonMetrics
-from tests.unit.storekit import JOB, _config, _manifest, _manifests, _metric, _segs, _snapshot, _specs, _store
+from tests.unit.storekit import JOB, fill_up, _config, _manifest, _manifests, _metric, _segs, _snapshot, _specs, _store
 
 MiB = 1 << 20
 
@@ -116,16 +116,6 @@ def test_concurrent_begins_never_overshoot_the_host_memory_reserve(tmp_path, dev
 # ---- item: a full tmpfs -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    mount = tmp_path / "shm"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=1777", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_tmpfs_reuses_the_oldest_segment_and_snapshots_continue(tmp_path, small_tmpfs):
@@ -145,20 +135,14 @@ def test_enospc_at_commit_is_out_of_memory_and_leaves_no_temp_file(tmp_path, sma
     _, total = layout(_specs(2))
     lease = store.begin(JOB, 0, 2, total)
     manifest = _manifest(2, lease.path).to_json()
-    filler = small_tmpfs / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while f.write(b"\0" * 4096):
-                pass
-        except OSError:
-            pass
+    fill_up(small_tmpfs)
     with pytest.raises(OutOfMemory, match="full"):
         store.commit(JOB, 0, 2, lease.lease, manifest)
     assert not list(store.root.rglob("*.tmp"))
     assert store.list_steps(JOB, 0) == [1]
     with pytest.raises(RequestRejected):  # the lease ended: the segment is free for the next Begin
         store.commit(JOB, 0, 2, lease.lease, manifest)
-    filler.unlink()
+    (small_tmpfs / "filler").unlink()
     assert _snapshot(store, 2) == [1, 2]
 
 

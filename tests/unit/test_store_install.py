@@ -17,10 +17,8 @@ from ftd.daemon.store import SegmentStore
 from ftd.errors import RequestRejected, SnapshotCorrupt
 from ftd.manifest import EntrySpec, Manifest, chunk_checksums, layout
 from ftd.metrics import DaemonMetrics
-from tests.unit.storekit import CHUNK, JOB, MiB, _config, _manifest, _metric, _segs, _snapshot, _store
-from tests.unit import test_store_edges
+from tests.unit.storekit import CHUNK, fill_up, JOB, MiB, _config, _manifest, _metric, _segs, _snapshot, _store
 
-small_tmpfs = test_store_edges.small_tmpfs  # the fixture: a 3 MiB tmpfs as the shm directory
 WAIT = 30.0  # seconds a thread that must not be blocked by the store lock gets to finish
 
 
@@ -234,20 +232,14 @@ def test_a_copy_that_fails_frees_the_reserved_segment(tmp_path):
 def test_a_full_tmpfs_during_install_frees_the_segment(tmp_path, small_tmpfs):
     store = _store(tmp_path, keep=2)  # shm_dir is the 3 MiB tmpfs
     _snapshot(store, 1)
-    filler = small_tmpfs / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while f.write(b"\0" * 4096):
-                pass
-        except OSError:
-            pass
+    fill_up(small_tmpfs)
     manifest_json, data = _payload(0, 5, 512 << 10)
     with pytest.raises(OSError):
         store.install_sealed(0, 5, manifest_json, memoryview(data), source=Source.FETCHED)
     assert SlotState.WRITING not in _states(store, 0)
     assert store.list_steps(JOB, 0) == [1]
     assert not list(store.root.rglob("*.tmp")) and not list(store.root.rglob("*.source"))
-    filler.unlink()
+    (small_tmpfs / "filler").unlink()
     assert _install(store, 0, 5, Source.FETCHED).exists()
     assert store.list_steps(JOB, 0) == [1, 5]
 
