@@ -4,6 +4,8 @@ raises; restore() waits for a daemon that is not up yet. Real daemons, real shm 
 
 from __future__ import annotations
 
+import functools
+
 import json
 import logging
 import random
@@ -21,6 +23,8 @@ from ftd.config import DaemonConfig
 from ftd.daemon.server import Daemon
 from ftd.manifest import DIGEST_KEY, manifest_digest
 from tests.bitexact import same_bytes
+from tests.unit import snapkit
+
 
 JOB = "unit-fallback"
 WAIT_S = 30.0
@@ -44,15 +48,8 @@ def _model(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
 
 
-def _snapshotter(socket_path: str, model, optimizer=None, **kwargs) -> ftd.Snapshotter:
-    return ftd.Snapshotter(model, optimizer, rank=0, world_size=1, job=JOB, socket=socket_path, **kwargs)
-
-
-def _snap(snap: ftd.Snapshotter, step: int) -> None:
-    sealed = snap.stats.sealed
-    snap.snapshot(step)
-    assert snap.wait(WAIT_S)
-    assert snap.stats.sealed == sealed + 1, dict(snap.stats.skip_reasons)
+_snapshotter = functools.partial(snapkit.snapshotter, job=JOB)
+_snap = snapkit.snap
 
 
 def _bytes(model: nn.Module) -> list[bytes]:

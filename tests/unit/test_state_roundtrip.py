@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from tests.bitexact import byte_view, same_bytes
 from torch import nn
 
-import ftd
+from tests.unit import snapkit
+
 
 JOB = "unit-rt"
 WAIT_S = 30.0
@@ -42,16 +44,8 @@ def _isolated_globals():
         logging.getLogger("ftd").setLevel(level)
 
 
-def _snapshotter(socket_path, model, optimizer=None, **kwargs) -> ftd.Snapshotter:
-    return ftd.Snapshotter(model, optimizer, rank=0, world_size=1, job=JOB, socket=socket_path, **kwargs)
-
-
-def _snap(snap: ftd.Snapshotter, step: int) -> None:
-    sealed = snap.stats.sealed
-    snap.snapshot(step)
-    assert snap.wait(WAIT_S)
-    assert snap.stats.sealed == sealed + 1, dict(snap.stats.skip_reasons)
-    assert snap.stats.last_sealed_step == step
+_snapshotter = functools.partial(snapkit.snapshotter, job=JOB)
+_snap = snapkit.snap
 
 
 
