@@ -15,13 +15,49 @@ One run, on one machine, measures:
    of fp32 parameters (torch.randn, a fixed seed per node). Each process takes snapshot(1),
    waits until it is sealed and prints the time; this process polls every daemon's Status until
    all report protected_step >= 1. Reported: protected - last seal, and each rotation's encode
-   time from the daemons' "encoded step ..." log lines;
+   time from the daemons' metrics (see "Figures from metrics" below);
 3. rebuild: node 1 loses everything (daemon SIGKILLed, shm wiped); a replacement daemon with
-   the same identity starts and List (held while it rebuilds) is timed; the daemon's "rebuilt
-   node ..." line gives its own rebuild time. The rebuilt segment must be byte-identical to the
-   original (xxh3-128 of the original taken before the loss);
+   the same identity starts and List (held while it rebuilds) is timed; the replacement's
+   metrics (ftd_rebuild_seconds, ftd_ec_decode_bytes_total) give its own rebuild time. The
+   rebuilt segment must be byte-identical to the original (xxh3-128 of the original taken
+   before the loss);
 4. memory held per node after protection: segment files and parity files under the node's shm
    directory, each as a multiple of the node's snapshot bytes.
+
+Figures from metrics, never from the daemons' logs (each node of make_nodes serves metrics on
+127.0.0.1; every daemon's figures are scraped before the snapshots and after protection, and
+per-step figures are the DELTAS of a histogram's _sum and _count between those scrapes; each
+node encodes one rotation per step, so a delta is that rotation's figure):
+- encodes[]: seconds = delta ftd_ec_encode_seconds_sum / _count of the node that encoded the
+  rotation; chunk_bytes = delta ftd_ec_encode_bytes_total / k / count; rotation = the node's
+  position in its group (the encoder's rule). t_end is no longer the log line's time: it is
+  the time of the 0.1 s metrics poll that first saw the node's _count rise (up to ~0.1 s
+  late), and t_start = t_end - seconds; first_encode_start_after_last_seal_s and
+  last_encode_end_after_last_seal_s inherit that resolution.
+- segment_allocations[]: one entry per node (was one per "allocated segment" line):
+  seconds = ftd_prefault_seconds_sum / _count since the daemon started (the mean per
+  allocation), count = _count, bytes = ftd_shm_held_bytes after protection (the allocated
+  segment's size when the node holds one segment, the default here).
+- seal_to_protected_s (new): per node, delta ftd_seal_to_protected_seconds_sum, from the
+  daemon's local seal to its protected step advancing. sealed_log is now the snapshot
+  process's seal time (was the daemon's "sealed rank" line; the same clock, a few ms later),
+  protected_log = sealed_log + seal_to_protected_s (was the "is protected" line).
+- rebuild: rebuild_s = the replacement's ftd_rebuild_seconds_sum (its counters start at zero,
+  so this is its one rebuild, checked against ftd_rebuilds_total{outcome="rebuilt"} and
+  ftd_rebuilt_step), decoded_bytes = ftd_ec_decode_bytes_total, log_gbps (name kept) =
+  decoded_bytes / rebuild_s, exactly the figures the log line printed. wait_before_rebuild_s
+  is now daemon start -> List minus rebuild_s (was start -> the "rebuilding node" line, which
+  came after the records were fetched, so record fetches counted in both; now only in rebuild_s).
+  rebuild_plan: peers = the replacement's sum of ftd_peer_up, chunk_bytes = the encodes'
+  chunk_bytes, rotations = decoded_bytes / chunk_bytes. rebuilt_line_t is now the time of the
+  scrape that showed the rebuild.
+- daemon_problems: per node, the error counters that are non-zero (ftd_thread_errors_total,
+  ftd_checksum_failures_total, ftd_peer_refused_total, ftd_snapshots_aborted_total,
+  ftd_refused_snapshots_total, ftd_shm_entries_skipped_total, ftd_segments_dropped_total,
+  ftd_rebuilds_total{outcome=failed|unrecoverable}), scraped at the end (was: WARNING/ERROR
+  log lines; a warning that no counter records no longer shows; `--keep-logs` keeps the logs for
+  people to read). A replacement daemon's counters describe only itself. shutdown[] no
+  longer has "problems" (the log lines after SIGTERM); its returncode says whether it was clean.
 
 Daemons run with FTD_KEEP=1 and FTD_PREALLOCATE=0 (one segment per node instead of keep + 1 = 3
 pre-faulted ones) to keep the run's memory down; `--keep` and `--preallocate` change that.
@@ -36,7 +72,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -45,7 +80,6 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +101,8 @@ from ftd.daemon.groups import ECShape  # noqa: E402
 from ftd import knobs  # noqa: E402
 from ftd.errors import FtdError  # noqa: E402
 from ftd.bench.common import Row, machine_info as common_machine_info  # noqa: E402
-from ftd.demo.cluster import LocalNode as Node, make_nodes  # noqa: E402
+from ftd.daemon.groups import plan_groups  # noqa: E402
+from ftd.demo.cluster import LocalNode as Node, Metrics, make_nodes  # noqa: E402
 
 MIB, GIB = 1 << 20, 1 << 30
 LOST_NODE = 1
@@ -106,13 +141,11 @@ print(json.dumps({"t_start": t0, "t_built": t_built, "t_sealed": t_sealed, "seal
 sys.exit(0 if stats.sealed == 1 else 3)
 """
 
-LOG_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ftd\[(\d+)\] (\w+) ([\w.]+): (.*)$")
-ENCODED_RE = re.compile(r"encoded step (\d+) rotation (\d+): (\d+) x (\d+) bytes in ([\d.]+) s")
-PROTECTED_RE = re.compile(r"group (\d+): step (\d+) is protected")
-SEALED_RE = re.compile(r"sealed rank (\d+) step (\d+) \((\d+) bytes\)")
-REBUILT_RE = re.compile(r"rebuilt node (\d+) step (\d+) from peers in ([\d.]+) s \((\d+) bytes, ([\d.]+) GB/s decoded")
-REBUILDING_RE = re.compile(r"rebuilding node (\d+) step (\d+) from (\d+) peers: (\d+) rotations of (\d+) bytes")
-ALLOCATED_RE = re.compile(r"allocated segment \S+ \((\d+) bytes, pre-faulted in ([\d.]+) s\)")
+# error counters a healthy run leaves at zero (ftd/metrics.py); ftd_rebuilds_total by outcome below
+ERROR_COUNTERS = ("ftd_thread_errors_total", "ftd_checksum_failures_total", "ftd_peer_refused_total",
+                  "ftd_snapshots_aborted_total", "ftd_refused_snapshots_total", "ftd_shm_entries_skipped_total",
+                  "ftd_segments_dropped_total")
+BAD_REBUILD_OUTCOMES = ("failed", "unrecoverable")
 
 
 def log(msg: str) -> None:
@@ -285,36 +318,33 @@ def measure_codecs(k: int, m: int, chunk_mib: int, repeats: int, cpu: int) -> di
             os.sched_setaffinity(0, old)
 
 
-# ---- daemon logs -------------------------------------------------------------------------------
+# ---- daemon metrics ----------------------------------------------------------------------------
 
 
-@dataclass
-class LogLine:
-    t: float
-    level: str
-    logger: str
-    msg: str
+def scrape(node: Node) -> Metrics | None:
+    """One scrape of the node's metrics endpoint; None when the daemon does not answer."""
+    try:
+        return node.metrics()
+    except OSError:  # URLError, connection refused, timeout
+        return None
 
 
-def read_log(path: Path) -> list[LogLine]:
-    out: list[LogLine] = []
-    if not path.exists():
-        return out
-    for text in path.read_text(errors="replace").splitlines():
-        match = LOG_RE.match(text)
-        if not match:
-            if out and text.strip():  # a traceback continues the previous line
-                out[-1].msg += "\n" + text
-            continue
-        ts, _, level, logger, msg = match.groups()
-        t = datetime.datetime.strptime(ts, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        out.append(LogLine(t, level, logger, msg))
+def hist(m: Metrics, name: str) -> tuple[float, float]:
+    """(_sum, _count) of a histogram."""
+    return m.value(f"{name}_sum"), m.value(f"{name}_count")
+
+
+def problems(m: Metrics | None) -> list[str]:
+    """The non-zero error counters of one scrape, as text for people."""
+    if m is None:
+        return ["metrics endpoint did not answer"]
+    out = []
+    for name, labels, v in m.samples:
+        bad = name in ERROR_COUNTERS or (name == "ftd_rebuilds_total" and labels.get("outcome") in BAD_REBUILD_OUTCOMES)
+        if bad and v > 0:
+            lab = ",".join(f'{k}="{w}"' for k, w in sorted(labels.items()))
+            out.append(f"{name}{{{lab}}} = {v:g}")
     return out
-
-
-def problems(lines: list[LogLine]) -> list[str]:
-    return [f"{datetime.datetime.fromtimestamp(x.t).strftime('%H:%M:%S.%f')[:-3]} {x.level} {x.logger}: {x.msg}"
-            for x in lines if x.level in ("WARNING", "ERROR", "CRITICAL")]
 
 
 # ---- the cluster -------------------------------------------------------------------------------
@@ -392,8 +422,24 @@ def spawn_snapshots(nodes: list[Node], gib: float, rpc_timeout: float) -> list[s
     return procs
 
 
-def measure_protection(nodes: list[Node], gib: float, timeout: float, rpc_timeout: float) -> dict[str, Any]:
-    """Snapshot every node at once; poll Status until every node reports protected_step >= STEP."""
+def measure_protection(nodes: list[Node], gib: float, timeout: float, rpc_timeout: float,
+                       shape: ECShape) -> dict[str, Any]:
+    """Snapshot every node at once; poll Status until every node reports protected_step >= STEP.
+
+    Every 0.1 s the metrics of each node that has not encoded yet are scraped too: the poll at
+    which its ftd_ec_encode_seconds_count rises is the encode's end (to the poll's resolution)."""
+    groups = plan_groups(len(nodes), shape)
+    rotation_of = {n: g.position(n) for g in groups for n in g.members}
+    k_of = {n: g.k for g in groups for n in g.members}
+    base: dict[int, Metrics] = {}
+    for node in nodes:
+        m = scrape(node)
+        if m is None:
+            raise RuntimeError(f"node {node.index}: metrics endpoint (port {node.env.get('FTD_METRICS_PORT')}) "
+                               f"does not answer")
+        base[node.index] = m
+    encode_end: dict[int, float] = {}
+    last_scrape = 0.0
     log(f"spawning {len(nodes)} snapshot processes ({gib:g} GiB of parameters each, snapshot({STEP}))")
     clients = [client_for(n) for n in nodes]
     procs = spawn_snapshots(nodes, gib, rpc_timeout)
@@ -424,6 +470,12 @@ def measure_protection(nodes: list[Node], gib: float, timeout: float, rpc_timeou
                         f"+{doc['t_sealed'] - t_spawn:.2f} s ({doc['bytes']} bytes)")
             steps = protected_steps(clients)
             now = time.time()
+            if now - last_scrape >= 0.1:
+                last_scrape = now
+                for node in nodes:
+                    if node.index not in encode_end and (m := scrape(node)) is not None and \
+                            m.value("ftd_ec_encode_seconds_count") > base[node.index].value("ftd_ec_encode_seconds_count"):
+                        encode_end[node.index] = time.time()
             for node, s in zip(nodes, steps):
                 if s >= STEP and node.index not in first_protected:
                     first_protected[node.index] = now
@@ -449,25 +501,40 @@ def measure_protection(nodes: list[Node], gib: float, timeout: float, rpc_timeou
     max_seal = max(d["t_sealed"] for d in children.values())
     min_seal = min(d["t_sealed"] for d in children.values())
     all_protected = max(first_protected.values())
-    # the daemons' own view: encode lines and "step N is protected" lines
-    encodes, protected_log, sealed_log, allocs = [], {}, {}, []
+    # the daemons' own view, from their metrics: deltas since the scrape before the snapshots
+    encodes, protected_log, sealed_log, allocs, to_protected = [], {}, {}, [], {}
     for node in nodes:
-        for line in read_log(node.daemon_log):
-            if (m := ENCODED_RE.search(line.msg)) and int(m.group(1)) == STEP:
-                secs = float(m.group(5))
-                encodes.append({"node": node.index, "rotation": int(m.group(2)), "k": int(m.group(3)),
-                                "chunk_bytes": int(m.group(4)), "seconds": secs, "t_end": line.t,
-                                "t_start": line.t - secs})
-            elif (m := PROTECTED_RE.search(line.msg)) and int(m.group(2)) >= STEP:
-                protected_log.setdefault(node.index, line.t)
-            elif (m := SEALED_RE.search(line.msg)) and int(m.group(2)) == STEP:
-                sealed_log[node.index] = line.t
-            elif m := ALLOCATED_RE.search(line.msg):
-                allocs.append({"node": node.index, "bytes": int(m.group(1)), "seconds": float(m.group(2))})
+        m = scrape(node)
+        if m is None:
+            raise RuntimeError(f"node {node.index}: metrics endpoint does not answer after protection")
+        b, i = base[node.index], node.index
+        (s1, c1), (s0, c0) = hist(m, "ftd_ec_encode_seconds"), hist(b, "ftd_ec_encode_seconds")
+        if c1 > c0:
+            secs = (s1 - s0) / (c1 - c0)
+            nbytes = m.value("ftd_ec_encode_bytes_total") - b.value("ftd_ec_encode_bytes_total")
+            t_end = encode_end.get(i, time.time())
+            encodes.append({"node": i, "rotation": rotation_of[i], "k": k_of[i],
+                            "chunk_bytes": int(round(nbytes / k_of[i] / (c1 - c0))), "seconds": secs,
+                            "count": int(c1 - c0), "t_end": t_end, "t_start": t_end - secs})
+        (s1, c1), (s0, c0) = hist(m, "ftd_seal_to_protected_seconds"), hist(b, "ftd_seal_to_protected_seconds")
+        if i in children:
+            sealed_log[i] = children[i]["t_sealed"]
+        if c1 > c0:
+            to_protected[i] = s1 - s0
+            if i in sealed_log:
+                protected_log[i] = sealed_log[i] + to_protected[i]
+        ps, pc = hist(m, "ftd_prefault_seconds")  # since the daemon started (FTD_PREALLOCATE=1: at start)
+        if pc > 0:
+            allocs.append({"node": i, "bytes": int(m.value("ftd_shm_held_bytes")), "seconds": ps / pc,
+                           "count": int(pc)})
     encodes.sort(key=lambda e: e["rotation"])
     for e in encodes:
-        log(f"  rotation {e['rotation']} (encoded by node {e['node']}): {e['k']} x {e['chunk_bytes']} bytes in "
-            f"{e['seconds']:.2f} s, started +{e['t_start'] - max_seal:.2f} s after the last seal")
+        log(f"  rotation {e['rotation']} (encoded by node {e['node']}; ftd_ec_encode_seconds delta): {e['k']} x "
+            f"{e['chunk_bytes']} bytes in {e['seconds']:.2f} s, seen done +{e['t_end'] - max_seal:.2f} s after the "
+            f"last seal (0.1 s polls)")
+    if to_protected:
+        log("  seal -> protected by the daemons (ftd_seal_to_protected_seconds delta): "
+            + ", ".join(f"node {i} {v:.2f} s" for i, v in sorted(to_protected.items())))
     return {
         "children": children, "t_spawn": t_spawn, "first_protected_polled": first_protected,
         "seal_spread_s": max_seal - min_seal, "protected_after_last_seal_s": all_protected - max_seal,
@@ -475,19 +542,20 @@ def measure_protection(nodes: list[Node], gib: float, timeout: float, rpc_timeou
         "snapshot_bytes": {i: d["bytes"] for i, d in children.items()},
         "copy_s": {i: d["copy_s"] for i, d in children.items()},
         "encodes": encodes, "protected_log": protected_log, "sealed_log": sealed_log, "segment_allocations": allocs,
+        "seal_to_protected_s": to_protected,
         "first_encode_start_after_last_seal_s": (min(e["t_start"] for e in encodes) - max_seal) if encodes else None,
         "last_encode_end_after_last_seal_s": (max(e["t_end"] for e in encodes) - max_seal) if encodes else None,
     }
 
 
-def measure_rebuild(nodes: list[Node], step: int, timeout: float) -> dict[str, Any]:
+def measure_rebuild(nodes: list[Node], step: int, timeout: float, chunk_bytes: int | None) -> dict[str, Any]:
+    """Lose node LOST_NODE, time its replacement's rebuild; `chunk_bytes` (from the encodes) sizes the plan."""
     node = nodes[LOST_NODE]
     seg, manifest = find_segment(node, step)
     before = hash_segment(seg, int(manifest["data_bytes"]))
     log(f"node {node.index} step {step}: segment {seg.name}, {before['data_bytes']} data bytes, "
         f"xxh3-128 {before['data_xxh3_128']}")
     log(f"node {node.index} loses everything (daemon SIGKILLed, {node.shm} wiped); starting a replacement")
-    lines_before = len(read_log(node.daemon_log))
     node.lose_everything()
     t0 = time.time()
     node.start_daemon()
@@ -499,23 +567,26 @@ def measure_rebuild(nodes: list[Node], step: int, timeout: float) -> dict[str, A
         client.close()
     t_listed = time.time()
     log(f"replacement answered Status after {t_answers - t0:.2f} s; List returned {steps} after {t_listed - t0:.2f} s")
-    lines = read_log(node.daemon_log)[lines_before:]
-    rebuilt = rebuilding = None
-    for line in lines:
-        if m := REBUILT_RE.search(line.msg):
-            rebuilt = (line, m)
-        elif m := REBUILDING_RE.search(line.msg):
-            rebuilding = (line, m)
-    if rebuilt is None:
-        tail = "\n".join(f"{x.level} {x.msg}" for x in lines[-30:])
-        raise RuntimeError(f"the replacement logged no 'rebuilt node' line:\n{tail}")
-    line, m = rebuilt
-    rebuild_s, decoded_bytes, log_gbps = float(m.group(3)), int(m.group(4)), float(m.group(5))
+    m = scrape(node)  # a fresh daemon: its counters describe only its own rebuild
+    t_scraped = time.time()
+    if m is None:
+        raise RuntimeError("the replacement's metrics endpoint does not answer")
+    rebuilt = m.value("ftd_rebuilds_total", outcome="rebuilt")
+    rebuild_sum, rebuild_count = hist(m, "ftd_rebuild_seconds")
+    if rebuilt < 1 or rebuild_count < 1 or int(m.value("ftd_rebuilt_step")) != step:
+        raise RuntimeError(f"the replacement did not rebuild step {step}: List gave {steps}, rebuilds "
+                           f"{m.by_label('ftd_rebuilds_total', 'outcome')}, ftd_rebuilt_step "
+                           f"{m.value('ftd_rebuilt_step'):g}, ftd_rebuild_seconds_count {rebuild_count:g}")
+    rebuild_s = rebuild_sum / rebuild_count
+    decoded_bytes = int(m.value("ftd_ec_decode_bytes_total"))
+    log_gbps = decoded_bytes / max(rebuild_s, 1e-9) / 1e9
+    peers = int(m.value("ftd_peer_up"))
     seg2, manifest2 = find_segment(node, step)
     after = hash_segment(seg2, int(manifest2["data_bytes"]))
     identical = before["data_xxh3_128"] == after["data_xxh3_128"] and manifest == manifest2
     file_identical = before["file_xxh3_128"] == after["file_xxh3_128"] and before["file_bytes"] == after["file_bytes"]
-    log(f"rebuilt in {rebuild_s:.2f} s by the daemon's clock ({decoded_bytes} bytes, {log_gbps:.2f} GB/s); "
+    log(f"rebuilt in {rebuild_s:.2f} s by the daemon's clock (ftd_rebuild_seconds; {decoded_bytes} bytes "
+        f"decoded, ftd_ec_decode_bytes_total: {log_gbps:.2f} GB/s); "
         f"segment {'IDENTICAL' if identical else 'DIFFERENT'} (data), whole file "
         f"{'identical' if file_identical else 'different'}")
     res = {
@@ -525,13 +596,13 @@ def measure_rebuild(nodes: list[Node], step: int, timeout: float) -> dict[str, A
         "node_data_gbps": before["data_bytes"] / rebuild_s / 1e9 if rebuild_s > 0 else float("inf"),
         "end_to_end_gbps": before["data_bytes"] / (t_listed - t0) / 1e9,
         "before": before, "after": after, "identical": identical, "file_identical": file_identical,
-        "rebuilt_line_t": line.t,
+        "rebuilt_line_t": t_scraped,
+        # start -> List, less the rebuild itself: start, peers' inventories (and List's reply)
+        "wait_before_rebuild_s": max(0.0, (t_listed - t0) - rebuild_s),
     }
-    if rebuilding is not None:
-        rl, rm = rebuilding
-        res["wait_before_rebuild_s"] = rl.t - t0  # start, peers' inventories, records
-        res["rebuild_plan"] = {"peers": int(rm.group(3)), "rotations": int(rm.group(4)),
-                               "chunk_bytes": int(rm.group(5))}
+    if chunk_bytes:
+        res["rebuild_plan"] = {"peers": peers, "rotations": int(round(decoded_bytes / chunk_bytes)),
+                               "chunk_bytes": chunk_bytes}
     return res
 
 
@@ -551,7 +622,7 @@ def run_cluster(args: argparse.Namespace, gib: float, shape: ECShape) -> dict[st
             node.start_daemon()
         log(f"daemons answer after {time.perf_counter() - t0:.1f} s: pids "
             f"{[n.daemon.proc.pid for n in nodes if n.daemon and n.daemon.proc]}")
-        prot = measure_protection(nodes, gib, args.timeout, args.rpc_timeout)
+        prot = measure_protection(nodes, gib, args.timeout, args.rpc_timeout, shape)
         result["protection"] = prot
         log(f"every node reports step {STEP} protected {prot['protected_after_last_seal_s']:.2f} s after the last seal")
 
@@ -575,7 +646,9 @@ def run_cluster(args: argparse.Namespace, gib: float, shape: ECShape) -> dict[st
         result["memory"] = mem
 
         if args.nodes > LOST_NODE:
-            result["rebuild"] = measure_rebuild(nodes, STEP, args.timeout)
+            chunks = [e["chunk_bytes"] for e in prot["encodes"]]
+            result["rebuild"] = measure_rebuild(nodes, STEP, args.timeout,
+                                                int(statistics.median(chunks)) if chunks else None)
             after = node_files(nodes[LOST_NODE])
             daemon = nodes[LOST_NODE].daemon
             if daemon is not None and daemon.proc is not None:
@@ -585,26 +658,25 @@ def run_cluster(args: argparse.Namespace, gib: float, shape: ECShape) -> dict[st
             log(f"  replacement node {LOST_NODE}: {after['segments']} segment(s) {after['segment_bytes'] / GIB:.3f} GiB, "
                 f"{after['parity_files']} parity file(s) {after['parity_bytes'] / GIB:.3f} GiB; daemon RSS "
                 f"{after.get('daemon_rss', 0) / GIB:.2f} GiB ({after.get('daemon_shared', 0) / GIB:.2f} shared)")
-            time.sleep(1.0)  # let survivors log anything they have to say about the replacement
-        result["daemon_problems"] = {n.index: problems(read_log(n.daemon_log)) for n in nodes}
+            time.sleep(1.0)  # let survivors count anything they have to say about the replacement
+        result["daemon_problems"] = {n.index: problems(scrape(n)) for n in nodes}
         result["snapshot_process_stderr"] = {n.index: (n.root / "snapshot.log").read_text(errors="replace")[-2000:]
                                              for n in nodes if (n.root / "snapshot.log").exists()}
         return result
     finally:
         shutdown: dict[int, Any] = {}
         for node in nodes:
-            lines_before = len(read_log(node.daemon_log))
             t_stop = time.perf_counter()
             try:
                 if node.daemon is not None and node.daemon.proc is not None and node.daemon.proc.poll() is None:
                     node.daemon.stop()  # SIGTERM first: a clean shutdown shows in the log
                     shutdown[node.index] = {"seconds": time.perf_counter() - t_stop,
-                                            "returncode": node.daemon.proc.returncode,
-                                            "problems": problems(read_log(node.daemon_log)[lines_before:])}
+                                            "returncode": node.daemon.proc.returncode}
             except Exception as exc:  # noqa: BLE001 - always fall through to the kill below
                 shutdown[node.index] = {"error": f"{type(exc).__name__}: {exc}"}
         result["shutdown"] = shutdown
-        slow = {i: v for i, v in shutdown.items() if v.get("error") or v.get("problems") or v.get("seconds", 0) > 5}
+        slow = {i: v for i, v in shutdown.items()
+                if v.get("error") or v.get("returncode") not in (0, None) or v.get("seconds", 0) > 5}
         if slow:
             log(f"daemon shutdown (SIGTERM) not clean: {slow}")
         if args.keep_logs:
@@ -674,16 +746,16 @@ def summarize(doc: dict[str, Any]) -> list[Row]:
                     f"({len(snaps)} processes on {os.cpu_count()} cores at once)"))
     allocs = [a["seconds"] for a in p.get("segment_allocations", [])]
     if allocs:
-        rows.append(Row("segment pre-fault inside the first Begin RPC (min / max)",
-                        f"{min(allocs):.2f} / {max(allocs):.2f} s", "< client rpc_timeout (10 s default)"))
+        rows.append(Row("segment pre-fault inside the first Begin RPC (min / max) [m]", f"{min(allocs):.2f} / {max(allocs):.2f} s", "< client rpc_timeout (10 s default)"))
     rows.append(Row("spread of seal times across nodes", f"{p['seal_spread_s']:.2f} s"))
     if p["first_encode_start_after_last_seal_s"] is not None:
-        rows.append(Row("last seal -> first rotation encode starts", f"{p['first_encode_start_after_last_seal_s']:.2f} s"))
+        rows.append(Row("last seal -> first rotation encode starts [m, polled]",
+                        f"{p['first_encode_start_after_last_seal_s']:.2f} s"))
     enc = p["encodes"]
     if enc:
         secs = [e["seconds"] for e in enc]
         data = enc[0]["k"] * enc[0]["chunk_bytes"]
-        rows.append(Row("encode per rotation (pull k chunks + encode + push parity)",
+        rows.append(Row("encode per rotation (pull k chunks + encode + push parity) [m]",
                         ", ".join(f"r{e['rotation']}@n{e['node']} {e['seconds']:.2f}" for e in enc) + " s"))
         rows.append(Row("  ... per-rotation throughput (k chunks / time; median)",
                         f"{data / median(secs) / 1e9:.2f} GB/s of {data / GIB:.3f} GiB"))
@@ -691,11 +763,15 @@ def summarize(doc: dict[str, Any]) -> list[Row]:
         pulled = sum(e["k"] * e["chunk_bytes"] for e in enc)
         rows.append(Row("  ... all rotations together (k chunks pulled per rotation, over loopback CURVE)",
                         f"{pulled / 1e9:.2f} GB in {span:.2f} s = {pulled / span / 1e9:.2f} GB/s"))
-        rows.append(Row("last seal -> last rotation encoded", f"{p['last_encode_end_after_last_seal_s']:.2f} s"))
+        rows.append(Row("last seal -> last rotation encoded [m, polled]",
+                        f"{p['last_encode_end_after_last_seal_s']:.2f} s"))
     prot = p["protected_after_last_seal_s"]
     rows.append(Row("last seal -> every node reports the step protected", f"{prot:.2f} s",
                     "within 2 training steps", None))
     rows.append(Row("  ... i.e. the target holds if a training step takes at least", f"{prot / 2:.2f} s"))
+    stp = list(p.get("seal_to_protected_s", {}).values())
+    if stp:
+        rows.append(Row("local seal -> protected, each daemon's clock (min / max) [m]", f"{min(stp):.2f} / {max(stp):.2f} s"))
     mem = c["memory"]
     seg_x = [v["segments_x"] for v in mem.values()]
     par_x = [v["parity_x"] for v in mem.values()]
@@ -716,9 +792,9 @@ def summarize(doc: dict[str, Any]) -> list[Row]:
         rows.append(Row(f"rebuild of node {rb['node']}: daemon start -> List returns",
                         f"{rb['daemon_start_to_list_s']:.2f} s"))
         if "wait_before_rebuild_s" in rb:
-            rows.append(Row("  ... of which before decoding starts (start, peers, records)",
+            rows.append(Row("  ... of which before the rebuild starts (start, peers; start -> List - rebuild)",
                             f"{rb['wait_before_rebuild_s']:.2f} s"))
-        rows.append(Row("rebuild by the daemon's log (fetch k pieces + decode, every rotation)",
+        rows.append(Row("rebuild by the daemon's metrics (records + fetch k pieces + decode, every rotation) [m]",
                         f"{rb['rebuild_s']:.2f} s for {rb['decoded_bytes'] / GIB:.3f} GiB decoded "
                         f"(data + parity chunks) = {rb['log_gbps']:.2f} GB/s"))
         plan = rb.get("rebuild_plan")
@@ -737,7 +813,7 @@ def summarize(doc: dict[str, Any]) -> list[Row]:
                     f"{w['peak_used_gib']:.1f} GiB ({w['peak_added_gib']:+.1f}); /dev/shm peak {w['peak_shm_used_gib']:.1f} GiB",
                     f"<= {RAM_CAP_GIB:.0f} GiB", w["peak_used_gib"] <= RAM_CAP_GIB))
     problems_count = sum(len(v) for v in c.get("daemon_problems", {}).values())
-    rows.append(Row("warnings/errors in daemon logs", str(problems_count)))
+    rows.append(Row("non-zero error counters in daemon metrics [m]", str(problems_count)))
     cpu = doc.get("cpu")
     if cpu:
         rows.append(Row("CPU: this run / other processes on the machine",
@@ -780,8 +856,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     shape = ECShape.parse(args.ec)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up (finally blocks) on SIGTERM too
-    from ftd.daemon.groups import plan_groups
-
     group = plan_groups(args.nodes, shape)[0]
     k, m = group.k, group.m
     notes: list[str] = [
@@ -793,6 +867,12 @@ def main(argv: list[str] | None = None) -> int:
         f"that took 6-11 s in trial runs, so a 5 s deadline skipped the snapshot as 'daemon_unavailable'",
         "all daemons, snapshot processes and the bench share this machine's cores: encode, transport (CURVE "
         "encryption on both ends) and decode of 4 nodes compete for the same CPUs",
+        "[m]: from the daemons' Prometheus metrics, not their logs. Per-step figures are deltas of a histogram's "
+        "_sum and _count between a scrape before the snapshots and one after protection (ftd_ec_encode_seconds, "
+        "ftd_ec_encode_bytes_total, ftd_seal_to_protected_seconds); pre-fault is ftd_prefault_seconds sum/count "
+        "since each daemon started; the rebuild is the replacement's own ftd_rebuild_seconds and "
+        "ftd_ec_decode_bytes_total (its counters start at zero). [polled]: an encode's end is the 0.1 s metrics "
+        "poll that first saw its count rise, its start that minus its seconds",
     ]
     if k != shape.k:
         notes.append(f"{args.nodes} nodes with EC {shape}: group 0 runs {k}+{m}")
@@ -834,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
     print(render(rows))
     probs = doc["cluster"].get("daemon_problems", {})
     if any(probs.values()):
-        print("\nwarnings/errors in the daemon logs:")
+        print("\nnon-zero error counters in the daemons' metrics:")
         for i, lines in probs.items():
             for text in lines[:10]:
                 print(f"  node {i}: {text.splitlines()[0][:220]}")
