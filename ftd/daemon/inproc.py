@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from ftd.daemon import bulk
@@ -123,6 +124,8 @@ class InProcessClient:
             ok, out = future.result(timeout)
         except FutureTimeout:
             raise unavailable from None
+        except CancelledError:  # the node stopped serving before it got to this request
+            raise PeerUnavailable(f"peer node {self.node} stopped serving") from None
         if not ok:
             message = out.decode()
             raise PeerRejected(f"peer node {self.node}: {message}", message)
