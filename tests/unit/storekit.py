@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 from pathlib import Path
 
 from ftd.config import DaemonConfig
@@ -71,10 +72,11 @@ def _metric(store: SegmentStore, name: str, labels: dict | None = None) -> float
 
 
 def fill_up(directory: Path) -> None:
-    """Write zeros into `directory` (a small tmpfs) until it is full."""
+    """Write zeros into `directory` (a small tmpfs) until it refuses more with ENOSPC."""
     with open(directory / "filler", "wb", buffering=0) as f:
         try:
-            while f.write(b"\0" * 4096):
-                pass
-        except OSError:
-            pass
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
