@@ -190,6 +190,15 @@ SETTINGS: tuple[Setting, ...] = (
             "start when it cannot bind it", (DAEMON,)),
     Setting("metrics_address", str, "0.0.0.0", "address the Prometheus endpoint binds (127.0.0.1: this host only)",
             (DAEMON,)),
+    Setting("durable_dir", str, "", "directory of the durable tier (a shared filesystem every node and trainer "
+            "sees: NFS, Lustre, or a local disk for one node); empty: no durable tier. The daemons write steps "
+            "there from shared memory as checkpoints torch.distributed.checkpoint loads; restore() falls back to "
+            "it", (DAEMON, CLIENT)),
+    Setting("durable_every", int, 100, "write every step that is a multiple of this to the durable tier", (DAEMON,)),
+    Setting("durable_keep", int, 2, "committed durable steps kept (older ones and unfinished ones are removed)",
+            (DAEMON,)),
+    Setting("durable_bandwidth", parse_size, 0, "most bytes per second this daemon writes to the durable tier "
+            "(0: no limit); the writer also runs at a lower CPU and I/O priority", (DAEMON,)),
     Setting("log_level", str, "INFO", "log level (DEBUG, INFO, WARNING, ERROR)", (DAEMON, CLIENT)),
     Setting("enabled", parse_bool, True, "take snapshots at all (0 turns the client into a no-op)", (CLIENT,)),
     Setting("rpc_timeout", float, 10.0, "seconds a call to the daemon may take", (CLIENT,)),
@@ -271,6 +280,10 @@ class DaemonConfig:
     shm_group: int = -1
     metrics_address: str = "0.0.0.0"
     socket_dir_private: bool = False
+    durable_dir: str = ""
+    durable_every: int = 100
+    durable_keep: int = 2
+    durable_bandwidth: int = 0
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> DaemonConfig:
@@ -279,6 +292,11 @@ class DaemonConfig:
         values["shm_dir"] = os.path.abspath(values["shm_dir"])  # trainers check segment paths against it
         if values["keep"] < 1:
             raise ConfigError(f"keep must be at least 1, got {values['keep']}")
+        if values["durable_every"] < 1 or values["durable_keep"] < 1:
+            raise ConfigError(f"durable_every and durable_keep must be at least 1, got {values['durable_every']} "
+                              f"and {values['durable_keep']}")
+        if values["durable_dir"]:
+            values["durable_dir"] = os.path.abspath(values["durable_dir"])
         if values["peers_file"] and not values["peers"]:
             try:
                 lines = open(values["peers_file"]).read().splitlines()
@@ -316,6 +334,7 @@ class ClientConfig:
     run: str = ""
     daemon_user: str = ""
     socket_dir_private: bool = False
+    durable_dir: str = ""
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ClientConfig:

@@ -26,7 +26,9 @@ import xxhash
 
 from ftd.errors import ManifestError, SnapshotCorrupt
 
-FORMAT_VERSION = 2  # 2: manifest_xxh3 over the whole manifest, created_at
+FORMAT_VERSION = 3  # 2: manifest_xxh3 over the whole manifest, created_at; 3: entries' global placement
+READABLE_FORMATS = (2, 3)  # a format-2 snapshot restores as before; it has no placements, so it is never persisted
+MAX_FQN_CHARS = 4096
 ALIGN = 64
 CHECKSUM_ALGO = "xxh3_64"
 MAX_MANIFEST_BYTES = 64 << 20
@@ -55,6 +57,51 @@ def align_up(n: int, align: int = ALIGN) -> int:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where an entry lies in a checkpoint-wide tensor, as torch.distributed.checkpoint names and shards it.
+
+    `fqn` is the flattened state-dict name ("model.fc.weight", "optim.state.fc.weight.exp_avg"),
+    `shape` the global shape, `offsets` and `box` the corner and extent of the piece this entry
+    holds (row-major; `box` has as many elements as the entry). `write`: this rank writes the
+    piece to the durable tier; among ranks holding the same piece (replicas) exactly one does.
+    """
+
+    fqn: str
+    shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    box: tuple[int, ...]
+    write: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fqn": self.fqn, "shape": list(self.shape), "offsets": list(self.offsets), "box": list(self.box),
+                "write": self.write}
+
+    @classmethod
+    def from_json(cls, doc: Any, numel: int) -> Placement:
+        """Parse and check a placement of an entry of `numel` elements; ManifestError when malformed."""
+        if not isinstance(doc, dict):
+            raise ManifestError("placement is not an object")
+        fqn, write = doc.get("fqn"), doc.get("write")
+        if not isinstance(fqn, str) or not 0 < len(fqn) <= MAX_FQN_CHARS or not isinstance(write, bool):
+            raise ManifestError(f"placement needs a name of 1..{MAX_FQN_CHARS} characters and a write flag")
+        dims = []
+        for key in ("shape", "offsets", "box"):
+            value = doc.get(key)
+            if (not isinstance(value, list) or len(value) > 64
+                    or any(type(d) is not int or d < 0 for d in value)):
+                raise ManifestError(f"placement {key} must be at most 64 non-negative integers")
+            dims.append(tuple(value))
+        shape, offsets, box = dims
+        if not len(shape) == len(offsets) == len(box):
+            raise ManifestError(f"placement of {fqn}: shape, offsets and box differ in rank")
+        if any(o + b > s for o, b, s in zip(offsets, box, shape)):
+            raise ManifestError(f"placement of {fqn}: box {list(box)} at {list(offsets)} exceeds {list(shape)}")
+        if math.prod(box) != numel:
+            raise ManifestError(f"placement of {fqn}: box {list(box)} does not hold the entry's {numel} elements")
+        return cls(fqn, shape, offsets, box, write)
+
+
+@dataclass(frozen=True)
 class EntrySpec:
     """A tensor to place in a segment, before it has an offset. `dtype` is torch's name ("float32")."""
 
@@ -62,6 +109,7 @@ class EntrySpec:
     kind: str
     dtype: str
     shape: tuple[int, ...]
+    placement: Placement | None = None
 
     @property
     def nbytes(self) -> int:
@@ -79,17 +127,22 @@ class Entry:
     offset: int
     nbytes: int
     checksums: tuple[int, ...] = ()
+    placement: Placement | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "dtype": self.dtype, "shape": list(self.shape),
-                "offset": self.offset, "nbytes": self.nbytes, "checksums": list(self.checksums)}
+        doc = {"name": self.name, "kind": self.kind, "dtype": self.dtype, "shape": list(self.shape),
+               "offset": self.offset, "nbytes": self.nbytes, "checksums": list(self.checksums)}
+        if self.placement is not None:
+            doc["global"] = self.placement.to_json()
+        return doc
 
 
 def layout(specs: Iterable[EntrySpec]) -> tuple[list[Entry], int]:
     """Place entries one after another, each aligned to ALIGN bytes; return them and the total size."""
     entries, offset = [], 0
     for spec in specs:
-        entries.append(Entry(spec.name, spec.kind, spec.dtype, tuple(spec.shape), offset, spec.nbytes))
+        entries.append(Entry(spec.name, spec.kind, spec.dtype, tuple(spec.shape), offset, spec.nbytes,
+                             placement=spec.placement))
         offset = align_up(offset + spec.nbytes)
     return entries, offset
 
@@ -130,10 +183,10 @@ class Manifest:
         doc = parse_json(raw, "manifest")
         if not isinstance(doc, dict):
             raise ManifestError("manifest is not a JSON object")
-        if type(doc.get("format")) is not int or doc["format"] != FORMAT_VERSION:
-            raise ManifestError(f"unsupported manifest format {doc.get('format')!r}: this ftd reads format "
-                                f"{FORMAT_VERSION} only (snapshots of another ftd version are not restored; "
-                                "training starts from the previous or a fresh step)")
+        if type(doc.get("format")) is not int or doc["format"] not in READABLE_FORMATS:
+            raise ManifestError(f"unsupported manifest format {doc.get('format')!r}: this ftd reads formats "
+                                f"{', '.join(map(str, READABLE_FORMATS))} (snapshots of another ftd version are not "
+                                "restored; training starts from the previous or a fresh step)")
         digest = doc.pop(DIGEST_KEY, None)
         if not isinstance(digest, str):
             raise ManifestError(f"manifest has no {DIGEST_KEY} checksum")
@@ -156,7 +209,10 @@ class Manifest:
         entries = tuple(_entry_from_json(e, i) for i, e in enumerate(raw_entries))
         sharded = meta.get("sharding", {}).get("tensors", {}) if isinstance(meta.get("sharding"), dict) else {}
         check_tensor_refs(meta, {e.name for e in entries} | (set(sharded) if isinstance(sharded, dict) else set()))
-        return cls(job=job, entries=entries, meta=meta, created_at=float(created_at), run=run, **ints)
+        if doc["format"] < 3 and any(e.placement is not None for e in entries):
+            raise ManifestError("a format-2 manifest cannot carry placements")
+        return cls(job=job, entries=entries, meta=meta, created_at=float(created_at), run=run, format=doc["format"],
+                   **ints)
 
     def validate(self, capacity: int) -> None:
         """Check that every entry is self-consistent and lies inside a segment of `capacity` bytes."""
@@ -287,6 +343,10 @@ def _entry_from_json(doc: Any, index: int) -> Entry:
             raise ManifestError("checksums must be 64-bit unsigned integers")
         if offset < 0 or nbytes < 0:
             raise ManifestError("offset and nbytes must be non-negative")
-        return Entry(name, _typed(doc, "kind", str), _typed(doc, "dtype", str), shape, offset, nbytes, checksums)
+        placement = None
+        if "global" in doc:
+            placement = Placement.from_json(doc["global"], math.prod(shape))
+        return Entry(name, _typed(doc, "kind", str), _typed(doc, "dtype", str), shape, offset, nbytes, checksums,
+                     placement)
     except ManifestError as exc:
         raise ManifestError(f"entry {index} ({name!r}): {exc}") from exc

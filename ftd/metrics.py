@@ -97,6 +97,21 @@ class DaemonMetrics:
         self.rebuilt_step.set(-1)
         self.checksum_failures = Counter("ftd_checksum_failures", "Pieces that failed their checksum",
                                          ["kind"], registry=r)
+        self.durable_step = Gauge("ftd_durable_step", "Newest step committed to the durable tier (-1: none)",
+                                  registry=r)
+        self.durable_step.set(-1)
+        self.durable_lag_steps = Gauge("ftd_durable_lag_steps", "Newest sealed step minus the newest durable step",
+                                       registry=r)
+        self.durable_bytes = Counter("ftd_durable_bytes", "Bytes this daemon wrote to the durable tier", registry=r)
+        self.durable_write_seconds = Histogram("ftd_durable_write_seconds", "Seconds to write (and fsync) this "
+                                               "node's ranks of one step", buckets=_SECONDS_BUCKETS, registry=r)
+        self.seal_to_durable = Histogram("ftd_seal_to_durable_seconds", "From the local seal of a step to its "
+                                         "commit in the durable tier", buckets=_SECONDS_BUCKETS, registry=r)
+        self.durable_steps = Counter("ftd_durable_steps", "Steps handled by the durable tier by outcome: written "
+                                     "(this node's ranks), committed, skipped (a newer step came first), failed",
+                                     ["outcome"], registry=r)
+        self.durable_restores = Counter("ftd_durable_restores", "Segments brought back from the durable tier",
+                                        registry=r)
         self.host_available_bytes = Gauge("ftd_host_memory_available_bytes", "Host memory available (psutil)",
                                           registry=r)
         self.host_available_bytes.set_function(lambda: psutil.virtual_memory().available)

@@ -208,7 +208,7 @@ class PeerStatus(_message.Message):
     def __init__(self, node: _Optional[int] = ..., endpoint: _Optional[str] = ..., up: _Optional[bool] = ..., protected_step: _Optional[int] = ..., rebuilding: _Optional[bool] = ..., ranks: _Optional[_Iterable[int]] = ..., steps: _Optional[_Iterable[int]] = ..., parity_chunks: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("job", "node", "shm_dir", "held_bytes", "budget_bytes", "available_bytes", "ranks", "version", "node_index", "group", "ec", "protected_step", "rebuilding", "peers")
+    __slots__ = ("job", "node", "shm_dir", "held_bytes", "budget_bytes", "available_bytes", "ranks", "version", "node_index", "group", "ec", "protected_step", "rebuilding", "peers", "durable_dir", "durable_step")
     JOB_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SHM_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +223,8 @@ class StatusReply(_message.Message):
     PROTECTED_STEP_FIELD_NUMBER: _ClassVar[int]
     REBUILDING_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_DIR_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_STEP_FIELD_NUMBER: _ClassVar[int]
     job: str
     node: str
     shm_dir: str
@@ -237,4 +239,6 @@ class StatusReply(_message.Message):
     protected_step: int
     rebuilding: bool
     peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
-    def __init__(self, job: _Optional[str] = ..., node: _Optional[str] = ..., shm_dir: _Optional[str] = ..., held_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., version: _Optional[str] = ..., node_index: _Optional[int] = ..., group: _Optional[_Iterable[int]] = ..., ec: _Optional[str] = ..., protected_step: _Optional[int] = ..., rebuilding: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ...) -> None: ...
+    durable_dir: str
+    durable_step: int
+    def __init__(self, job: _Optional[str] = ..., node: _Optional[str] = ..., shm_dir: _Optional[str] = ..., held_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., version: _Optional[str] = ..., node_index: _Optional[int] = ..., group: _Optional[_Iterable[int]] = ..., ec: _Optional[str] = ..., protected_step: _Optional[int] = ..., rebuilding: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., durable_dir: _Optional[str] = ..., durable_step: _Optional[int] = ...) -> None: ...

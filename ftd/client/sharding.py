@@ -6,7 +6,9 @@ and optimizer state, so each of the `dp` replicas stores only its part of them:
 - the contiguous tensors, flattened (row-major) and laid end to end in capture order, form one
   virtual byte *stream* of S bytes. It is cut into `dp` contiguous ranges at `cuts` (about
   S*i/dp, moved down to the nearest element boundary): replica `i` stores bytes
-  `[cuts[i], cuts[i+1])`, i.e. a 1-D slice of each tensor that range overlaps. The copy thread
+  `[cuts[i], cuts[i+1])`, i.e. a 1-D slice of each tensor that range overlaps. Cuts fall on
+  row boundaries (a row: one index of the first dimension), so each piece is also a box of whole
+  rows of the tensor, which is how the durable tier's checkpoint names it (`piece_box`). The copy thread
   reads flat slice views of the live tensors, as it reads any other entry. A replica stores at
   most one piece of a tensor, about T/dp + 1 pieces in all, so the cost stays flat as dp grows.
 - a non-contiguous tensor (no slice view without a copy) goes whole, in its own shape, to one
@@ -175,6 +177,21 @@ def _check_cuts(layout: Layout) -> None:
             raise ValueError(f"cut {cut} splits an element of {layout.tensors[stream[k]].name}")
 
 
+def row_bytes(spec: EntrySpec) -> int:
+    """Bytes of one row of the tensor (all dimensions but the first); a 0-d or 1-d tensor's row is one element."""
+    return math.prod(spec.shape[1:]) * itemsize(spec.dtype)
+
+
+def piece_box(shape: tuple[int, ...], lo: int, hi: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(offsets, box) of the flattened elements [lo, hi) of a tensor of `shape`; None unless whole rows."""
+    if not shape:
+        return ((), ()) if (lo, hi) == (0, 1) else None
+    row = math.prod(shape[1:])
+    if row == 0 or lo % row or hi % row:
+        return None
+    return (lo // row,) + (0,) * (len(shape) - 1), ((hi - lo) // row,) + tuple(shape[1:])
+
+
 def plan(specs: Sequence[EntrySpec], contiguous: Sequence[bool], dp: int, index: int) -> Layout:
     """Spread `specs` (identical, in the same order, on every replica) over `dp` replicas."""
     owners = [SPLIT if ok else 0 for ok in contiguous]
@@ -188,7 +205,7 @@ def plan(specs: Sequence[EntrySpec], contiguous: Sequence[bool], dp: int, index:
     for i in range(1, dp):
         cut = at * i // dp
         k = bisect.bisect_right(stream_starts, cut) - 1
-        size = itemsize(specs[stream[k]].dtype) if k >= 0 else 1
+        size = row_bytes(specs[stream[k]]) if k >= 0 else 1
         cuts.append(max(cuts[-1], cut - (cut - stream_starts[k]) % size if k >= 0 else cut))
     cuts.append(at)
     load = [(cuts[i + 1] - cuts[i], i) for i in range(dp)]  # a heap: O(log dp) per whole tensor

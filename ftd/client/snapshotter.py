@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from ftd.client import jsonsafe
 from ftd.client import restore as restore_mod
-from ftd.client import sharding, state
+from ftd.client import placement, sharding, state
 from ftd.client.copier import CopyEngine, CopyJob
 from ftd.client.rpc import DaemonClient
 from ftd.client.sharding import Replicas
@@ -124,6 +124,7 @@ class Snapshotter:
         self.world_size = _world_size() if world_size is None else world_size
         self.replicas = _replicas(self.config.shard_replicated, replica_group)
         self._shard_dtensors = replica_group is not None
+        self._copies = self.replicas or _ddp_replicas(model, self.rank, self.world_size)
         self.stats = SnapshotStats()
         self._lock = self.stats.lock  # guards _inflight and the stats the copy and training threads update
         self._inflight: CopyJob | None = None
@@ -171,6 +172,7 @@ class Snapshotter:
                     "outer_groups", _refuse_tensor)
             if self.replicas is not None and self.replicas.size > 1:
                 sharding.shard(captured, self.replicas, self._shardable(captured))
+            placement.assign(captured, self._copies, self._replicated)
         except (TypeError, ValueError, RecursionError) as exc:
             self._skip(step, "capture", f"state cannot be captured: {type(exc).__name__}: {exc}")
             return
@@ -195,6 +197,10 @@ class Snapshotter:
             return (name in captured.live and (self._shard_dtensors or name not in captured.dtensors)
                     and not (zero and name.startswith("optim/")))
         return shardable
+
+    def _replicated(self, name: str) -> bool:
+        """Entries every replica holds a bit-identical copy of: the model, and the optimizer state but a ZeRO partition."""
+        return name.startswith("model/") or (name.startswith("optim/") and self._state_optimizer is self.optimizer)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the snapshot in flight is sealed or skipped; True when nothing is left in flight."""
@@ -356,6 +362,13 @@ def _replicas(shard_replicated: bool, group: dist.ProcessGroup | None) -> Replic
     if dist.is_available() and dist.is_initialized():
         return Replicas(dist.get_world_size(), dist.get_rank())
     return Replicas(1, 0)
+
+
+def _ddp_replicas(model: torch.nn.Module, rank: int, world_size: int) -> Replicas | None:
+    """Every rank of a DistributedDataParallel model holds the same parameters, buffers and optimizer state."""
+    if world_size > 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return Replicas(world_size, rank)
+    return None
 
 
 def _rank() -> int:

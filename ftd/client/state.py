@@ -38,13 +38,20 @@ class Captured:
     meta: dict[str, Any] = field(default_factory=dict)
     live: set[str] = field(default_factory=set)  # entries read from live tensors (parameters, optimizer state)
     dtensors: set[str] = field(default_factory=set)  # entries that are a DTensor's local shard
+    fqns: dict[str, str] = field(default_factory=dict)  # entry -> its checkpoint-wide name (ftd.client.placement)
+    dtensor_places: dict[str, DTensorPlace] = field(default_factory=dict)  # entry -> where its shard lies
     _names: set[str] = field(default_factory=set, repr=False)
 
-    def add(self, name: str, kind: str, tensor: torch.Tensor, live: bool = False) -> None:
+    def add(self, name: str, kind: str, tensor: torch.Tensor, live: bool = False, fqn: str | None = None) -> None:
         if name in self._names:
             raise ValueError(f"two tensors would be stored as {name!r}")
         self._names.add(name)
+        if fqn is not None:
+            self.fqns[name] = fqn
         if is_dtensor(tensor):
+            place = dtensor_place(tensor)
+            if place is not None:
+                self.dtensor_places[name] = place
             tensor = tensor.to_local()
             self.dtensors.add(name)
         if live:
@@ -74,17 +81,23 @@ def capture(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer 
 
     model_sd = model.state_dict(keep_vars=True)
     for name, value in model_sd.items():
+        fqn = "model." + clean_fqn(name)
         if isinstance(value, torch.nn.Parameter):
-            cap.add(f"model/{name}", "param", value.detach(), live=True)
+            cap.add(f"model/{name}", "param", value.detach(), live=True, fqn=fqn)
         elif isinstance(value, torch.Tensor):
-            cap.add(f"model/{name}", "buffer", value.detach().clone())
+            cap.add(f"model/{name}", "buffer", value.detach().clone(), fqn=fqn)
         else:  # a module's get_extra_state()
             cap.meta.setdefault("model_extra", {})[name] = jsonsafe.encode(value, f"model/{name}", cloned("buffer"))
     cap.meta["model_keys"] = list(model_sd)
     if optimizer is not None:
         sd = optimizer.state_dict()
+        named = optim_fqns(model, optimizer)
+
+        def live_optim(name: str, t: torch.Tensor) -> None:
+            cap.add(name, "optim", t.detach(), live=True, fqn=named.get(id(t)))
+
         cap.meta["optim"] = {
-            "state": jsonsafe.encode(sd["state"], "optim/state", live("optim")),
+            "state": jsonsafe.encode(sd["state"], "optim/state", live_optim),
             "param_groups": jsonsafe.encode(sd["param_groups"], "optim/groups", cloned("optim")),
         }
     if scheduler is not None:
@@ -97,6 +110,58 @@ def capture(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer 
         cap.meta["dtensors"] = sorted(cap.dtensors)
     cap.meta["step"] = step
     return cap
+
+
+@dataclass(frozen=True)
+class DTensorPlace:
+    """A DTensor shard's place in its global tensor, and whether this rank is the one replica that writes it."""
+
+    shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    box: tuple[int, ...]
+    write: bool
+
+
+def dtensor_place(tensor: Any) -> DTensorPlace | None:
+    """Global shape, offsets and extent of this rank's shard (what DCP records); None for a Partial tensor.
+
+    Of the ranks that hold the same shard (the mesh dimensions it is replicated over) only the one
+    at coordinate 0 of each of them writes it.
+    """
+    placements = tensor.placements
+    if any(p.is_partial() for p in placements):
+        return None
+    chunk = tensor.__create_chunk_list__()[0]
+    coord = tensor.device_mesh.get_coordinate() or [0] * len(placements)
+    write = all(c == 0 for c, p in zip(coord, placements) if p.is_replicate())
+    return DTensorPlace(tuple(tensor.shape), tuple(chunk.offsets), tuple(chunk.sizes), write)
+
+
+_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def clean_fqn(name: str) -> str:
+    """A state-dict name as torch.distributed.checkpoint's state_dict helpers name it: without DDP's
+    leading "module." and the wrapper segments torch.compile, activation checkpointing and FSDP1 add."""
+    name = name.removeprefix("module.")
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def optim_fqns(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, str]:
+    """id(state tensor) -> "optim.state.<parameter name>.<state key>" for every tensor of the optimizer state."""
+    names = {id(p): clean_fqn(n) for n, p in model.named_parameters()}
+    out: dict[int, str] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names.get(id(p))
+            if name is None:
+                continue
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and isinstance(key, str):
+                    out[id(value)] = f"optim.state.{name}.{key}"
+    return out
 
 
 def is_dtensor(value: Any) -> bool:

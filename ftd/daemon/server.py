@@ -28,6 +28,7 @@ from ftd.codec import make_codec
 from ftd.daemon import unixsock
 from ftd.daemon.erasure import ErasureCoding
 from ftd.daemon.peers import Membership
+from ftd.daemon.persist import Persister
 from ftd.daemon.redundancy import NoRedundancy, Redundancy
 from ftd.daemon.sources import NotReady, RecoveryChain
 from ftd.daemon.store import SegmentStore
@@ -57,11 +58,13 @@ def _status_for(exc: FtdError) -> grpc.StatusCode:
 class SnapshotServicer(pb_grpc.SnapshotServicer):
     """Rank -> daemon snapshot service (proto/ftd/v1/snapshot.proto)."""
 
-    def __init__(self, config: DaemonConfig, store: SegmentStore, redundancy: Redundancy | None = None):
+    def __init__(self, config: DaemonConfig, store: SegmentStore, redundancy: Redundancy | None = None,
+                 durable: Persister | None = None):
         self.config = config
         self.store = store
         self.redundancy: Redundancy = redundancy if redundancy is not None else NoRedundancy()
-        self.recovery = RecoveryChain(store, self.redundancy)
+        self.durable = durable
+        self.recovery = RecoveryChain(store, self.redundancy, durable)
 
     @staticmethod
     def _deadline(context: grpc.ServicerContext) -> float:
@@ -106,6 +109,8 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
         if request.stall_seconds >= 0:
             self.store.metrics.client_stall.observe(request.stall_seconds)
         self.redundancy.notify_sealed(request.rank, request.step)
+        if self.durable is not None:
+            self.durable.notify_sealed(request.rank, request.step)
         return pb.CommitReply(held_steps=held)
 
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
@@ -127,7 +132,7 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
                             source=opened.source)
 
     def Recovered(self, request: pb.RecoveredRequest, context: grpc.ServicerContext) -> pb.RecoveredReply:
-        source = request.source if request.source in ("local", "peers", "checkfree", "none") else "other"
+        source = request.source if request.source in ("local", "peers", "durable", "checkfree", "none") else "other"
         self.store.metrics.recoveries.labels(source).inc()
         self.store.metrics.recovery_seconds.labels(source).observe(max(0.0, request.seconds))
         log.info("rank %d recovered step %d from %s in %.2f s (%d bytes)", request.rank, request.step, source,
@@ -152,6 +157,10 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
                                held_bytes=self.store.held_bytes(), budget_bytes=self.config.memory_budget,
                                available_bytes=psutil.virtual_memory().available, ranks=ranks, version=__version__,
                                protected_step=-1, node_index=-1)
+        if self.durable is not None:
+            reply.durable_dir, reply.durable_step = str(self.durable.root), self.durable.durable_step
+        else:
+            reply.durable_step = -1
         status = self.redundancy.status()
         if status is not None:
             reply.node_index, reply.ec = status.node_index, status.scheme
@@ -190,6 +199,7 @@ class Daemon:
         self._server: grpc.Server | None = None
         self._lock_fd: int | None = None
         self.redundancy: Redundancy | None = None
+        self.durable: Persister | None = None
         self._stopped = threading.Event()
 
     def start(self) -> Daemon:
@@ -208,9 +218,12 @@ class Daemon:
         log.info("job %r on node %s: shm %s, re-adopted %d sealed segment(s), dropped %d half-written",
                  self.config.job, self.config.node, self.store.root, adopted, dropped)
         self.redundancy = self._start_redundancy()
+        if self.config.durable_dir:
+            self.durable = Persister(self.config, self.store, self.metrics).start()
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ftd-rpc"),
                              options=GRPC_OPTIONS)
-        pb_grpc.add_SnapshotServicer_to_server(SnapshotServicer(self.config, self.store, self.redundancy), server)
+        pb_grpc.add_SnapshotServicer_to_server(SnapshotServicer(self.config, self.store, self.redundancy,
+                                                                self.durable), server)
         unixsock.bind(server, self.config.socket, self.config.shm_group)
         server.start()
         self._server = server
@@ -232,6 +245,9 @@ class Daemon:
         return self._stopped.wait(timeout)
 
     def stop(self, grace: float = 2.0) -> None:
+        if self.durable is not None:
+            self.durable.stop()
+            self.durable = None
         if self.redundancy is not None:
             self.redundancy.stop()
             self.redundancy = None

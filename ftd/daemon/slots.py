@@ -59,16 +59,18 @@ class Source(enum.Enum):
     LOCAL = "local"  # sealed by a Commit of a rank on this node
     REBUILT = "rebuilt"  # rebuilt from peers as this node's own data (erasure decoding)
     FETCHED = "fetched"  # fetched for a rank that moved here: another node's data
+    DURABLE = "durable"  # read back from the durable tier (ftd.durable)
 
     @property
     def recovery_source(self) -> str:
-        """What a restore of this segment reports on the wire: "local" or "peers"."""
-        return "local" if self is Source.LOCAL else "peers"
+        """What a restore of this segment reports on the wire: "local", "peers" or "durable"."""
+        return {Source.LOCAL: "local", Source.DURABLE: "durable"}.get(self, "peers")
 
     @property
     def in_node_blob(self) -> bool:
-        """Part of this node's blob (what EC protects); fetched data stays with the node that sealed it."""
-        return self is not Source.FETCHED
+        """Part of this node's blob (what EC protects); fetched data stays with the node that sealed it, and a
+        step read back from the durable tier is protected there."""
+        return self not in (Source.FETCHED, Source.DURABLE)
 
 
 class IllegalTransition(FtdError):

@@ -5,8 +5,8 @@ union of what every source holds for a rank, so after a node is replaced every r
 on the newest step some source holds; `open()` serves a step from local memory, or has the
 first source that holds it bring it into local memory (fetch from a peer) and serves it then.
 The source a rank restored from travels with the opened segment (`Opened.source`, from the
-segment's own `Source`, kept across daemon restarts). A durable tier is one more source after
-the peers.
+segment's own `Source`, kept across daemon restarts). The durable tier (ftd.daemon.persist),
+when configured, is the last source, after the peers.
 
 Waiting lives here, bounded by the caller's deadline: while this node rebuilds its memory from
 its peers nothing is listed, and while a peer rebuilds (it may be the node that will hold the
@@ -18,12 +18,21 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from ftd.daemon.redundancy import Redundancy
 from ftd.daemon.store import SegmentStore
 from ftd.errors import FtdError, NotFound
 
 log = logging.getLogger(__name__)
+
+
+class DurableSource(Protocol):
+    """The durable tier as a recovery source (ftd.daemon.persist.Persister)."""
+
+    def steps(self, rank: int) -> list[int]: ...
+
+    def fetch(self, job: str, rank: int, step: int) -> None: ...
 
 
 class NotReady(FtdError):
@@ -44,8 +53,8 @@ class Opened:
 class RecoveryChain:
     """Local memory first, then each further source in order."""
 
-    def __init__(self, store: SegmentStore, redundancy: Redundancy):
-        self.store, self.redundancy = store, redundancy
+    def __init__(self, store: SegmentStore, redundancy: Redundancy, durable: DurableSource | None = None):
+        self.store, self.redundancy, self.durable = store, redundancy, durable
 
     def _ready(self, deadline: float) -> None:
         if self.redundancy.wait_ready(0):
@@ -63,7 +72,10 @@ class RecoveryChain:
         elsewhere = sorted(set(self.redundancy.steps(rank)) - set(local))
         if elsewhere:
             log.info("rank %d: steps %s here, %s on %s", rank, local, elsewhere, self.redundancy.name)
-        return sorted(set(local) | set(elsewhere))
+        durable = sorted(set(self.durable.steps(rank)) - set(local) - set(elsewhere)) if self.durable else []
+        if durable:
+            log.info("rank %d: steps %s in the durable tier", rank, durable)
+        return sorted(set(local) | set(elsewhere) | set(durable))
 
     def open(self, job: str, rank: int, step: int, deadline: float) -> Opened:
         """(rank, step) from the first source that holds it; NotFound when none does."""
@@ -71,5 +83,11 @@ class RecoveryChain:
         try:
             return Opened(*self.store.open(job, rank, step))
         except NotFound:
+            pass
+        try:
             self.redundancy.fetch(job, rank, step)
+        except NotFound:
+            if self.durable is None:
+                raise
+            self.durable.fetch(job, rank, step)
         return Opened(*self.store.open(job, rank, step))

@@ -617,7 +617,7 @@ class SegmentStore:
             self._track_age(rank)
             self._retain(rank)
             self._update_gauges(rank)
-        log.info("installed rebuilt rank %d step %d (%d bytes, %s)", rank, step, len(data), source.value)
+        log.info("installed rank %d step %d (%d bytes, from %s)", rank, step, len(data), source.value)
 
     def _copy_into(self, slot: Slot, data: memoryview) -> None:
         """Write `data` at the start of the segment (install_sealed's copy; the lock is not held)."""

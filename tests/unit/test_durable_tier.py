@@ -1,0 +1,138 @@
+"""The durable tier on one node: a real daemon persists cadence steps from shared memory, a fresh daemon
+with empty memory restores them bit for bit, stock torch.distributed.checkpoint reads the files, and a
+corrupted or unfinished step is never used."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftd.config import DaemonConfig
+from ftd.daemon.server import Daemon
+from ftd.durable import layout, reader
+from ftd.durable.reader import DurableCorrupt, DurableStep
+from tests.bitexact import byte_view
+from tests.unit.snapkit import snap, snapshotter
+
+JOB = "durable-unit"
+WAIT_S = 30.0
+
+
+def _daemon(tmp_path: Path, **settings) -> Daemon:
+    config = DaemonConfig.load(environ={}, job=JOB, socket=str(tmp_path / "s.sock"), shm_dir=str(tmp_path / "shm"),
+                               memory_reserve="0", metrics_port=0, durable_dir=str(tmp_path / "durable"),
+                               **settings)
+    return Daemon(config).start()
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    torch.manual_seed(step)
+    model(torch.randn(4, 8)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _wait_durable(root: Path, step: int) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while step not in reader.committed_steps(root):
+        assert time.monotonic() < deadline, f"step {step} never became durable: {reader.committed_steps(root)}"
+        time.sleep(0.05)
+
+
+def _bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[bytes]:
+    out = [byte_view(t).numpy().tobytes() for t in model.state_dict().values()]
+    for state in opt.state_dict()["state"].values():
+        out += [byte_view(v).numpy().tobytes() for _, v in sorted(state.items())]
+    return out
+
+
+def _persist_steps(tmp_path: Path, steps: int, every: int = 2):
+    """Train `steps` steps with a snapshot each; return the model, optimizer and the job's durable root."""
+    daemon = _daemon(tmp_path, durable_every=every, durable_keep=3)
+    model, opt = _model()
+    root = layout.job_dir(tmp_path / "durable", JOB)
+    try:
+        with snapshotter(daemon.config.socket, model, opt, job=JOB) as s:
+            for step in range(1, steps + 1):
+                _train(model, opt, step)
+                snap(s, step)
+        _wait_durable(root, steps - steps % every)
+    finally:
+        daemon.stop(grace=0.5)
+    return model, opt, root
+
+
+def test_a_fresh_daemon_restores_the_newest_durable_step_bit_for_bit(tmp_path):
+    model, opt, root = _persist_steps(tmp_path, 4)
+    assert reader.committed_steps(root) == [2, 4]
+    shutil.rmtree(tmp_path / "shm")  # every byte of memory is gone
+    daemon = _daemon(tmp_path, durable_every=2)
+    try:
+        fresh, fresh_opt = _model()
+        with snapshotter(daemon.config.socket, fresh, fresh_opt, job=JOB) as s:
+            assert s.restore() == 4
+            assert s.stats.restore_source == "durable"
+        assert _bytes(fresh, fresh_opt) == _bytes(model, opt)
+    finally:
+        daemon.stop(grace=0.5)
+
+
+def test_stock_dcp_reads_the_durable_step(tmp_path):
+    safetensors = pytest.importorskip("safetensors")
+    assert safetensors
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model, opt, root = _persist_steps(tmp_path, 2)
+    fresh, fresh_opt = _model()
+    _train(fresh, fresh_opt, 99)  # an optimizer with state to load into
+    msd, osd = get_model_state_dict(fresh), get_optimizer_state_dict(fresh, fresh_opt)
+    dcp.load({"model": msd, "optim": {"state": osd["state"]}},
+             storage_reader=dcp.HuggingFaceStorageReader(str(layout.step_dir(root.parent, JOB, 2))))
+    want_m, want_o = get_model_state_dict(model), get_optimizer_state_dict(model, opt)
+    for name, tensor in want_m.items():
+        assert byte_view(msd[name]).numpy().tobytes() == byte_view(tensor).numpy().tobytes(), name
+    for fqn, state in want_o["state"].items():
+        for key, tensor in state.items():
+            assert byte_view(osd["state"][fqn][key]).numpy().tobytes() == byte_view(tensor).numpy().tobytes(), (fqn, key)
+
+
+def test_a_corrupted_file_is_detected_and_the_previous_durable_step_is_used(tmp_path):
+    model, opt, root = _persist_steps(tmp_path, 4)
+    st = layout.step_dir(root.parent, JOB, 4) / layout.tensors_file(0)
+    data = bytearray(st.read_bytes())
+    data[-3] ^= 0x40  # one bit of the last tensor
+    st.write_bytes(bytes(data))
+    with pytest.raises(DurableCorrupt, match="checksum mismatch"):
+        DurableStep.open(root, 4).segment(0)
+    shutil.rmtree(tmp_path / "shm")
+    daemon = _daemon(tmp_path, durable_every=2)
+    try:
+        fresh, fresh_opt = _model()
+        with snapshotter(daemon.config.socket, fresh, fresh_opt, job=JOB) as s:
+            assert s.restore() == 2
+            assert s.stats.restore_source == "durable"
+            assert "4" in str(s.stats.restore_unusable) or 4 in s.stats.restore_unusable
+    finally:
+        daemon.stop(grace=0.5)
+
+
+def test_an_unfinished_step_is_ignored_and_removed_once_a_newer_one_commits(tmp_path):
+    root = layout.job_dir(tmp_path / "durable", JOB)
+    partial = layout.step_dir(tmp_path / "durable", JOB, 2)
+    partial.mkdir(parents=True)
+    (partial / layout.tensors_file(0)).write_bytes(b"\0" * 100)  # a daemon died mid-write
+    assert reader.committed_steps(root) == []
+    _persist_steps(tmp_path, 4, every=4)
+    assert reader.committed_steps(root) == [4]
+    assert not partial.exists()
