@@ -406,8 +406,39 @@ def test_missing_checksum_and_older_format_are_refused_clearly():
     with pytest.raises(ManifestError, match="no manifest_xxh3"):
         Manifest.from_json(json.dumps(doc).encode())
     doc["format"] = 1
-    with pytest.raises(ManifestError, match="reads format 2 only"):
+    with pytest.raises(ManifestError, match="reads formats 2, 3"):
         Manifest.from_json(_raw(doc))
+
+
+def test_a_format_2_manifest_still_reads_and_has_no_placements():
+    doc = _doc()
+    doc["format"] = 2
+    manifest = Manifest.from_json(_raw(doc))
+    assert manifest.format == 2 and all(e.placement is None for e in manifest.entries)
+    doc["entries"][0]["global"] = {"fqn": "model.w", "shape": [15], "offsets": [0], "box": [15], "write": True}
+    with pytest.raises(ManifestError, match="format-2 manifest cannot carry placements"):
+        Manifest.from_json(_raw(doc))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"box": [1, 1]}, "does not hold the entry's"),
+    ({"offsets": [3, 0]}, "exceeds"),
+    ({"offsets": [0]}, "differ in rank"),
+    ({"fqn": ""}, "a name of 1"),
+    ({"write": 1}, "a write flag"),
+    ({"shape": [-1, 4]}, "non-negative integers"),
+])
+def test_a_malformed_placement_is_refused(bad, message):
+    doc = _doc()
+    entry = doc["entries"][0]
+    numel = math.prod(entry["shape"])
+    placement = {"fqn": "model.w", "shape": [numel, 1], "offsets": [0, 0], "box": [numel, 1], "write": True}
+    entry["global"] = dict(placement, **bad)
+    with pytest.raises(ManifestError, match=message):
+        Manifest.from_json(_raw(doc))
+    entry["global"] = placement
+    parsed = Manifest.from_json(_raw(doc)).entries[0].placement
+    assert parsed is not None and parsed.box == (numel, 1) and parsed.write
 
 
 def test_checksum_does_not_depend_on_key_order():
