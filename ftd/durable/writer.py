@@ -233,10 +233,14 @@ def build_index(records: dict[int, RankRecord], digests: dict[int, str]) -> Inde
             if (dtype, shape) != (e.dtype, p.shape):
                 raise DurableError(f"{p.fqn}: rank {rank} holds {e.dtype}{list(p.shape)}, another rank "
                                    f"{dtype}{list(shape)}")
-            pieces.append(Piece(p.offsets, p.box, rank, rec.tensors[e.name]))
+            same = next((q for q in pieces if q.offsets == p.offsets), None)
+            if same is None:
+                pieces.append(Piece(p.offsets, p.box, rank, rec.tensors[e.name]))
+            elif same.box != p.box:  # the same corner twice (replicas that each wrote their copy): one is indexed
+                raise DurableError(f"{p.fqn}: ranks {same.rank} and {rank} hold different boxes at {list(p.offsets)}")
     for fqn, (dtype, shape, pieces) in globals_.items():
         covered = sum(math.prod(p.box) for p in pieces)
-        if covered != math.prod(shape) or len({p.offsets for p in pieces}) != len(pieces):
+        if covered != math.prod(shape) or _overlap(pieces):
             raise DurableError(f"{fqn}: the written pieces cover {covered} of {math.prod(shape)} elements "
                                f"({len(pieces)} pieces): replicas did not agree on who writes what")
     missing = sorted(fqn for fqn, offsets in needed if not any(p.offsets == offsets
@@ -246,6 +250,19 @@ def build_index(records: dict[int, RankRecord], digests: dict[int, str]) -> Inde
     return Index(first.job, first.step, first.world_size, first.run, created,
                  dict(digests),
                  {r: rec.header_xxh3 for r, rec in records.items()}, globals_)
+
+
+def _overlap(pieces: list[Piece]) -> bool:
+    """Whether two pieces share an element (with the volume check: whether they tile the tensor exactly).
+    Pieces are sorted by their corner, so only neighbours that start before the other's end are compared."""
+    ordered = sorted(pieces, key=lambda p: p.offsets)
+    for i, a in enumerate(ordered):
+        for b in ordered[i + 1:]:
+            if b.offsets and b.offsets[0] >= a.offsets[0] + a.box[0]:
+                break
+            if all(bo < ao + ab and ao < bo + bb for ao, ab, bo, bb in zip(a.offsets, a.box, b.offsets, b.box)):
+                return True
+    return False
 
 
 def prune(job_root: Path, keep: int) -> list[int]:

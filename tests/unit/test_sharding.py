@@ -3,6 +3,8 @@ played by threads), the restore, and the checks that refuse a snapshot taken wit
 
 from __future__ import annotations
 
+import math
+
 import logging
 import threading
 
@@ -48,6 +50,13 @@ def _covered(layout: Layout, t: int) -> list[tuple[int, int]]:
     return [span for i in range(layout.dp) if (span := layout.span(t, i))[1] > span[0]]
 
 
+def test_piece_box_names_whole_rows_only():
+    assert sharding.piece_box((10, 3), 6, 15) == ((2, 0), (3, 3))
+    assert sharding.piece_box((10, 3), 5, 15) is None
+    assert sharding.piece_box((), 0, 1) == ((), ())
+    assert sharding.piece_box((7,), 2, 5) == ((2,), (3,))
+
+
 @pytest.mark.parametrize("dp", [1, 2, 3, 7, 64])
 def test_plan_covers_every_element_once_and_balances(dp):
     specs = [_spec("big", (1000, 37)), _spec("odd", (4099,), "float16"), _spec("bias", (37,)), _spec("step", ()),
@@ -69,7 +78,13 @@ def test_plan_covers_every_element_once_and_balances(dp):
     shares = [layout.held_bytes(i) for i in range(dp)]
     assert sum(shares) == sum(s.nbytes for s in specs)
     stream = [layout.cuts[i + 1] - layout.cuts[i] for i in range(dp)]
-    assert max(stream) - min(stream) <= 16  # even up to one element (complex128) at each cut
+    assert max(stream) - min(stream) <= 2 * 37 * 4  # even up to one row (of "big") at each cut
+    for t, tensor in enumerate(layout.tensors):  # every piece is a box of whole rows (the durable tier's pieces)
+        for i in range(dp):
+            lo, hi = layout.span(t, i)
+            if tensor.owner == SPLIT and hi > lo:
+                offsets, box = sharding.piece_box(tensor.shape, lo, hi)
+                assert (offsets[0] * math.prod(tensor.shape[1:]) if offsets else 0) == lo and math.prod(box) == hi - lo
     assert max(shares) - min(shares) <= 300 * 300 * 4  # at most the biggest tensor that went whole
     assert sharding.plan(specs, contiguous, dp, dp - 1).tensors == layout.tensors  # the same on every replica
     assert Layout.from_meta(layout.to_meta()) == layout

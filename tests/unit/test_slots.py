@@ -190,5 +190,5 @@ def test_source_values(source, wire, in_blob):
     assert Source(source.value) is source
 
 
-def test_source_wire_values_are_exactly_three():
-    assert [s.value for s in Source] == ["local", "rebuilt", "fetched"]
+def test_source_wire_values_are_exactly_four():
+    assert [s.value for s in Source] == ["local", "rebuilt", "fetched", "durable"]

@@ -1,0 +1,121 @@
+"""The durable tier under real elastic torchrun on 3 loopback nodes (DDP, and FSDP2 on gloo).
+
+The job persists every 8 steps and stops after step 16. Then every daemon is SIGKILLed and every
+node's memory wiped; the relaunched job (new daemons, new agents) resumes from durable step 16 and
+ends bit for bit like an uninterrupted run without ftd. A separate script with no ftd import loads
+step 16 with stock torch.distributed.checkpoint onto 2 ranks, and every global model and optimizer
+tensor equals, byte for byte, what the ranks had sealed in shared memory."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftd.demo import results
+from ftd.demo.cluster import LocalNode, Reference, RendezvousStore, all_losses
+from ftd.durable import layout, reader
+from ftd.manifest import Manifest
+
+from tests.bitexact import byte_view, differing
+from tests.integration.cluster import make_nodes
+
+NODES, STEPS, EVERY, STOP = 3, 24, 8, 16
+CASES = {"ddp": [], "fsdp2": ["--fsdp"]}
+SCRIPT = Path(__file__).with_name("dcp_load_durable.py")
+
+
+def _agents(nodes: list[LocalNode], store: RendezvousStore, rdzv: str, args: list[str]) -> None:
+    agents = [node.agent(store.port, NODES, args, rdzv, max_restarts=0) for node in nodes]
+    for agent in agents:
+        assert agent.wait(150) == 0, "\n".join(n.log.read_text()[-2000:] for n in nodes)
+
+
+def sealed_globals(nodes: list[LocalNode], step: int) -> dict[str, torch.Tensor]:
+    """Every global tensor of `step` assembled from the sealed segments in the nodes' shared memory."""
+    out: dict[str, torch.Tensor] = {}
+    for node in nodes:
+        for path in node.shm.glob("ftd-*/rank-*/*.manifest.json"):
+            manifest = Manifest.from_json(path.read_bytes())
+            if manifest.step != step:
+                continue
+            data = path.with_name(path.name.replace(".manifest.json", ".seg")).read_bytes()
+            for e in manifest.entries:
+                p = e.placement
+                if p is None:
+                    continue
+                dtype = getattr(torch, e.dtype)
+                piece = torch.frombuffer(bytearray(data[e.offset:e.offset + e.nbytes]), dtype=torch.uint8)
+                piece = piece.view(dtype).reshape(p.box) if e.nbytes else torch.empty(p.box, dtype=dtype)
+                full = out.setdefault(p.fqn, torch.zeros(p.shape, dtype=dtype))
+                index = tuple(slice(o, o + b) for o, b in zip(p.offsets, p.box))
+                full[index] = piece
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.timeout(180 + 150 + 60 + 150 + 120 + 60)  # the budgets below
+def test_every_node_wiped_resumes_from_the_durable_tier_bit_exact(tmp_path: Path, case: str):
+    flags = CASES[case]
+    reference = Reference(tmp_path / "reference", NODES, ["--steps", str(STEPS), *flags]).start()
+    durable = tmp_path / "durable"
+    nodes = make_nodes(tmp_path / "cluster", NODES, "2+1", FTD_PEERS="", FTD_DURABLE_DIR=str(durable),
+                       FTD_DURABLE_EVERY=str(EVERY))
+    root = layout.job_dir(durable, "ectest")
+    store = RendezvousStore(timeout_s=120)
+    try:
+        for node in nodes:
+            node.start_daemon()
+        _agents(nodes, store, "first", ["--steps", str(STEPS), "--stop-at", str(STOP), *flags])
+        deadline = time.monotonic() + 60
+        while STOP not in reader.committed_steps(root):
+            assert time.monotonic() < deadline, f"step {STOP} never became durable: {reader.committed_steps(root)}"
+            time.sleep(0.1)
+        assert reader.committed_steps(root) == [EVERY, STOP]
+        assert all(node.status().durable_step == STOP for node in nodes)
+        sealed = sealed_globals(nodes, STOP)
+
+        for node in nodes:  # every daemon and every byte of memory: only the durable tier is left
+            node.lose_everything()
+            assert not node.shm.exists()
+        for node in nodes:
+            node.start_daemon()
+        _agents(nodes, store, "second", ["--steps", str(STEPS), *flags])
+        restored = sum(node.metrics().value("ftd_durable_restores_total") for node in nodes)
+    finally:
+        for node in nodes:
+            node.close()
+        store.stop()
+    reference.wait(120)
+
+    done = results.latest([r for n in nodes for r in n.results()], "done")
+    assert sorted(done) == list(range(NODES)), done
+    assert {r["restored_step"] for r in done.values()} == {STOP}, done
+    assert {r["restore_source"] for r in done.values()} == {"durable"}, done
+    assert restored == NODES
+    got, want = all_losses([n.losses for n in nodes]), reference.losses
+    assert set(got) == set(want)
+    diverged = sorted(k for k in got if got[k] != want[k])
+    assert not diverged, f"losses differ at (rank, step) {diverged[:5]}"
+    for path in (tmp_path / "cluster").glob("node*/params-*.pt"):
+        params, ref = torch.load(path, weights_only=True), reference.params(int(path.stem.rsplit("-", 1)[1]))
+        assert not differing(params, ref), f"{path} differs in {differing(params, ref)}"
+
+    # Stock DCP, no ftd, onto 2 ranks: the global tensors are the sealed bytes.
+    out = tmp_path / "loaded.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT),
+           str(layout.step_dir(durable, "ectest", STOP)), str(out)]
+    done_load = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin",
+                                                                                      "OMP_NUM_THREADS": "1"})
+    assert done_load.returncode == 0, done_load.stderr[-3000:]
+    loaded = torch.load(out, weights_only=True)
+    assert set(loaded) == set(sealed) and any(k.startswith("optim.state.") for k in sealed), sorted(loaded)[:5]
+    assert sum(math.prod(t.shape) for k, t in sealed.items() if k.startswith("model.")) > 0
+    for fqn, tensor in sealed.items():
+        assert loaded[fqn].dtype == tensor.dtype and loaded[fqn].shape == tensor.shape, fqn
+        assert torch.equal(byte_view(loaded[fqn]), byte_view(tensor)), f"{fqn} differs from the sealed bytes"
