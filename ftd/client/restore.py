@@ -99,13 +99,14 @@ def open_verified(client: DaemonClient, job: str, rank: int, world_size: int, st
     """Open (job, rank, step) from the daemon and run every check; SnapshotCorrupt on the first failure.
 
     A sharded snapshot must fit `replicas` (same dp, same replica index). With a `run` identity,
-    a snapshot of another run is refused (OtherRun) before any byte of it is read.
+    a snapshot of another run is refused (OtherRun) before any byte of it is read, unless it comes
+    from the durable tier: that is the job's checkpoint across launches (a relaunch, a requeue).
     """
     reply = client.open(step, timeout=timeout)
     manifest = Manifest.from_json(reply.manifest_json)
     if manifest.job != job:
         raise SnapshotCorrupt(f"snapshot belongs to job {manifest.job!r}, not {job!r}", rank=rank, step=step)
-    if run and manifest.run != run:
+    if run and manifest.run != run and reply.source != "durable":
         raise OtherRun(f"rank {rank} step {step} was taken by run {manifest.run or '(none)'!r} of job {job!r}, "
                        f"this is run {run!r}: not resumed (launch with FTD_RUN={manifest.run or '...'} to resume "
                        f"it; `ftd rm {job}` discards it)")
