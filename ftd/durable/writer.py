@@ -202,6 +202,8 @@ def try_commit(step_dir: Path, world_size: int, tag: str) -> bool:
     marker = layout.sealed({"format": layout.FORMAT, "step": records[0].step, "world_size": world_size,
                             "index_xxh3": xxhash.xxh3_64_hexdigest(index_bytes), "committed_at": time.time()})
     write_small(step_dir / layout.COMMIT, marker, tag)
+    for stale in step_dir.glob(".*.tmp"):  # left by a writer that died mid-file; every rank is in place now
+        _unlink(stale)
     return True
 
 
