@@ -17,6 +17,7 @@ of the parameters and optimizer state (ftd.client.sharding); restore gathers the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ import torch.distributed as dist
 
 from ftd.client import jsonsafe
 from ftd.client import restore as restore_mod
-from ftd.client import placement, sharding, state
+from ftd.client import placement, reshard, sharding, state
 from ftd.client.copier import CopyEngine, CopyJob
 from ftd.client.rpc import DaemonClient
 from ftd.client.sharding import Replicas
@@ -71,6 +72,7 @@ class SnapshotStats:
     restore_unusable: dict[int, str] = field(default_factory=dict)  # step -> why this rank could not use it
     restore_held: list[int] = field(default_factory=list)  # the steps this rank's daemon listed at the restore
     restore_gathered: bool = False  # the restored step was all-gathered from the replica group
+    restore_resharded: bool = False  # the restored step came from the durable tier, taken by another world size
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -113,7 +115,7 @@ class Snapshotter:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  scheduler: Any | None = None, extra: state.Extra = None, rank: int | None = None,
                  world_size: int | None = None, replica_group: dist.ProcessGroup | None = None,
-                 **settings: Any):
+                 reshard_extra: reshard.ReshardExtra | None = None, **settings: Any):
         self.config = ClientConfig.load(**settings)
         if not math.isfinite(self.config.daemon_wait) or self.config.daemon_wait < 0:
             raise ConfigError(f"daemon_wait must be a finite number of seconds >= 0, got {self.config.daemon_wait}")
@@ -125,6 +127,7 @@ class Snapshotter:
         self.replicas = _replicas(self.config.shard_replicated, replica_group)
         self._shard_dtensors = replica_group is not None
         self._copies = self.replicas or _ddp_replicas(model, self.rank, self.world_size)
+        self._reshard_extra = reshard_extra
         self.stats = SnapshotStats()
         self._lock = self.stats.lock  # guards _inflight and the stats the copy and training threads update
         self._inflight: CopyJob | None = None
@@ -272,6 +275,15 @@ class Snapshotter:
                                      self._state_optimizer, self.scheduler, self.extra, restore_rng,
                                      self.config.restore_timeout, self.replicas, steps, abstain,
                                      self.config.daemon_wait, self.config.run)
+        if not result.step and not abstain and self.config.durable_dir:
+            step, seconds, decoded = reshard.restore(self.config.durable_dir, self.config.job, self.rank,
+                                                     self.world_size, self.model, self._state_optimizer,
+                                                     self.scheduler, self.extra, restore_rng, self._reshard_extra)
+            if step:
+                result = dataclasses.replace(result, step=step, seconds=result.seconds + seconds, extra=decoded,
+                                             source="durable", meta=None)
+                with self._lock:
+                    self.stats.restore_resharded = True
         outer_groups = (result.meta or {}).get("outer_param_groups")
         if result.step and outer_groups is not None and self.optimizer is not None:
             # ZeRO: the outer optimizer's groups (what schedulers change) as they were at the snapshot; its

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import ftd
 from ftd.config import DaemonConfig
 from ftd.daemon.server import Daemon
 from ftd.durable import layout, reader
@@ -136,3 +137,46 @@ def test_an_unfinished_step_is_ignored_and_removed_once_a_newer_one_commits(tmp_
     _persist_steps(tmp_path, 4, every=4)
     assert reader.committed_steps(root) == [4]
     assert not partial.exists()
+
+
+def test_a_step_of_another_world_size_is_resharded_through_dcp(tmp_path):
+    """Two ranks of a world of 2 persist step 2 (each its full copy: no process group here); a world of one
+    with empty memory restores it through DCP's planner from the durable tier, every byte equal."""
+    daemon = _daemon(tmp_path, durable_every=2)
+    root = layout.job_dir(tmp_path / "durable", JOB)
+    model, opt = _model()
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    extras = [{"position": 0}, {"position": 0}]
+    try:
+        snaps = [ftd.Snapshotter(model, opt, scheduler=sched, extra=extras[r], rank=r, world_size=2, job=JOB,
+                                 socket=daemon.config.socket) for r in range(2)]
+        for step in (1, 2):
+            _train(model, opt, step)
+            sched.step()
+            for r, s in enumerate(snaps):
+                extras[r]["position"] = 10 * step + r
+                snap(s, step)
+        _wait_durable(root, 2)
+        rng = torch.get_rng_state()
+        for s in snaps:
+            s.close()
+    finally:
+        daemon.stop(grace=0.5)
+    assert DurableStep.open(root, 2).index.world_size == 2
+    shutil.rmtree(tmp_path / "shm")
+    daemon = _daemon(tmp_path, durable_every=2)
+    try:
+        fresh, fresh_opt = _model()
+        fresh_sched = torch.optim.lr_scheduler.StepLR(fresh_opt, 1, gamma=0.5)
+        extra = {"position": -1}
+        torch.manual_seed(1234)
+        with snapshotter(daemon.config.socket, fresh, fresh_opt, job=JOB, scheduler=fresh_sched, extra=extra,
+                         durable_dir=str(tmp_path / "durable")) as s:
+            assert s.restore() == 2
+            assert s.stats.restore_source == "durable" and s.stats.restore_resharded
+        assert _bytes(fresh, fresh_opt) == _bytes(model, opt)
+        assert fresh_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"] and fresh_sched.last_epoch == 2
+        assert extra == {"position": 20}  # old rank 0's
+        assert torch.equal(torch.get_rng_state(), rng)
+    finally:
+        daemon.stop(grace=0.5)
