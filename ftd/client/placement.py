@@ -1,4 +1,4 @@
-"""Each entry's place in the checkpoint-wide state, for the durable tier (docs/ARCHITECTURE.md §9).
+"""Each entry's place in the checkpoint-wide state, for the durable tier (docs/ARCHITECTURE.md §12).
 
 A rank's snapshot names its tensors after its own state dicts ("model/<name>",
 "optim/state/..."). The durable tier writes them as one checkpoint that

@@ -1,4 +1,4 @@
-"""Restore onto another world size from the durable tier, through DCP's load planning (docs/ARCHITECTURE.md §9.5).
+"""Restore onto another world size from the durable tier, through DCP's load planning (docs/ARCHITECTURE.md §12.3).
 
 When memory holds nothing this world can use and the durable tier's newest step was taken by a
 different number of ranks (4 FSDP2 ranks -> 2, DDP 3 -> 2), every rank:
