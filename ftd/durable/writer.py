@@ -16,6 +16,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
@@ -121,39 +122,40 @@ def _packed(entries: list[Entry]) -> dict[str, tuple[int, int]]:
 
 def _write_file(path: Path, src_fd: int, head: bytes, ranges: list[tuple[int, int]], throttle: Throttle,
                 tag: str) -> None:
-    tmp = path.with_name(f".{path.name}.{tag}.tmp")
-    _unlink(tmp)
-    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o640)
-    try:
-        if head:
-            os.write(out, head)
+    """`head`, then the `ranges` (offset, bytes) of `src_fd` sent by the kernel, paced by `throttle`."""
+    def fill(out: int) -> None:
+        _write_all(out, head)
         for offset, nbytes in ranges:
             done = 0
             while done < nbytes:
-                want = min(CHUNK_BYTES, nbytes - done)
-                sent = os.sendfile(out, src_fd, offset + done, want)
+                sent = os.sendfile(out, src_fd, offset + done, min(CHUNK_BYTES, nbytes - done))
                 if sent <= 0:
                     raise DurableError(f"{path.name}: the segment ended {nbytes - done} bytes early")
                 done += sent
                 throttle.consume(sent)
-        os.fsync(out)
-    except BaseException:
-        os.close(out)
-        _unlink(tmp)
-        raise
-    os.close(out)
-    os.replace(tmp, path)
+
+    _atomic(path, tag, fill)
 
 
 def write_small(path: Path, data: bytes, tag: str) -> None:
     """Write `data` to `path` atomically and durably (temp file, fsync, rename, fsync the directory)."""
+    _atomic(path, tag, lambda fd: _write_all(fd, data))
+    fsync_dir(path.parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _atomic(path: Path, tag: str, fill: Callable[[int], None]) -> None:
+    """Create `.<name>.<tag>.tmp` beside `path`, `fill` it, fsync and rename it; on any failure remove it."""
     tmp = path.with_name(f".{path.name}.{tag}.tmp")
     _unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        fill(fd)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -161,7 +163,6 @@ def write_small(path: Path, data: bytes, tag: str) -> None:
         raise
     os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:
