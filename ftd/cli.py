@@ -1,4 +1,4 @@
-"""The `ftd` command: `ftd daemon`, `ftd status`, `ftd ls`, `ftd rm`, `ftd demo`."""
+"""The `ftd` command: `ftd daemon`, `ftd status`, `ftd ls`, `ftd rm`, `ftd export`, `ftd demo`."""
 
 from __future__ import annotations
 
@@ -103,20 +103,91 @@ def _shm_dir(args: argparse.Namespace) -> str:
     return args.shm_dir or os.environ.get("FTD_SHM_DIR") or "/dev/shm"
 
 
+STATUS_TIMEOUT_S = 2.0  # what `ftd ls` waits for each live daemon's Status (its durable directory)
+
+
+def _daemon_durable_root(job: str) -> Path | None:
+    """The durable job directory the live daemon of `job` reports (default socket of the job, or
+    FTD_SOCKET); None when it has none or cannot be asked."""
+    from ftd.client.rpc import DaemonClient
+
+    try:
+        config = ClientConfig.load(job=job)
+        client = DaemonClient(config.socket, job, -1, STATUS_TIMEOUT_S, config.daemon_user,
+                              config.socket_dir_private)
+        try:
+            st = client.status(STATUS_TIMEOUT_S)
+        finally:
+            client.close()
+    except FtdError as exc:
+        log.debug("job %s: no durable directory from its daemon: %s", job, exc)
+        return None
+    return Path(st.durable_dir) if st.job == job and st.durable_dir else None
+
+
+def _durable_steps(args: argparse.Namespace, live_jobs: list[str]) -> list[tuple[str, Path, list[dict[str, Any]]]]:
+    """(job, durable job directory, committed steps) from --durable-dir / FTD_DURABLE_DIR (every job there)
+    and from each live daemon's Status; a directory without committed steps is left out."""
+    from ftd.durable.reader import describe
+
+    roots: dict[str, tuple[str, Path]] = {}
+    top = args.durable_dir or os.environ.get("FTD_DURABLE_DIR")
+    if top:
+        top_path = Path(os.path.abspath(top))
+        try:
+            children = sorted(top_path.iterdir()) if top_path.is_dir() else []
+        except OSError as exc:
+            raise FtdError(f"cannot list the durable directory {top_path}: {exc.strerror}") from None
+        for child in children:
+            if child.is_dir() and not child.is_symlink():
+                roots.setdefault(os.path.realpath(child), (child.name, child))
+    for job in live_jobs:
+        root = _daemon_durable_root(job)
+        if root is not None:
+            roots.setdefault(os.path.realpath(root), (job, root))
+    found = []
+    for job, root in sorted(roots.values()):
+        try:
+            steps = describe(root)
+        except OSError as exc:  # another user's job directory on a shared filesystem
+            log.debug("durable directory %s: %s", root, exc)
+            continue
+        if steps:
+            found.append((job, root, steps))
+    return found
+
+
+def _when(seconds: object) -> str:
+    import time
+
+    if not isinstance(seconds, (int, float)) or seconds <= 0:
+        return "-"
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(seconds))} ({time.time() - seconds:.0f} s ago)"
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     import time
 
     from ftd.admin import scan
 
     jobs = scan(_shm_dir(args))
+    durable = _durable_steps(args, [j.job for j in jobs if j.daemon_live])
     if args.json:
-        print(json.dumps([j.to_json() for j in jobs], indent=2))
+        docs = [dict(j.to_json(), durable=[]) for j in jobs]
+        by_job = {doc["job"]: doc for doc in docs}
+        for job, root, steps in durable:
+            if job not in by_job:  # only in the durable tier: nothing of it in this node's memory
+                by_job[job] = {"job": job, "path": None, "owner_uid": None, "daemon_live": False, "ranks": {},
+                               "runs": [], "segment_bytes": 0, "newest_seal": 0.0, "problems": [], "durable": []}
+                docs.append(by_job[job])
+            by_job[job]["durable"].append({"dir": str(root), "steps": steps})
+        print(json.dumps(docs, indent=2))
         return 0
     if not jobs:
         print(f"no ftd job directories under {_shm_dir(args)}")
-        return 0
-    print(f"{'job':<24} {'daemon':<7} {'owner':>6} {'ranks':>5}  {'steps (rank 0 or first)':<24} {'MiB':>9}  "
-          f"{'newest seal':<12} runs")
+    else:
+        print(f"{'job':<24} {'daemon':<7} {'owner':>6} {'ranks':>5}  {'steps (rank 0 or first)':<24} {'MiB':>9}  "
+              f"{'newest seal':<12} runs")
     for j in jobs:
         first = j.ranks[min(j.ranks)] if j.ranks else []
         age = f"{time.time() - j.newest_seal:.0f} s ago" if j.newest_seal else "-"
@@ -125,6 +196,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
               f"{str(first):<24} {j.segment_bytes / 2**20:>9.1f}  {age:<12} {runs}")
         for problem in j.problems[:5]:
             print(f"    ! {problem}")
+    if durable:
+        print()
+        print(f"{'durable (committed)':<24} {'step':>12} {'world':>6} {'MiB':>10}  {'committed':<34} directory")
+        for job, root, steps in durable:
+            for d in steps:
+                print(f"{job:<24} {d['step']:>12} {str(d['world_size']):>6} {d['bytes'] / 2**20:>10.1f}  "
+                      f"{_when(d['committed_at']):<34} {root}")
+    elif args.durable_dir or os.environ.get("FTD_DURABLE_DIR"):
+        print(f"no committed durable steps under {os.path.abspath(args.durable_dir or os.environ['FTD_DURABLE_DIR'])}")
     return 0
 
 
@@ -151,6 +231,51 @@ def cmd_rm(args: argparse.Namespace) -> int:
         client.close()
     print(f"discarded {len(dropped)} snapshot(s) of job {job!r} through the daemon on {config.socket} "
           f"(steps {sorted(set(dropped))}); its memory is given back")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import time
+
+    from ftd.client.rpc import DaemonClient
+    from ftd.errors import DaemonUnavailable
+
+    config = ClientConfig.load(**overrides_from(args, CLIENT))
+    target = args.dir or config.durable_dir
+    if not target:
+        raise FtdError("give the directory to export to (or set FTD_DURABLE_DIR / --durable-dir)")
+    target = os.path.abspath(os.path.expanduser(target))  # the daemon resolves nothing relative to its own cwd
+    client = DaemonClient(config.socket, config.job, -1, config.rpc_timeout, config.daemon_user,
+                          config.socket_dir_private)
+    t0 = time.monotonic()
+    try:
+        reply = client.export(args.step, target, args.timeout)
+    except DaemonUnavailable:
+        if time.monotonic() - t0 < args.timeout:
+            raise
+        raise FtdError(f"the export of step {args.step} did not finish within --timeout {args.timeout:g} s; the "
+                       "daemon stopped it (a step missing ranks is never committed): run it again with more "
+                       "time") from None
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps({"job": config.job, "step": args.step, "path": reply.path, "ranks": list(reply.ranks),
+                          "bytes": reply.bytes, "world_size": reply.world_size, "committed": reply.committed,
+                          "already_committed": reply.already_committed,
+                          "missing_ranks": list(reply.missing_ranks)}, indent=2))
+        return 0
+    if reply.already_committed:
+        print(f"step {args.step} of job {config.job!r} is already committed in {reply.path} (ranks "
+              f"{list(reply.ranks)} of this node hold the same snapshots); nothing written")
+        return 0
+    print(f"wrote ranks {list(reply.ranks)} of step {args.step} ({reply.bytes / 2**20:.1f} MiB) to {reply.path}")
+    if reply.committed:
+        print(f"step {args.step} is committed: all {reply.world_size} ranks are there (torch.distributed.checkpoint "
+              f"loads it; daemons with FTD_DURABLE_DIR={target} restore from it)")
+    else:
+        missing = list(reply.missing_ranks)
+        print(f"not committed yet: ranks {missing} of {reply.world_size} are missing; run `ftd export {args.step} "
+              f"{target}` on the node(s) that hold them, the last one commits the step")
     return 0
 
 
@@ -192,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
     ls = sub.add_parser("ls", help="list the jobs whose snapshots this node's shm directory holds")
     ls.add_argument("--shm-dir", default=None, help="the daemons' FTD_SHM_DIR [default /dev/shm]")
+    ls.add_argument("--durable-dir", default=None, help="also list the committed steps of every job under this "
+                    "durable directory [FTD_DURABLE_DIR]; a live daemon's own durable directory is listed anyway")
     ls.add_argument("--json", action="store_true", help="print JSON for scripts")
     ls.set_defaults(func=cmd_ls)
     rm = sub.add_parser("rm", help="discard every snapshot of a job on this node (through its daemon when one "
@@ -200,6 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--shm-dir", default=None, help="the daemon's FTD_SHM_DIR [default /dev/shm]")
     rm.add_argument("--socket", default=None, help="the daemon's socket [FTD_SOCKET, default by the job id]")
     rm.set_defaults(func=cmd_rm)
+    export = sub.add_parser(
+        "export", help="write a step this node's daemon holds to a directory as a durable checkpoint "
+        "(safetensors that torch.distributed.checkpoint loads); on a multi-node job run it on every node, like "
+        "`ftd rm`: each daemon writes its own ranks and the last one commits the step",
+        description="Write STEP, as held in this node's shared memory, to DIR/<job>/step-<STEP> in the durable "
+        "tier's format. Each daemon writes only the ranks of its node: on a multi-node job run `ftd export STEP "
+        "DIR` on every node with the same DIR (a shared filesystem); the step is committed once every rank of "
+        "the job is there. Exporting into FTD_DURABLE_DIR subjects the step to its retention (FTD_DURABLE_KEEP).")
+    add_arguments(export, CLIENT)
+    export.add_argument("step", type=int, help="a step every rank of this node holds (`ftd status` lists them)")
+    export.add_argument("dir", nargs="?", default=None, help="an existing directory (not a symlink), seen by every "
+                        "node [default FTD_DURABLE_DIR]")
+    export.add_argument("--timeout", type=float, default=600.0, help="seconds the export may take [600]")
+    export.add_argument("--json", action="store_true", help="print JSON for scripts")
+    export.set_defaults(func=cmd_export)
     demo = sub.add_parser("demo", help="a local cluster of daemons and torchrun agents trains through a rank crash, "
                           "a daemon crash and a node loss, then compares bit for bit with a failure-free run")
     demo.add_argument("--nodes", type=int, default=4, help="simulated nodes (a daemon + a torchrun agent each)")

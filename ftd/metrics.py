@@ -108,7 +108,8 @@ class DaemonMetrics:
         self.seal_to_durable = Histogram("ftd_seal_to_durable_seconds", "From the local seal of a step to its "
                                          "commit in the durable tier", buckets=_SECONDS_BUCKETS, registry=r)
         self.durable_steps = Counter("ftd_durable_steps", "Steps handled by the durable tier by outcome: written "
-                                     "(this node's ranks), committed, skipped (a newer step came first), failed",
+                                     "(this node's ranks), committed, skipped (a newer step came first), failed, "
+                                     "exported (this node's ranks, by `ftd export`), export_failed",
                                      ["outcome"], registry=r)
         self.durable_restores = Counter("ftd_durable_restores", "Segments brought back from the durable tier",
                                         registry=r)

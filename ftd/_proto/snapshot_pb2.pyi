@@ -242,3 +242,31 @@ class StatusReply(_message.Message):
     durable_dir: str
     durable_step: int
     def __init__(self, job: _Optional[str] = ..., node: _Optional[str] = ..., shm_dir: _Optional[str] = ..., held_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., version: _Optional[str] = ..., node_index: _Optional[int] = ..., group: _Optional[_Iterable[int]] = ..., ec: _Optional[str] = ..., protected_step: _Optional[int] = ..., rebuilding: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., durable_dir: _Optional[str] = ..., durable_step: _Optional[int] = ...) -> None: ...
+
+class ExportRequest(_message.Message):
+    __slots__ = ("job", "step", "dir")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DIR_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    step: int
+    dir: str
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., dir: _Optional[str] = ...) -> None: ...
+
+class ExportReply(_message.Message):
+    __slots__ = ("ranks", "bytes", "committed", "path", "world_size", "missing_ranks", "already_committed")
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MISSING_RANKS_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    ranks: _containers.RepeatedScalarFieldContainer[int]
+    bytes: int
+    committed: bool
+    path: str
+    world_size: int
+    missing_ranks: _containers.RepeatedScalarFieldContainer[int]
+    already_committed: bool
+    def __init__(self, ranks: _Optional[_Iterable[int]] = ..., bytes: _Optional[int] = ..., committed: _Optional[bool] = ..., path: _Optional[str] = ..., world_size: _Optional[int] = ..., missing_ranks: _Optional[_Iterable[int]] = ..., already_committed: _Optional[bool] = ...) -> None: ...

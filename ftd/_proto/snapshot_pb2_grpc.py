@@ -80,6 +80,11 @@ class SnapshotStub:
                 request_serializer=ftd_dot_v1_dot_snapshot__pb2.RecoveredRequest.SerializeToString,
                 response_deserializer=ftd_dot_v1_dot_snapshot__pb2.RecoveredReply.FromString,
                 _registered_method=True)
+        self.Export = channel.unary_unary(
+                '/ftd.v1.Snapshot/Export',
+                request_serializer=ftd_dot_v1_dot_snapshot__pb2.ExportRequest.SerializeToString,
+                response_deserializer=ftd_dot_v1_dot_snapshot__pb2.ExportReply.FromString,
+                _registered_method=True)
 
 
 class SnapshotServicer:
@@ -148,6 +153,14 @@ class SnapshotServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Export(self, request, context):
+        """Writes this node's ranks of a held step to a directory as a durable-tier step (`ftd export`),
+        and commits it there once every rank of the job is written (each node exports its own ranks).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SnapshotServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -195,6 +208,11 @@ def add_SnapshotServicer_to_server(servicer, server):
                     servicer.Recovered,
                     request_deserializer=ftd_dot_v1_dot_snapshot__pb2.RecoveredRequest.FromString,
                     response_serializer=ftd_dot_v1_dot_snapshot__pb2.RecoveredReply.SerializeToString,
+            ),
+            'Export': grpc.unary_unary_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=ftd_dot_v1_dot_snapshot__pb2.ExportRequest.FromString,
+                    response_serializer=ftd_dot_v1_dot_snapshot__pb2.ExportReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -440,6 +458,33 @@ class Snapshot:
             '/ftd.v1.Snapshot/Recovered',
             ftd_dot_v1_dot_snapshot__pb2.RecoveredRequest.SerializeToString,
             ftd_dot_v1_dot_snapshot__pb2.RecoveredReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftd.v1.Snapshot/Export',
+            ftd_dot_v1_dot_snapshot__pb2.ExportRequest.SerializeToString,
+            ftd_dot_v1_dot_snapshot__pb2.ExportReply.FromString,
             options,
             channel_credentials,
             insecure,

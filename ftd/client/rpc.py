@@ -168,8 +168,12 @@ class DaemonClient:
         self._rpc(self._stub.Recovered, pb.RecoveredRequest(job=self.job, rank=self.rank, step=step, seconds=seconds,
                                                             bytes=nbytes, source=source))
 
-    def status(self) -> pb.StatusReply:
-        return self._rpc(self._stub.Status, pb.StatusRequest())
+    def status(self, timeout: float | None = None) -> pb.StatusReply:
+        return self._rpc(self._stub.Status, pb.StatusRequest(), timeout)
+
+    def export(self, step: int, directory: str, timeout: float) -> pb.ExportReply:
+        """Have the daemon write its ranks of a held step to `directory` (`ftd export`); it runs until `timeout`."""
+        return self._rpc(self._stub.Export, pb.ExportRequest(job=self.job, step=step, dir=directory), timeout)
 
     def close(self) -> None:
         self._channel.close()

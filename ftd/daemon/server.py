@@ -11,8 +11,10 @@ import contextlib
 import fcntl
 import logging
 import os
+import stat
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
@@ -32,6 +34,8 @@ from ftd.daemon.persist import Persister
 from ftd.daemon.redundancy import NoRedundancy, Redundancy
 from ftd.daemon.sources import NotReady, RecoveryChain
 from ftd.daemon.store import SegmentStore
+from ftd.durable import layout, writer
+from ftd.durable.layout import RankRecord
 from ftd.errors import FtdError, ManifestError, NotFound, OutOfMemory, RequestRejected
 from ftd.metrics import DaemonMetrics
 
@@ -41,12 +45,16 @@ GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_
 T = TypeVar("T")
 
 
+class BadArgument(RequestRejected):
+    """A request's argument is malformed whatever the daemon holds (INVALID_ARGUMENT)."""
+
+
 def _status_for(exc: FtdError) -> grpc.StatusCode:
     if isinstance(exc, OutOfMemory):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, ManifestError):
+    if isinstance(exc, (ManifestError, BadArgument)):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, RequestRejected):
         return grpc.StatusCode.FAILED_PRECONDITION
@@ -173,6 +181,134 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
                                                  ranks=peer.ranks, steps=peer.steps,
                                                  parity_chunks=peer.parity_chunks))
         return reply
+
+    def Export(self, request: pb.ExportRequest, context: grpc.ServicerContext) -> pb.ExportReply:
+        """Write this node's ranks of a held step to `<dir>/<job>/step-N` (`ftd export`); commit it when complete.
+
+        Runs in the RPC thread: the call's end (its deadline, a cancelled client, the daemon stopping)
+        stops the write between chunks, and its temporary files are removed.
+        """
+        stop = threading.Event()
+        if not context.add_callback(stop.set):  # the call has already ended
+            stop.set()
+        return self._call(context, lambda: self._export(request.job, request.step, request.dir, stop))
+
+    def _export(self, job: str, step: int, directory: str, stop: threading.Event) -> pb.ExportReply:
+        if job != self.config.job:
+            raise RequestRejected(f"this daemon serves job {self.config.job!r}, not {job!r}")
+        if step < 0:
+            raise BadArgument(f"step must be at least 0, not {step}")
+        target = _export_directory(directory)
+        owner = f"export-{uuid.uuid4().hex[:12]}"
+        self.store.pin({step}, owner=owner)  # retention keeps the step while it is written
+        try:
+            parts = self._export_parts(step)
+            return self._export_parts_to(target, job, step, parts, stop, owner)
+        finally:
+            self.store.pin(set(), owner=owner)
+
+    def _export_parts(self, step: int) -> list[tuple[int, str, int, bytes]]:
+        """Every local rank's sealed segment of `step`; NotFound / RequestRejected saying what is missing."""
+        parts = self.store.complete_steps().get(step)
+        if parts:
+            return sorted(parts)
+        summary = self.store.summary()
+        holders = sorted(r.rank for r in summary if step in r.sealed_steps)
+        held = sorted({s for r in summary for s in r.sealed_steps})
+        if not holders:
+            raise NotFound(f"step {step} is not held on node {self.config.node} (sealed steps held: "
+                           f"{held or 'none'}); `ftd status` lists what each rank holds")
+        lacking = sorted(r.rank for r in summary if step not in r.sealed_steps)
+        raise RequestRejected(f"step {step} is sealed by ranks {holders} but not by ranks {lacking} of node "
+                              f"{self.config.node}: only a step every local rank holds can be exported")
+
+    def _export_parts_to(self, target: Path, job: str, step: int, parts: list[tuple[int, str, int, bytes]],
+                         stop: threading.Event, owner: str) -> pb.ExportReply:
+        path = layout.step_dir(target, job, step)
+        ranks = [rank for rank, _, _, _ in parts]
+        t0 = time.monotonic()
+        try:
+            for directory in (path.parent, path):
+                with contextlib.suppress(FileExistsError):
+                    directory.mkdir(mode=0o750)
+                if not stat.S_ISDIR(os.lstat(directory).st_mode):
+                    raise RequestRejected(f"{directory} is not a directory (a symlink is never followed)")
+            if (path / layout.COMMIT).exists():
+                world = _already_exported(path, parts)
+                if world:
+                    log.info("export: step %d is already committed in %s with these snapshots", step, path)
+                    return pb.ExportReply(ranks=ranks, bytes=0, committed=True, path=str(path), world_size=world,
+                                          already_committed=True)
+                raise RequestRejected(f"{path} already holds a committed step {step} of other snapshots (another "
+                                      "run, or an older timeline): remove it, or export to another directory")
+            tag = f"{self.config.node.replace('/', '_')}-{os.getpid()}-{owner}"
+            throttle = writer.Throttle(0, stop)
+            world, nbytes = -1, 0
+            for _, segment, _, manifest_json in parts:
+                record = writer.write_rank(path, segment, manifest_json, throttle, tag)
+                world = record.world_size
+                nbytes += record.tensors_bytes + record.raw_bytes
+            committed = writer.try_commit(path, world, tag)
+        except writer.Stopped:
+            log.warning("export of step %d to %s stopped: the call ended (deadline, cancelled, or the daemon "
+                        "stopping) before it was written", step, path)
+            self.store.metrics.durable_steps.labels("export_failed").inc()
+            _remove_if_empty(path)
+            raise RequestRejected(f"export of step {step} stopped before it was written: the call ended") from None
+        except (OSError, writer.DurableError) as exc:
+            world = _already_exported(path, parts) if (path / layout.COMMIT).exists() else 0
+            if world:  # another writer of these very snapshots (the cadence) committed the step meanwhile
+                log.info("export: step %d was committed in %s meanwhile by another writer (%s)", step, path, exc)
+                return pb.ExportReply(ranks=ranks, bytes=0, committed=True, path=str(path), world_size=world,
+                                      already_committed=True)
+            log.warning("export of step %d to %s failed: %s", step, path, exc)
+            self.store.metrics.durable_steps.labels("export_failed").inc()
+            _remove_if_empty(path)
+            raise RequestRejected(f"cannot export step {step} to {path}: {exc}") from None
+        missing = [] if committed else [r for r in range(world) if not (path / layout.sidecar_file(r)).exists()]
+        seconds = time.monotonic() - t0
+        self.store.metrics.durable_bytes.inc(nbytes)
+        self.store.metrics.durable_steps.labels("exported").inc()
+        log.info("export: wrote ranks %s of step %d to %s (%.1f MB in %.2f s); %s", ranks, step, path, nbytes / 1e6,
+                 seconds, "committed" if committed else f"waiting for ranks {missing} (their nodes export them)")
+        return pb.ExportReply(ranks=ranks, bytes=nbytes, committed=committed, path=str(path), world_size=world,
+                              missing_ranks=missing)
+
+
+def _export_directory(directory: str) -> Path:
+    """The target of an export: an absolute path to an existing directory, not a symlink."""
+    if not directory or not os.path.isabs(directory):
+        raise BadArgument(f"the export directory must be an absolute path, not {directory!r}")
+    try:
+        st = os.lstat(directory)
+    except OSError as exc:
+        raise RequestRejected(f"export directory {directory}: {exc.strerror}; create it first") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise RequestRejected(f"export directory {directory} is a symlink: give the directory it points to")
+    if not stat.S_ISDIR(st.st_mode):
+        raise RequestRejected(f"export directory {directory} is not a directory")
+    return Path(directory)
+
+
+def _remove_if_empty(path: Path) -> None:
+    """Remove a step directory an export created and left empty (nothing else is ever removed)."""
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+def _already_exported(path: Path, parts: list[tuple[int, str, int, bytes]]) -> int:
+    """The world size of the committed step at `path` when every local rank's sidecar there holds the very
+    manifest this node holds; 0 otherwise."""
+    world = 0
+    for rank, _, _, manifest_json in parts:
+        try:
+            record = RankRecord.from_bytes((path / layout.sidecar_file(rank)).read_bytes(), str(path))
+        except (OSError, ManifestError):
+            return 0
+        if record.manifest_json != manifest_json:
+            return 0
+        world = record.world_size
+    return world
 
 
 def _lock_directory(root: Path) -> int:
