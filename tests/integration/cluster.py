@@ -11,11 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from ftd.demo import results
 from ftd.demo.cluster import LocalNode, Reference, kill_tree, single_node, wait_protected
 from ftd.demo.cluster import make_nodes as _make_nodes
 from ftd.demo.procs import free_port, read_losses
+from ftd.manifest import Manifest
 from tests.bitexact import differing
 
 STEPS = 24
@@ -24,7 +26,7 @@ TOKEN = "test-cluster-token-5f2c9a"
 Node = LocalNode
 
 __all__ = ["STEPS", "TRAIN_ARGS", "TOKEN", "Node", "Reference", "assert_bit_exact", "free_port", "kill_tree",
-           "make_nodes", "node", "reference", "restores", "wait_protected"]
+           "make_nodes", "node", "reference", "restores", "sealed_globals", "wait_protected"]
 
 
 def make_nodes(tmp_path: Path, count: int, ec: str, host: str = "127.0.0.1", **env: str) -> list[LocalNode]:
@@ -64,3 +66,25 @@ def assert_bit_exact(node: LocalNode, reference: Reference, rank: int = 0) -> No
     assert not diverged, f"losses differ from step {diverged[0]}: {losses[diverged[0]]} vs {ref_losses[diverged[0]]}"
     params, ref_params = node.params(rank), reference.params(rank)
     assert not differing(params, ref_params), f"rank {rank}: {differing(params, ref_params)} differ"
+
+
+def sealed_globals(nodes: list[LocalNode], step: int) -> dict[str, torch.Tensor]:
+    """Every global tensor of `step` assembled from the sealed segments in the nodes' shared memory."""
+    out: dict[str, torch.Tensor] = {}
+    for node in nodes:
+        for path in node.shm.glob("ftd-*/rank-*/*.manifest.json"):
+            manifest = Manifest.from_json(path.read_bytes())
+            if manifest.step != step:
+                continue
+            data = path.with_name(path.name.replace(".manifest.json", ".seg")).read_bytes()
+            for e in manifest.entries:
+                p = e.placement
+                if p is None:
+                    continue
+                dtype = getattr(torch, e.dtype)
+                piece = torch.frombuffer(bytearray(data[e.offset:e.offset + e.nbytes]), dtype=torch.uint8)
+                piece = piece.view(dtype).reshape(p.box) if e.nbytes else torch.empty(p.box, dtype=dtype)
+                full = out.setdefault(p.fqn, torch.zeros(p.shape, dtype=dtype))
+                index = tuple(slice(o, o + b) for o, b in zip(p.offsets, p.box))
+                full[index] = piece
+    return out

@@ -20,10 +20,9 @@ import torch
 from ftd.demo import results
 from ftd.demo.cluster import LocalNode, Reference, RendezvousStore, all_losses
 from ftd.durable import layout, reader
-from ftd.manifest import Manifest
 
 from tests.bitexact import byte_view, differing
-from tests.integration.cluster import make_nodes
+from tests.integration.cluster import make_nodes, sealed_globals
 
 NODES, STEPS, EVERY, STOP = 3, 24, 8, 16
 CASES = {"ddp": [], "fsdp2": ["--fsdp"]}
@@ -34,28 +33,6 @@ def _agents(nodes: list[LocalNode], store: RendezvousStore, rdzv: str, args: lis
     agents = [node.agent(store.port, NODES, args, rdzv, max_restarts=0) for node in nodes]
     for agent in agents:
         assert agent.wait(150) == 0, "\n".join(n.log.read_text()[-2000:] for n in nodes)
-
-
-def sealed_globals(nodes: list[LocalNode], step: int) -> dict[str, torch.Tensor]:
-    """Every global tensor of `step` assembled from the sealed segments in the nodes' shared memory."""
-    out: dict[str, torch.Tensor] = {}
-    for node in nodes:
-        for path in node.shm.glob("ftd-*/rank-*/*.manifest.json"):
-            manifest = Manifest.from_json(path.read_bytes())
-            if manifest.step != step:
-                continue
-            data = path.with_name(path.name.replace(".manifest.json", ".seg")).read_bytes()
-            for e in manifest.entries:
-                p = e.placement
-                if p is None:
-                    continue
-                dtype = getattr(torch, e.dtype)
-                piece = torch.frombuffer(bytearray(data[e.offset:e.offset + e.nbytes]), dtype=torch.uint8)
-                piece = piece.view(dtype).reshape(p.box) if e.nbytes else torch.empty(p.box, dtype=dtype)
-                full = out.setdefault(p.fqn, torch.zeros(p.shape, dtype=dtype))
-                index = tuple(slice(o, o + b) for o, b in zip(p.offsets, p.box))
-                full[index] = piece
-    return out
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
