@@ -98,12 +98,14 @@ class AbortReply(_message.Message):
     def __init__(self) -> None: ...
 
 class ListRequest(_message.Message):
-    __slots__ = ("job", "rank")
+    __slots__ = ("job", "rank", "world_size")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+    world_size: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class ListReply(_message.Message):
     __slots__ = ("steps",)

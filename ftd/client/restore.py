@@ -149,7 +149,7 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
     if steps is not None:
         local = candidates = sorted(set(steps), reverse=True)
     else:
-        local = _list_held(client, rank, list_timeout, daemon_wait, failures)
+        local = _list_held(client, rank, list_timeout, daemon_wait, failures, world_size)
         candidates = agree_on_steps(local)
     partial: int | None = None
     for step in candidates:
@@ -236,14 +236,14 @@ def _open_checked(client: DaemonClient, job: str, rank: int, world_size: int, st
 
 
 def _list_held(client: DaemonClient, rank: int, timeout: float | None, daemon_wait: float,
-               failures: list[str]) -> list[int]:
+               failures: list[str], world_size: int = 0) -> list[int]:
     """This rank's held steps, waiting up to `daemon_wait` s for a daemon that is not up; [] when it never is."""
     t0 = time.monotonic()
     next_log = t0 + WAIT_LOG_EVERY_S
     waited = False
     while True:
         try:
-            held = client.list_steps(timeout=timeout)
+            held = client.list_steps(timeout=timeout, world_size=world_size)
             if waited:
                 log.info("rank %d: the daemon is up after %.0f s; restoring", rank, time.monotonic() - t0)
             return held

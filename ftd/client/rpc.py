@@ -149,10 +149,11 @@ class DaemonClient:
         self._rpc(self._stub.Abort, pb.AbortRequest(job=self.job, rank=self.rank, step=step, lease=lease,
                                                     reason=reason))
 
-    def list_steps(self, rank: int | None = None, timeout: float | None = None) -> list[int]:
-        """Sealed steps of a rank; waits (up to `timeout`) while the daemon rebuilds from its peers."""
-        reply = self._rpc(self._stub.List, pb.ListRequest(job=self.job, rank=self.rank if rank is None else rank),
-                          timeout)
+    def list_steps(self, rank: int | None = None, timeout: float | None = None, world_size: int = 0) -> list[int]:
+        """Sealed steps of a rank; waits (up to `timeout`) while the daemon rebuilds from its peers.
+        With `world_size`, durable steps of another world size are left out."""
+        reply = self._rpc(self._stub.List, pb.ListRequest(job=self.job, rank=self.rank if rank is None else rank,
+                                                          world_size=world_size), timeout)
         return list(reply.steps)
 
     def open(self, step: int, rank: int | None = None, timeout: float | None = None) -> pb.OpenReply:

@@ -200,9 +200,10 @@ class Persister:
 
     # ---- a recovery source ------------------------------------------------------------------
 
-    def steps(self, rank: int) -> list[int]:
-        """Committed steps (of any world size: the restore refuses another world's snapshot)."""
-        return reader.committed_steps(self.root)
+    def steps(self, rank: int, world_size: int = 0) -> list[int]:
+        """Committed steps that hold `rank`, of `world_size` ranks when it is given (another world reshards)."""
+        return [step for step, world in reader.committed_worlds(self.root).items()
+                if rank < world and (not world_size or world == world_size)]
 
     def fetch(self, job: str, rank: int, step: int) -> None:
         """Bring rank `rank`'s segment of durable step `step` into local memory, verified."""

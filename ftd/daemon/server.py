@@ -129,7 +129,8 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListReply:
         """Steps of the rank held here or by any other source (Open fetches the ones that are not here)."""
         deadline = self._deadline(context)
-        steps = self._call(context, lambda: self.recovery.steps(request.job, request.rank, deadline))
+        steps = self._call(context, lambda: self.recovery.steps(request.job, request.rank, deadline,
+                                                                request.world_size))
         return pb.ListReply(steps=steps)
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenReply:

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class DurableSource(Protocol):
     """The durable tier as a recovery source (ftd.daemon.persist.Persister)."""
 
-    def steps(self, rank: int) -> list[int]: ...
+    def steps(self, rank: int, world_size: int = 0) -> list[int]: ...
 
     def fetch(self, job: str, rank: int, step: int) -> None: ...
 
@@ -63,8 +63,8 @@ class RecoveryChain:
         if not self.redundancy.wait_ready(deadline - time.monotonic()):
             raise NotReady("this node is still rebuilding its snapshots from peers")
 
-    def steps(self, job: str, rank: int, deadline: float) -> list[int]:
-        """Every step of `rank` some source holds."""
+    def steps(self, job: str, rank: int, deadline: float, world_size: int = 0) -> list[int]:
+        """Every step of `rank` some source holds (durable ones of `world_size` only, when it is given)."""
         self._ready(deadline)
         local = self.store.list_steps(job, rank)
         if not self.redundancy.wait_for_peers(deadline - time.monotonic()):
@@ -72,7 +72,8 @@ class RecoveryChain:
         elsewhere = sorted(set(self.redundancy.steps(rank)) - set(local))
         if elsewhere:
             log.info("rank %d: steps %s here, %s on %s", rank, local, elsewhere, self.redundancy.name)
-        durable = sorted(set(self.durable.steps(rank)) - set(local) - set(elsewhere)) if self.durable else []
+        durable = (sorted(set(self.durable.steps(rank, world_size)) - set(local) - set(elsewhere))
+                   if self.durable else [])
         if durable:
             log.info("rank %d: steps %s in the durable tier", rank, durable)
         return sorted(set(local) | set(elsewhere) | set(durable))

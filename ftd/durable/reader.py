@@ -156,6 +156,19 @@ class DurableStep:
         return rec.manifest_json, data
 
 
+def committed_worlds(job_root: Path) -> dict[int, int]:
+    """Committed step -> the world size its marker names (unverified; a marker that does not parse is left out)."""
+    out = {}
+    for step in committed_steps(job_root):
+        try:
+            world = json.loads(_read(job_root / f"step-{step:012d}" / layout.COMMIT, 1 << 16)).get("world_size")
+        except (OSError, ValueError, AttributeError, DurableCorrupt):
+            continue
+        if type(world) is int and world > 0:
+            out[step] = world
+    return out
+
+
 def describe(job_root: Path) -> list[dict[str, object]]:
     """Committed steps for `ftd ls`: step, world size, bytes, commit time (unverified, read from the marker)."""
     out = []

@@ -4,7 +4,9 @@ The job persists every 8 steps and stops after step 16. Then every daemon is SIG
 node's memory wiped; the relaunched job (new daemons, new agents) resumes from durable step 16 and
 ends bit for bit like an uninterrupted run without ftd. A separate script with no ftd import loads
 step 16 with stock torch.distributed.checkpoint onto 2 ranks, and every global model and optimizer
-tensor equals, byte for byte, what the ranks had sealed in shared memory."""
+tensor equals, byte for byte, what the ranks had sealed in shared memory. In the FSDP2 case, 2 ranks
+with empty memory then restore the last durable step through ftd (resharded from 3 ranks) and hold
+exactly the sealed parameters."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from ftd.demo import results
-from ftd.demo.cluster import LocalNode, Reference, RendezvousStore, all_losses
+from ftd.demo.cluster import LocalNode, Reference, RendezvousStore, all_losses, single_node
 from ftd.durable import layout, reader
 
 from tests.bitexact import byte_view, differing
@@ -29,6 +31,13 @@ CASES = {"ddp": [], "fsdp2": ["--fsdp"]}
 SCRIPT = Path(__file__).with_name("dcp_load_durable.py")
 
 
+def _wait_committed(root: Path, step: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while step not in reader.committed_steps(root):
+        assert time.monotonic() < deadline, f"step {step} never became durable: {reader.committed_steps(root)}"
+        time.sleep(0.1)
+
+
 def _agents(nodes: list[LocalNode], store: RendezvousStore, rdzv: str, args: list[str]) -> None:
     agents = [node.agent(store.port, NODES, args, rdzv, max_restarts=0) for node in nodes]
     for agent in agents:
@@ -36,7 +45,7 @@ def _agents(nodes: list[LocalNode], store: RendezvousStore, rdzv: str, args: lis
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.timeout(180 + 150 + 60 + 150 + 120 + 60)  # the budgets below
+@pytest.mark.timeout(180 + 150 + 60 + 150 + 60 + 120 + 120 + 30 + 150)  # the budgets below
 def test_every_node_wiped_resumes_from_the_durable_tier_bit_exact(tmp_path: Path, case: str):
     flags = CASES[case]
     reference = Reference(tmp_path / "reference", NODES, ["--steps", str(STEPS), *flags]).start()
@@ -49,10 +58,7 @@ def test_every_node_wiped_resumes_from_the_durable_tier_bit_exact(tmp_path: Path
         for node in nodes:
             node.start_daemon()
         _agents(nodes, store, "first", ["--steps", str(STEPS), "--stop-at", str(STOP), *flags])
-        deadline = time.monotonic() + 60
-        while STOP not in reader.committed_steps(root):
-            assert time.monotonic() < deadline, f"step {STOP} never became durable: {reader.committed_steps(root)}"
-            time.sleep(0.1)
+        _wait_committed(root, STOP)
         assert reader.committed_steps(root) == [EVERY, STOP]
         assert all(node.status().durable_step == STOP for node in nodes)
         sealed = sealed_globals(nodes, STOP)
@@ -64,6 +70,9 @@ def test_every_node_wiped_resumes_from_the_durable_tier_bit_exact(tmp_path: Path
             node.start_daemon()
         _agents(nodes, store, "second", ["--steps", str(STEPS), *flags])
         restored = sum(node.metrics().value("ftd_durable_restores_total") for node in nodes)
+        if case == "fsdp2":  # the last step too, for the restore onto 2 ranks below
+            _wait_committed(root, STEPS)
+            final = sealed_globals(nodes, STEPS)
     finally:
         for node in nodes:
             node.close()
@@ -96,3 +105,25 @@ def test_every_node_wiped_resumes_from_the_durable_tier_bit_exact(tmp_path: Path
     for fqn, tensor in sealed.items():
         assert loaded[fqn].dtype == tensor.dtype and loaded[fqn].shape == tensor.shape, fqn
         assert torch.equal(byte_view(loaded[fqn]), byte_view(tensor)), f"{fqn} differs from the sealed bytes"
+
+    if case != "fsdp2":
+        return
+    # Onto another world size: 2 FSDP2 ranks (a fresh node, empty memory) restore the 3 ranks' last durable
+    # step, resharded through DCP's load planning; their shards side by side are the sealed bytes.
+    two = single_node(tmp_path / "two", "ectest", FTD_DURABLE_DIR=str(durable))
+    try:
+        two.start_daemon()
+        args = ["--steps", str(STEPS), "--stop-at", str(STEPS), *flags]  # restore, train nothing, save the shards
+        assert two.torchrun(2, args, max_restarts=0).wait(150) == 0, two.log.read_text()[-3000:]
+    finally:
+        two.close()
+    resharded = results.latest(two.results(), "done")
+    assert sorted(resharded) == [0, 1] and all(
+        r["restored_step"] == STEPS and r["restore_resharded"] and r["restore_source"] == "durable"
+        for r in resharded.values()), resharded
+    shards = [two.params(rank) for rank in range(2)]
+    assert shards[0].keys() == shards[1].keys() and shards[0]
+    for name in shards[0]:
+        full = torch.cat([shards[0][name], shards[1][name]]) if shards[0][name].dim() else shards[0][name]
+        assert full.shape == final[f"model.{name}"].shape, name
+        assert torch.equal(byte_view(full), byte_view(final[f"model.{name}"])), f"{name} differs after resharding"
