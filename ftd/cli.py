@@ -62,6 +62,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                       "writing": r.writing} for r in st.ranks],
            "node_index": st.node_index, "group": list(st.group), "ec": st.ec,
            "protected_step": st.protected_step, "rebuilding": st.rebuilding,
+           "durable_dir": st.durable_dir, "durable_step": st.durable_step,
            "peers": [{"node": p.node, "endpoint": p.endpoint, "up": p.up, "protected_step": p.protected_step,
                       "rebuilding": p.rebuilding, "ranks": list(p.ranks), "steps": list(p.steps),
                       "parity_chunks": p.parity_chunks, "seconds_since_heartbeat": round(p.seconds_since_heartbeat, 3)}
@@ -76,6 +77,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{'rank':>6}  {'sealed steps':<24} {'held MiB':>10}  writing")
     for r in doc["ranks"]:
         print(f"{r['rank']:>6}  {str(r['sealed_steps']):<24} {r['held_bytes'] / 2**20:>10.1f}  {r['writing']}")
+    if st.durable_dir:
+        newest = st.durable_step if st.durable_step >= 0 else "none yet"
+        print(f"durable tier {st.durable_dir}: newest committed step {newest}")
     if st.node_index >= 0:
         state = "rebuilding" if st.rebuilding else f"newest protected step {st.protected_step}"
         print(f"EC {st.ec}: node {st.node_index} in group {list(st.group)}, {state}")
