@@ -194,7 +194,11 @@ SETTINGS: tuple[Setting, ...] = (
             "sees: NFS, Lustre, or a local disk for one node); empty: no durable tier. The daemons write steps "
             "there from shared memory as checkpoints torch.distributed.checkpoint loads; restore() falls back to "
             "it", (DAEMON, CLIENT)),
-    Setting("durable_every", int, 100, "write every step that is a multiple of this to the durable tier", (DAEMON,)),
+    Setting("durable_every", int, 100, "write every step that is a multiple of this to the durable tier (0: no "
+            "step cadence)", (DAEMON,)),
+    Setting("durable_every_seconds", float, 0.0, "also write a step when this many seconds passed since the newest "
+            "durable commit (0: off): the first daemon to notice proposes a step a little ahead of the newest seal "
+            "in the durable directory and every daemon writes that step", (DAEMON,)),
     Setting("durable_keep", int, 2, "committed durable steps kept (older ones and unfinished ones are removed)",
             (DAEMON,)),
     Setting("durable_bandwidth", parse_size, 0, "most bytes per second this daemon writes to the durable tier "
@@ -282,6 +286,7 @@ class DaemonConfig:
     socket_dir_private: bool = False
     durable_dir: str = ""
     durable_every: int = 100
+    durable_every_seconds: float = 0.0
     durable_keep: int = 2
     durable_bandwidth: int = 0
 
@@ -292,9 +297,12 @@ class DaemonConfig:
         values["shm_dir"] = os.path.abspath(values["shm_dir"])  # trainers check segment paths against it
         if values["keep"] < 1:
             raise ConfigError(f"keep must be at least 1, got {values['keep']}")
-        if values["durable_every"] < 1 or values["durable_keep"] < 1:
-            raise ConfigError(f"durable_every and durable_keep must be at least 1, got {values['durable_every']} "
-                              f"and {values['durable_keep']}")
+        seconds = values["durable_every_seconds"]
+        if not math.isfinite(seconds) or seconds < 0 or values["durable_every"] < 0 or values["durable_keep"] < 1:
+            raise ConfigError(f"durable_every and durable_every_seconds must be >= 0 and durable_keep >= 1, got "
+                              f"{values['durable_every']}, {seconds} and {values['durable_keep']}")
+        if values["durable_dir"] and not values["durable_every"] and not seconds:
+            raise ConfigError("a durable tier needs a cadence: durable_every or durable_every_seconds")
         if values["durable_dir"]:
             values["durable_dir"] = os.path.abspath(values["durable_dir"])
         if values["peers_file"] and not values["peers"]:

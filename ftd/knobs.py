@@ -52,6 +52,11 @@ class Knobs:
     """Seconds between two passes of the protection loop."""
     peer_poll_interval: float = 0.1
     """Seconds between two looks at the peer inventories while waiting on peers."""
+    durable_lookahead_s: float = 2.0
+    """A time-cadence durable step is proposed this many seconds of steps ahead of the newest seal, so every
+    daemon sees the proposal before it seals the step (more on a filesystem that caches directory listings)."""
+    durable_proposal_retry_s: float = 60.0
+    """How long a proposed durable step may stay uncommitted before another one is proposed."""
     pause_copy_at_step: int = -1
     """Test hook: a rank pauses the copy of this step half-way for `pause_copy_seconds`."""
     pause_copy_seconds: float = 600.0

@@ -1,8 +1,8 @@
 """The daemon's durable tier: persisting cadence steps, and serving them back as a recovery source.
 
-`Persister` (thread `ftd-durable`) writes every step that is a multiple of `durable_every`, once
-every local rank has sealed it, from shared memory to `durable_dir` (ftd.durable.writer), and
-commits the step when every rank of the job is there. Nothing runs in the training processes.
+`Persister` (thread `ftd-durable`) writes every step that is a multiple of `durable_every` (and,
+with `durable_every_seconds`, each proposed step; see `_proposals`), once every local rank has
+sealed it, from shared memory to `durable_dir` (ftd.durable.writer), and commits the step when every rank of the job is there. Nothing runs in the training processes.
 A step is pinned (owner "durable") from its first seal until its files are written, so retention
 cannot evict it meanwhile; when a newer cadence step is complete before an older one was
 started, the older one is skipped (newest wins, like a checkpoint that cannot keep up). Writes
@@ -15,11 +15,15 @@ rank's segment of one back into local memory, verified, with source DURABLE.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import secrets
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
+from ftd import knobs
 from ftd.config import DaemonConfig
 from ftd.daemon.slots import Source
 from ftd.daemon.store import SegmentStore
@@ -43,7 +47,7 @@ class Persister:
     def __init__(self, config: DaemonConfig, store: SegmentStore, metrics: DaemonMetrics):
         self.config, self.store, self.metrics = config, store, metrics
         self.root = layout.job_dir(config.durable_dir, config.job)
-        self.tag = f"{config.node.replace('/', '_')}-{os.getpid()}"
+        self.tag = f"{config.node.replace('/', '_')}-{os.getpid()}-{secrets.token_hex(3)}"  # temp-file names
         self._lock = threading.Lock()
         self._wanted: set[int] = set()  # cadence steps some local rank sealed, not yet written (pinned)
         self._written: dict[int, tuple[int, float, float]] = {}  # step -> (world, sealed at, written at)
@@ -51,6 +55,9 @@ class Persister:
         self._wake, self._stop = threading.Event(), threading.Event()
         self._throttle = Throttle(config.durable_bandwidth, self._stop)
         self._thread: threading.Thread | None = None
+        self._seals: deque[tuple[int, float]] = deque(maxlen=64)  # (step, monotonic time) of recent seals
+        self._committed_at = time.time()  # of the newest durable step (the daemon's start until one is seen)
+        self._proposed, self._proposed_at = -1, -math.inf
 
     # ---- lifetime ---------------------------------------------------------------------------
 
@@ -59,10 +66,13 @@ class Persister:
         if self.root.is_symlink() or not self.root.is_dir():
             raise FtdError(f"durable directory {self.root} is not a directory")
         self._note_committed()
+        every = self.config.durable_every
         for step in self.store.complete_steps():
-            self.notify_sealed(-1, step)
-        log.info("durable tier at %s: every %d steps, keeping %d, %s; newest durable step %s", self.root,
-                 self.config.durable_every, self.config.durable_keep,
+            if every and step % every == 0:
+                self._want(step)
+        log.info("durable tier at %s: every %s steps, every %s s, keeping %d, %s; newest durable step %s",
+                 self.root, self.config.durable_every or "-", self.config.durable_every_seconds or "-",
+                 self.config.durable_keep,
                  f"at most {self.config.durable_bandwidth} B/s" if self.config.durable_bandwidth else "unthrottled",
                  self._durable if self._durable >= 0 else "none")
         self._thread = threading.Thread(target=self._run, name="ftd-durable", daemon=True)
@@ -80,7 +90,14 @@ class Persister:
 
     def notify_sealed(self, rank: int, step: int) -> None:
         """A local rank sealed `step`: pin it when it is a cadence step newer than the durable one."""
-        if step % self.config.durable_every or step <= self._durable:
+        self._seals.append((step, time.monotonic()))
+        every = self.config.durable_every
+        if every and step % every == 0:
+            self._want(step)
+
+    def _want(self, step: int) -> None:
+        """Pin `step` (sealed or still to come) until it is written."""
+        if step <= self._durable:
             return
         with self._lock:
             if step in self._wanted or step in self._written:
@@ -114,6 +131,8 @@ class Persister:
                 self.metrics.thread_errors.labels("ftd-durable").inc()
 
     def _pass(self) -> None:
+        if self.config.durable_every_seconds:
+            self._proposals()
         self._commit_written()
         complete = self.store.complete_steps()
         with self._lock:
@@ -133,6 +152,43 @@ class Persister:
                 pins = set(self._wanted)
             self.store.pin(pins, owner="durable")
         self._commit_written()
+
+    def _proposals(self) -> None:
+        """The time cadence, agreed through the durable directory itself.
+
+        Every daemon writes every open step: a step directory newer than the durable step without a
+        commit marker. When `durable_every_seconds` passed since the newest commit (and no proposal
+        of ours is pending), this daemon opens one: the step about `durable_lookahead_s` of steps
+        after the newest seal, by the recent step rate, so that every daemon sees it before sealing
+        it and pins it in time. A proposal no daemon can complete is replaced after
+        `durable_proposal_retry_s` and removed by the next commit's pruning.
+        """
+        for child in self.root.iterdir():
+            step = layout.step_of(child.name)
+            if step is not None and step > self._durable and not (child / layout.COMMIT).exists():
+                self._want(step)
+        now, hooks = time.time(), knobs.get()
+        if now - self._committed_at < self.config.durable_every_seconds:
+            return
+        if self._proposed > self._durable and now - self._proposed_at < hooks.durable_proposal_retry_s:
+            return  # ours is still on its way
+        newest = self.store.newest_sealed_step()
+        if newest is None:
+            return
+        step = newest + self._lookahead(hooks.durable_lookahead_s)
+        layout.step_dir(self.config.durable_dir, self.config.job, step).mkdir(exist_ok=True, mode=0o750)
+        self._proposed, self._proposed_at = step, now
+        log.info("durable tier: %.0f s since the last durable step; proposed step %d (newest seal %d)",
+                 now - self._committed_at, step, newest)
+        self._want(step)
+
+    def _lookahead(self, seconds: float) -> int:
+        """Steps sealed in about `seconds` at the recent rate (at least 2)."""
+        seals = list(self._seals)
+        if len(seals) < 2 or seals[-1][1] <= seals[0][1]:
+            return 2
+        rate = (seals[-1][0] - seals[0][0]) / (seals[-1][1] - seals[0][1])
+        return max(2, math.ceil(rate * seconds))
 
     def _write(self, step: int, parts: list[tuple[int, str, int, bytes]]) -> None:
         sealed_at = self.store.sealed_at(step) or time.time()
@@ -190,6 +246,7 @@ class Persister:
         committed = reader.committed_steps(self.root)
         if committed and committed[-1] > self._durable:
             self._durable = committed[-1]
+            self._committed_at = time.time()
             self.metrics.durable_step.set(self._durable)
             removed = writer.prune(self.root, self.config.durable_keep)
             if removed:

@@ -180,3 +180,50 @@ def test_a_step_of_another_world_size_is_resharded_through_dcp(tmp_path):
         assert torch.equal(torch.get_rng_state(), rng)
     finally:
         daemon.stop(grace=0.5)
+
+
+def test_the_seconds_cadence_is_agreed_through_the_directory(tmp_path):
+    """Two daemons (a rank each, world 2) with only a time cadence: a step one of them proposes is written by
+    both and commits, while training goes on."""
+    daemons = [Daemon(DaemonConfig.load(
+        environ={}, job=JOB, node=f"n{i}", socket=str(tmp_path / f"s{i}.sock"), shm_dir=str(tmp_path / f"shm{i}"),
+        memory_reserve="0", metrics_port=0, durable_dir=str(tmp_path / "durable"), durable_every=0,
+        durable_every_seconds=0.5)).start() for i in range(2)]
+    root = layout.job_dir(tmp_path / "durable", JOB)
+    model, opt = _model()
+    try:
+        snaps = [ftd.Snapshotter(model, opt, rank=r, world_size=2, job=JOB, socket=d.config.socket)
+                 for r, d in enumerate(daemons)]
+        step = 0
+        deadline = time.monotonic() + WAIT_S
+        while not reader.committed_steps(root):
+            assert time.monotonic() < deadline, "no time-cadence step was committed"
+            step += 1
+            _train(model, opt, step)
+            for s in snaps:
+                snap(s, step)
+            time.sleep(0.02)
+        committed = reader.committed_steps(root)[0]
+        assert 0 < committed <= step + 100
+        assert DurableStep.open(root, committed).index.world_size == 2
+        for r in range(2):
+            manifest_json, _ = DurableStep.open(root, committed).segment(r)
+            assert f'"rank":{r}'.encode() in manifest_json
+        for s in snaps:
+            s.close()
+    finally:
+        for d in daemons:
+            d.stop(grace=0.5)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"durable_every": 0}, "needs a cadence"),
+    ({"durable_every": -1}, "must be >= 0"),
+    ({"durable_every_seconds": float("nan")}, "must be >= 0"),
+    ({"durable_keep": 0}, "durable_keep >= 1"),
+])
+def test_durable_settings_are_checked(tmp_path, settings, message):
+    from ftd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        DaemonConfig.load(environ={}, job=JOB, durable_dir=str(tmp_path), **settings)
