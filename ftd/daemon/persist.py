@@ -50,6 +50,7 @@ class Persister:
         self.tag = f"{config.node.replace('/', '_')}-{os.getpid()}-{secrets.token_hex(3)}"  # temp-file names
         self._lock = threading.Lock()
         self._wanted: set[int] = set()  # cadence steps some local rank sealed, not yet written (pinned)
+        self._writing: int | None = None  # the step being written (pinned too)
         self._written: dict[int, tuple[int, float, float]] = {}  # step -> (world, sealed at, written at)
         self._durable = -1
         self._wake, self._stop = threading.Event(), threading.Event()
@@ -100,12 +101,17 @@ class Persister:
         if step <= self._durable:
             return
         with self._lock:
-            if step in self._wanted or step in self._written:
+            if step in self._wanted or step in self._written or step == self._writing:
                 return
             self._wanted.add(step)
-            pins = set(self._wanted)
-        self.store.pin(pins, owner="durable")
+        self._pin()
         self._wake.set()
+
+    def _pin(self) -> None:
+        """Pin (owner "durable") the wanted steps and the one being written: its segments are read until done."""
+        with self._lock:
+            pins = self._wanted | ({self._writing} if self._writing is not None else set())
+        self.store.pin(pins, owner="durable")
 
     @property
     def durable_step(self) -> int:
@@ -142,6 +148,7 @@ class Persister:
             step = max(ready)
             skipped = sorted(s for s in self._wanted if s < step)
             self._wanted -= set(skipped) | {step}
+            self._writing = step
         for old in skipped:
             log.info("durable tier: step %d skipped, step %d is complete first", old, step)
             self.metrics.durable_steps.labels("skipped").inc()
@@ -149,8 +156,8 @@ class Persister:
             self._write(step, complete[step])
         finally:
             with self._lock:
-                pins = set(self._wanted)
-            self.store.pin(pins, owner="durable")
+                self._writing = None
+            self._pin()
         self._commit_written()
 
     def _proposals(self) -> None:

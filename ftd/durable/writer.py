@@ -48,6 +48,8 @@ class Throttle:
     def __init__(self, bytes_per_s: float, stop: threading.Event | None = None):
         self.rate, self.stop = bytes_per_s, stop or threading.Event()
         self._t0, self._sent = time.monotonic(), 0
+        # pieces of about 50 ms at the rate, so the pace is smooth (64 KiB .. CHUNK_BYTES)
+        self.chunk = CHUNK_BYTES if bytes_per_s <= 0 else int(min(CHUNK_BYTES, max(64 << 10, bytes_per_s / 20)))
 
     def restart(self) -> None:
         self._t0, self._sent = time.monotonic(), 0
@@ -128,7 +130,7 @@ def _write_file(path: Path, src_fd: int, head: bytes, ranges: list[tuple[int, in
         for offset, nbytes in ranges:
             done = 0
             while done < nbytes:
-                sent = os.sendfile(out, src_fd, offset + done, min(CHUNK_BYTES, nbytes - done))
+                sent = os.sendfile(out, src_fd, offset + done, min(throttle.chunk, nbytes - done))
                 if sent <= 0:
                     raise DurableError(f"{path.name}: the segment ended {nbytes - done} bytes early")
                 done += sent

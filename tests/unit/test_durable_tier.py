@@ -227,3 +227,23 @@ def test_durable_settings_are_checked(tmp_path, settings, message):
 
     with pytest.raises(ConfigError, match=message):
         DaemonConfig.load(environ={}, job=JOB, durable_dir=str(tmp_path), **settings)
+
+
+def test_a_step_being_written_stays_pinned_while_newer_steps_seal(tmp_path):
+    """keep=1 and a slow disk: steps 3..6 seal (and step 4 is wanted) while step 2 is still being written; its
+    segment must not be evicted and reused under the writer, so the committed step verifies."""
+    daemon = _daemon(tmp_path, keep=1, durable_every=2, durable_bandwidth="4M", preallocate="0")
+    root = layout.job_dir(tmp_path / "durable", JOB)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(512, 2048)  # 4 MiB of parameters: about a second per durable step
+    try:
+        with snapshotter(daemon.config.socket, model, job=JOB) as s:
+            for step in range(1, 7):
+                with torch.no_grad():
+                    model.weight.add_(1.0)
+                snap(s, step)
+        _wait_durable(root, 2)
+        manifest_json, data = DurableStep.open(root, 2).segment(0)  # raises on any byte of another step
+        assert b'"step":2' in manifest_json and len(data) >= 4 << 20
+    finally:
+        daemon.stop(grace=0.5)
