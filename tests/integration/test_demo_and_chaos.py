@@ -16,7 +16,7 @@ DEMO_TIMEOUT_S = 600
 # The bounded chaos run's own budgets (reference run, each recovery, the finish) fail it with a table
 # that says what went wrong; pytest's timeout sits above their sum so it never cuts the run off first.
 CHAOS_KINDS = ("rank", "node", "daemon", "rank", "node")
-CHAOS = dict(kills=len(CHAOS_KINDS), nodes=3, ec="2+1", kinds=CHAOS_KINDS, seed=7, steps=300, min_wait=0.5,
+CHAOS = dict(kills=len(CHAOS_KINDS), nodes=3, ec="2+1", kinds=CHAOS_KINDS, seed=7, steps=200, min_wait=0.5,
              max_wait=2.0, recovery_timeout=120, finish_timeout=240, reference_timeout=300)
 CHAOS_BUDGET_S = ChaosOptions(**CHAOS).budget_s()
 
