@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from ftd.bench.common import MIB, log, machine_info, path_bytes
-from ftd.bench.methods import availability, ensure_process_group
+from ftd.bench.methods import availability, ensure_process_group, stop_dcp_process
 
 CONFIGS: dict[str, str] = {
     "none": "no checkpoints",
@@ -343,19 +343,6 @@ class RawIo(Config):
 
     def untimed_drain(self) -> dict[str, Any]:
         return {"write_s": self.seconds}
-
-
-def stop_dcp_process() -> None:
-    """Stop dcp's checkpoint background process (it would stay for the life of this process)."""
-    try:
-        from torch.distributed.checkpoint import _async_process_executor as ape
-
-        proc = getattr(ape, "_CHECKPOINT_PROCESS", None)
-        if proc is not None:
-            proc.__del__()
-            ape._CHECKPOINT_PROCESS = None
-    except Exception:  # noqa: BLE001 - best effort; it is a daemonic child and dies with us
-        pass
 
 
 def helper_cpu() -> dict[int, float]:

@@ -145,15 +145,8 @@ class Dcp(Method):
 
     def close(self) -> None:
         super().close()
-        if self.key == "dcp_async_process":  # stop dcp's checkpoint background process
-            try:
-                from torch.distributed.checkpoint import _async_process_executor as ape
-                proc = getattr(ape, "_CHECKPOINT_PROCESS", None)
-                if proc is not None:
-                    proc.__del__()
-                    ape._CHECKPOINT_PROCESS = None
-            except Exception:  # noqa: BLE001 - best effort; it is a daemonic child and dies with us
-                pass
+        if self.key == "dcp_async_process":
+            stop_dcp_process()
 
 
 class TorchSnapshot(Method):
@@ -252,3 +245,16 @@ def make_method(key: str, model: nn.Module, opt: torch.optim.Optimizer, ws_shm: 
     if key == "memcpy":
         return Memcpy(key, model, opt, base / key, device)
     raise ValueError(f"unknown method {key!r}; known: {', '.join(METHODS)}")
+
+
+def stop_dcp_process() -> None:
+    """Stop dcp's checkpoint background process (it would stay for the life of this process)."""
+    try:
+        from torch.distributed.checkpoint import _async_process_executor as ape
+
+        proc = getattr(ape, "_CHECKPOINT_PROCESS", None)
+        if proc is not None:
+            proc.__del__()
+            ape._CHECKPOINT_PROCESS = None
+    except Exception:  # noqa: BLE001 - best effort; it is a daemonic child and dies with us
+        pass

@@ -73,19 +73,26 @@ def _persist_steps(tmp_path: Path, steps: int, every: int = 2):
     return model, opt, root
 
 
-def test_a_fresh_daemon_restores_the_newest_durable_step_bit_for_bit(tmp_path):
-    model, opt, root = _persist_steps(tmp_path, 4)
-    assert reader.committed_steps(root) == [2, 4]
-    shutil.rmtree(tmp_path / "shm")  # every byte of memory is gone
+def _restore_with_memory_wiped(tmp_path: Path):
+    """Wipe the shm, start a fresh daemon on the same durable directory and restore a fresh model:
+    (restored step, the Snapshotter's stats, model, optimizer)."""
+    shutil.rmtree(tmp_path / "shm")
     daemon = _daemon(tmp_path, durable_every=2)
     try:
         fresh, fresh_opt = _model()
         with snapshotter(daemon.config.socket, fresh, fresh_opt, job=JOB) as s:
-            assert s.restore() == 4
-            assert s.stats.restore_source == "durable"
-        assert _bytes(fresh, fresh_opt) == _bytes(model, opt)
+            step = s.restore()
+        return step, s.stats, fresh, fresh_opt
     finally:
         daemon.stop(grace=0.5)
+
+
+def test_a_fresh_daemon_restores_the_newest_durable_step_bit_for_bit(tmp_path):
+    model, opt, root = _persist_steps(tmp_path, 4)
+    assert reader.committed_steps(root) == [2, 4]
+    step, stats, fresh, fresh_opt = _restore_with_memory_wiped(tmp_path)
+    assert step == 4 and stats.restore_source == "durable"
+    assert _bytes(fresh, fresh_opt) == _bytes(model, opt)
 
 
 def test_stock_dcp_reads_the_durable_step(tmp_path):
@@ -116,16 +123,8 @@ def test_a_corrupted_file_is_detected_and_the_previous_durable_step_is_used(tmp_
     st.write_bytes(bytes(data))
     with pytest.raises(DurableCorrupt, match="checksum mismatch"):
         DurableStep.open(root, 4).segment(0)
-    shutil.rmtree(tmp_path / "shm")
-    daemon = _daemon(tmp_path, durable_every=2)
-    try:
-        fresh, fresh_opt = _model()
-        with snapshotter(daemon.config.socket, fresh, fresh_opt, job=JOB) as s:
-            assert s.restore() == 2
-            assert s.stats.restore_source == "durable"
-            assert "4" in str(s.stats.restore_unusable) or 4 in s.stats.restore_unusable
-    finally:
-        daemon.stop(grace=0.5)
+    step, stats, _, _ = _restore_with_memory_wiped(tmp_path)
+    assert step == 2 and stats.restore_source == "durable" and 4 in stats.restore_unusable
 
 
 def test_an_unfinished_step_is_ignored_and_removed_once_a_newer_one_commits(tmp_path):
