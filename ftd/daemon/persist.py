@@ -30,7 +30,7 @@ from ftd.daemon.store import SegmentStore
 from ftd.durable import layout, reader, writer
 from ftd.durable.reader import DurableCorrupt, DurableStep
 from ftd.durable.writer import Throttle
-from ftd.errors import FtdError, NotFound
+from ftd.errors import ConfigError, FtdError, NotFound
 from ftd.metrics import DaemonMetrics
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,12 @@ class Persister:
     # ---- lifetime ---------------------------------------------------------------------------
 
     def start(self) -> Persister:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o750)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the durable directory {self.root}: {exc.strerror}") from None
         if self.root.is_symlink() or not self.root.is_dir():
-            raise FtdError(f"durable directory {self.root} is not a directory")
+            raise ConfigError(f"durable directory {self.root} is not a directory (or is a symlink)")
         self._note_committed()
         every = self.config.durable_every
         for step in self.store.complete_steps():

@@ -246,3 +246,14 @@ def test_a_step_being_written_stays_pinned_while_newer_steps_seal(tmp_path):
         assert b'"step":2' in manifest_json and len(data) >= 4 << 20
     finally:
         daemon.stop(grace=0.5)
+
+
+def test_an_unusable_durable_directory_is_a_clear_start_up_error(tmp_path):
+    from ftd.errors import ConfigError
+
+    (tmp_path / "file").write_text("")
+    config = DaemonConfig.load(environ={}, job=JOB, socket=str(tmp_path / "s.sock"), shm_dir=str(tmp_path / "shm"),
+                               memory_reserve="0", metrics_port=0, durable_dir=str(tmp_path / "file" / "sub"))
+    with pytest.raises(ConfigError, match="cannot create the durable directory .*Not a directory"):
+        Daemon(config).start()
+    assert not (tmp_path / "s.sock").exists()  # nothing left serving
