@@ -38,6 +38,7 @@ def test_ftd_demo_recovers_every_failure_bit_exact(tmp_path: Path):
     assert rows["daemon crash"]["segments_adopted"] > 0, rows["daemon crash"]
 
 
+@pytest.mark.long  # about two minutes on 2 cores: `python -m pytest -m long` (bench/chaos.py for 50 kills)
 @pytest.mark.timeout(int(CHAOS_BUDGET_S) + 60)
 def test_bounded_chaos_run_every_kind_recovers_bit_exact(tmp_path: Path):
     result = run_chaos(ChaosOptions(**CHAOS, workdir=tmp_path / "chaos"), say=print)
