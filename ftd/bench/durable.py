@@ -132,7 +132,8 @@ def raw_write(directory: Path, data: memoryview) -> float:
 
 
 def raw_sendfile(directory: Path, source: Path, nbytes: int) -> float:
-    """`raw_write`, the bytes coming from the file `source` (on /dev/shm) through os.sendfile, as ftd's writer does."""
+    """`raw_write`, the bytes coming from the file `source` (on /dev/shm) through os.sendfile (what ftd's
+    writer did before it wrote from a mapping of the segment)."""
     path = directory / f"raw-{uuid.uuid4().hex[:8]}.bin"
     src = os.open(source, os.O_RDONLY)
     try:
