@@ -202,7 +202,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("durable_keep", int, 2, "committed durable steps kept (older ones and unfinished ones are removed)",
             (DAEMON,)),
     Setting("durable_bandwidth", parse_size, 0, "most bytes per second this daemon writes to the durable tier "
-            "(0: no limit); the writer also runs at a lower CPU and I/O priority", (DAEMON,)),
+            "(0: no limit); the writer also runs at nice 10", (DAEMON,)),
     Setting("log_level", str, "INFO", "log level (DEBUG, INFO, WARNING, ERROR)", (DAEMON, CLIENT)),
     Setting("enabled", parse_bool, True, "take snapshots at all (0 turns the client into a no-op)", (CLIENT,)),
     Setting("rpc_timeout", float, 10.0, "seconds a call to the daemon may take", (CLIENT,)),
