@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -305,12 +306,26 @@ def wait_protected(nodes: list[LocalNode], step: int, timeout: float = 120, poll
 class RendezvousStore:
     """The c10d rendezvous store in a process of its own, off every simulated node."""
 
-    def __init__(self, timeout_s: int = 300):
-        self.port = free_port()
-        code = ("import torch.distributed as d, datetime, time; "
-                f"s = d.TCPStore('127.0.0.1', {self.port}, is_master=True, multi_tenant=True, "
-                f"wait_for_workers=False, timeout=datetime.timedelta(seconds={timeout_s})); time.sleep(1e9)")
-        self.proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    def __init__(self, timeout_s: int = 300, start_timeout: float = 60.0):
+        """Start the store and return once it accepts connections: a port picked free can be taken by
+        someone else before the store binds it (then the store exits, and another port is tried)."""
+        deadline = time.monotonic() + start_timeout
+        while True:
+            self.port = free_port()
+            code = ("import torch.distributed as d, datetime, time; "
+                    f"s = d.TCPStore('127.0.0.1', {self.port}, is_master=True, multi_tenant=True, "
+                    f"wait_for_workers=False, timeout=datetime.timedelta(seconds={timeout_s})); time.sleep(1e9)")
+            self.proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                                         stderr=subprocess.DEVNULL)
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                with socket.socket() as probe:
+                    listening = probe.connect_ex(("127.0.0.1", self.port)) == 0
+                time.sleep(0.05)
+                if listening and self.proc.poll() is None:  # ours, not another process's, that listens
+                    return
+            self.stop()
+            if time.monotonic() >= deadline:
+                raise FtdError(f"the rendezvous store did not start within {start_timeout:.0f} s")
 
     def stop(self) -> None:
         try:

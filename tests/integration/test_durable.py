@@ -48,15 +48,17 @@ def _agents(nodes: list[LocalNode], store: RendezvousStore, rdzv: str, args: lis
 @pytest.mark.timeout(180 + 150 + 60 + 150 + 60 + 120 + 120 + 30 + 150)  # the budgets below
 def test_every_node_wiped_resumes_from_the_durable_tier_bit_exact(tmp_path: Path, case: str):
     flags = CASES[case]
-    reference = Reference(tmp_path / "reference", NODES, ["--steps", str(STEPS), *flags]).start()
+    # Every port is bound before the next one is picked (a port picked free stays free only until bound).
+    store = RendezvousStore(timeout_s=120)
     durable = tmp_path / "durable"
     nodes = make_nodes(tmp_path / "cluster", NODES, "2+1", FTD_PEERS="", FTD_DURABLE_DIR=str(durable),
                        FTD_DURABLE_EVERY=str(EVERY), FTD_DURABLE_KEEP="10")
     root = layout.job_dir(durable, "ectest")
-    store = RendezvousStore(timeout_s=120)
+    reference = None
     try:
         for node in nodes:
             node.start_daemon()
+        reference = Reference(tmp_path / "reference", NODES, ["--steps", str(STEPS), *flags]).start()
         _agents(nodes, store, "first", ["--steps", str(STEPS), "--stop-at", str(STOP), *flags])
         _wait_committed(root, STOP)
         assert reader.committed_steps(root) == [EVERY, STOP]
@@ -73,6 +75,10 @@ def test_every_node_wiped_resumes_from_the_durable_tier_bit_exact(tmp_path: Path
         if case == "fsdp2":  # the last step too, for the restore onto 2 ranks below
             _wait_committed(root, STEPS)
             final = sealed_globals(nodes, STEPS)
+    except BaseException:
+        if reference is not None:
+            reference.kill()
+        raise
     finally:
         for node in nodes:
             node.close()
