@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, StorageMeta,
@@ -37,7 +37,7 @@ from ftd.client.restore import all_ranks_agree
 from ftd.client.segments import torch_dtype
 from ftd.durable import layout, reader
 from ftd.durable.reader import DurableCorrupt, DurableStep
-from ftd.manifest import Manifest, chunk_checksums
+from ftd.manifest import Entry, Manifest, chunk_checksums
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +88,9 @@ class DurableReader(StorageReader):
         if entry is None or entry.nbytes != piece.span[1] - piece.span[0]:
             raise DurableCorrupt(f"{fqn}: rank {piece.rank}'s manifest does not describe the piece at {list(offsets)}")
         path = self.step.path / layout.tensors_file(piece.rank)
-        with open(path, "rb") as f:
-            self.step.check_header(piece.rank, f)
-            f.seek(piece.span[0])
-            data = bytearray(entry.nbytes)
-            if f.readinto(data) != entry.nbytes:
-                raise DurableCorrupt(f"{path}: truncated in {fqn}")
-        if chunk_checksums(memoryview(data), writer.chunk_bytes) != entry.checksums:
-            raise DurableCorrupt(f"{path}: checksum mismatch in {fqn} at {list(offsets)}")
-        tensor = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-        return tensor.view(torch_dtype(entry.dtype)).reshape(entry.placement.box)  # type: ignore[union-attr]
+        tensor = _read_verified(path, piece.span[0], entry, writer.chunk_bytes,
+                                lambda f: self.step.check_header(piece.rank, f))
+        return tensor.reshape(entry.placement.box)  # type: ignore[union-attr]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         cache: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
@@ -185,19 +178,30 @@ def _raw_entries(opened: DurableStep, rank: int, manifest: Manifest) -> dict[str
     rec = opened.record(rank)
     out: dict[str, torch.Tensor] = {}
     entries = manifest.entry_map()
-    with open(opened.path / layout.raw_file(rank), "rb") as f:
-        for name, (begin, end) in rec.raw.items():
-            entry = entries.get(name)
-            if entry is None or entry.nbytes != end - begin:
-                raise DurableCorrupt(f"rank {rank}'s raw entry {name} does not match its manifest")
-            f.seek(begin)
-            data = bytearray(entry.nbytes)
-            if f.readinto(data) != entry.nbytes or chunk_checksums(memoryview(data),
-                                                                   manifest.chunk_bytes) != entry.checksums:
-                raise DurableCorrupt(f"rank {rank}'s raw entry {name} fails its checksum")
-            tensor = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-            out[name] = tensor.view(torch_dtype(entry.dtype)).reshape(entry.shape)
+    for name, (begin, end) in rec.raw.items():
+        entry = entries.get(name)
+        if entry is None or entry.nbytes != end - begin:
+            raise DurableCorrupt(f"rank {rank}'s raw entry {name} does not match its manifest")
+        out[name] = _read_verified(opened.path / layout.raw_file(rank), begin, entry,
+                                   manifest.chunk_bytes).reshape(entry.shape)
     return out
+
+
+def _read_verified(path: Path, begin: int, entry: Entry, chunk_bytes: int,
+                   check: Callable[[BinaryIO], None] | None = None) -> torch.Tensor:
+    """`entry`'s bytes at `begin` in `path` as a flat tensor of its dtype, checked against its chunk checksums
+    (and `check`, given the open file, first)."""
+    with open(path, "rb") as f:
+        if check is not None:
+            check(f)
+        f.seek(begin)
+        data = bytearray(entry.nbytes)
+        if f.readinto(data) != entry.nbytes:
+            raise DurableCorrupt(f"{path}: truncated in {entry.name}")
+    if chunk_checksums(memoryview(data), chunk_bytes) != entry.checksums:
+        raise DurableCorrupt(f"{path}: checksum mismatch in {entry.name}")
+    tensor = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    return tensor.view(torch_dtype(entry.dtype))
 
 
 def _load_tensors(opened: DurableStep, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:

@@ -114,7 +114,8 @@ def open_verified(client: DaemonClient, job: str, rank: int, world_size: int, st
         raise SnapshotCorrupt(f"manifest says rank {manifest.rank} step {manifest.step}", rank=rank, step=step)
     if manifest.world_size != world_size:
         raise SnapshotCorrupt(f"taken with world size {manifest.world_size}, this job runs {world_size} "
-                              "(resharding is not supported)", rank=rank, step=step)
+                              "(memory is restored at the same world size only; a durable step of another one is resharded "
+                              "when FTD_DURABLE_DIR is set)", rank=rank, step=step)
     manifest.validate(reply.capacity)
     layout = sharding.check(manifest, replicas)
     try:
