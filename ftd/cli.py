@@ -66,7 +66,11 @@ def cmd_status(args: argparse.Namespace) -> int:
            "peers": [{"node": p.node, "endpoint": p.endpoint, "up": p.up, "protected_step": p.protected_step,
                       "rebuilding": p.rebuilding, "ranks": list(p.ranks), "steps": list(p.steps),
                       "parity_chunks": p.parity_chunks, "seconds_since_heartbeat": round(p.seconds_since_heartbeat, 3)}
-                     for p in st.peers]}
+                     for p in st.peers],
+           "reshards": [{"rank": r.rank, "step": r.step, "old_world_size": r.old_world_size,
+                         "world_size": r.world_size, "bytes_local": r.bytes_local, "bytes_peers": r.bytes_peers,
+                         "bytes_decoded": r.bytes_decoded, "seconds": round(r.seconds, 3), "at": r.at}
+                        for r in st.reshards]}
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -77,6 +81,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"{'rank':>6}  {'sealed steps':<24} {'held MiB':>10}  writing")
     for r in doc["ranks"]:
         print(f"{r['rank']:>6}  {str(r['sealed_steps']):<24} {r['held_bytes'] / 2**20:>10.1f}  {r['writing']}")
+    for r in doc["reshards"]:
+        print(f"rank {r['rank']} resharded step {r['step']} from world {r['old_world_size']} onto "
+              f"{r['world_size']} in {r['seconds']:.2f} s: {r['bytes_local'] / 2**20:.1f} MiB from this node's "
+              f"memory, {r['bytes_peers'] / 2**20:.1f} MiB from peers ({r['bytes_decoded'] / 2**20:.1f} MiB decoded "
+              f"from a lost node's parity)")
     if st.durable_dir:
         newest = st.durable_step if st.durable_step >= 0 else "none yet"
         print(f"durable tier {st.durable_dir}: newest committed step {newest}")

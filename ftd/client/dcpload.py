@@ -29,6 +29,7 @@ from torch.futures import Future
 
 from ftd.client import jsonsafe, state
 from ftd.client.segments import torch_dtype
+from ftd.errors import FtdError
 from ftd.manifest import Manifest
 
 Box = tuple[int, ...]
@@ -160,10 +161,27 @@ def load_tensors(reader: PieceReader, model: torch.nn.Module, optimizer: torch.o
     if optimizer is not None:
         osd = get_optimizer_state_dict(model, optimizer)
         target["optim"] = {"state": osd["state"]}
-    dcp.load(target, storage_reader=reader, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(target, storage_reader=reader, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    except CheckpointException as exc:  # a BaseException: it must not get past the callers' `except Exception`
+        raise LoadFailed(_first_failure(exc)) from None
     set_model_state_dict(model, msd)
     if optimizer is not None and osd is not None:
         set_optimizer_state_dict(model, optimizer, osd)
+
+
+class LoadFailed(FtdError):
+    """DCP's load failed on some rank (the first rank's reason)."""
+
+
+def _first_failure(exc: BaseException) -> str:
+    failures = getattr(exc, "failures", None) or {}
+    for rank, wrapped in sorted(failures.items()):
+        inner = getattr(wrapped, "exc", wrapped)
+        return f"rank {rank}: {type(inner).__name__}: {inner}"
+    return str(exc)
 
 
 def apply_small_state(manifest: Manifest, raw: Callable[[str], torch.Tensor],

@@ -133,12 +133,14 @@ class LocalNode:
         self.trainers.append(proc)
         return proc
 
-    def agent(self, store_port: int, nnodes: int, train_args: list[str], rdzv_id: str = "ftd",
-              max_restarts: int = 100, program: list[str] | None = None) -> subprocess.Popen[bytes]:
+    def agent(self, store_port: int, nnodes: int | str, train_args: list[str], rdzv_id: str = "ftd",
+              max_restarts: int = 100, program: list[str] | None = None,
+              rdzv_conf: str = "") -> subprocess.Popen[bytes]:
         """A torchrun agent (elastic, c10d rendezvous on the external store) running one worker.
 
         The worker is the demo trainer (with this node's files), or `program` (e.g. [script.py])
-        with `train_args`, `--losses` and `--results` of this node.
+        with `train_args`, `--losses` and `--results` of this node. `nnodes` may be a range
+        ("3:4"); `rdzv_conf` adds rendezvous settings (e.g. "last_call_timeout=2").
         """
         if program is None:
             worker = ["-m", TRAIN_MODULE, *train_args, *self.file_args()]
@@ -146,7 +148,8 @@ class LocalNode:
             worker = [*program, *train_args, "--losses", str(self.losses), "--results", self.results_path]
         rendezvous = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{store_port}",
                       f"--rdzv-id={rdzv_id}",
-                      "--rdzv-conf=is_host=0,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=300",
+                      "--rdzv-conf=is_host=0,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=300"
+                      + (f",{rdzv_conf}" if rdzv_conf else ""),
                       "--monitor-interval=0.5"]
         proc = torchrun(worker, self.env, self.log, 1, max_restarts, rendezvous)
         self.trainers.append(proc)

@@ -68,13 +68,14 @@ def assert_bit_exact(node: LocalNode, reference: Reference, rank: int = 0) -> No
     assert not differing(params, ref_params), f"rank {rank}: {differing(params, ref_params)} differ"
 
 
-def sealed_globals(nodes: list[LocalNode], step: int) -> dict[str, torch.Tensor]:
-    """Every global tensor of `step` assembled from the sealed segments in the nodes' shared memory."""
+def sealed_globals(nodes: list[LocalNode], step: int, world_size: int = 0) -> dict[str, torch.Tensor]:
+    """Every global tensor of `step` (taken by a world of `world_size`, when given) assembled from the sealed
+    segments in the nodes' shared memory."""
     out: dict[str, torch.Tensor] = {}
     for node in nodes:
         for path in node.shm.glob("ftd-*/rank-*/*.manifest.json"):
             manifest = Manifest.from_json(path.read_bytes())
-            if manifest.step != step:
+            if manifest.step != step or (world_size and manifest.world_size != world_size):
                 continue
             data = path.with_name(path.name.replace(".manifest.json", ".seg")).read_bytes()
             for e in manifest.entries:

@@ -190,5 +190,6 @@ def test_source_values(source, wire, in_blob):
     assert Source(source.value) is source
 
 
-def test_source_wire_values_are_exactly_four():
-    assert [s.value for s in Source] == ["local", "rebuilt", "fetched", "durable"]
+def test_source_wire_values_are_exactly_five():
+    assert [s.value for s in Source] == ["local", "rebuilt", "fetched", "durable", "adopted"]
+    assert [s for s in Source if s.in_node_blob] == [Source.LOCAL, Source.REBUILT]
