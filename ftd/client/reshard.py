@@ -76,7 +76,9 @@ class DurableReader(StorageReader):
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         return plans
 
-    def _piece_tensor(self, fqn: str, offsets: tuple[int, ...]) -> torch.Tensor:
+    def piece(self, fqn: str, offsets: tuple[int, ...]) -> torch.Tensor:
+        """The piece of global tensor `fqn` whose corner is `offsets`, read and checked against its writer's
+        chunk checksums, shaped as its box; DurableCorrupt when it is missing or does not verify."""
         piece = self.step.index.find(fqn, offsets)
         if piece is None:
             raise DurableCorrupt(f"{fqn}: no piece at {list(offsets)}")
@@ -97,7 +99,7 @@ class DurableReader(StorageReader):
         for item in plan.items:
             key = (item.storage_index.fqn, tuple(item.storage_index.offset or ()))
             if key not in cache:
-                cache[key] = self._piece_tensor(*key)
+                cache[key] = self.piece(*key)
             source = cache[key]
             for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
                 source = source.narrow(dim, start, length)
