@@ -87,9 +87,14 @@ class Method:
         if self.name != "weighted":
             return
         if self.metric == "step":
+            if self.maximize:
+                raise ConfigError("maximize applies to a recorded metric, not to weighting by step")
             if self.penalty is None or not math.isfinite(self.penalty) or self.penalty < 0:
                 raise ConfigError(f"weighting by step needs a penalty >= 0 (w_i = exp(-penalty * (s_n - s_i))), "
                                   f"got {self.penalty}")
+        elif self.penalty is not None:
+            raise ConfigError(f"a penalty weights by step (metric 'step'); metric {self.metric!r} is weighted by "
+                              "its temperature")
         elif not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ConfigError(f"the temperature of metric weighting must be > 0, got {self.temperature}")
 

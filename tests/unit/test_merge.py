@@ -28,7 +28,7 @@ from ftd.durable import layout, reader
 from ftd.durable.reader import DurableCorrupt, DurableStep
 from ftd.errors import ConfigError, MergeError, SnapshotCorrupt
 from ftd.manifest import Manifest
-from ftd.merge import merge_steps, round_once
+from ftd.merge import Method, merge_steps, round_once, weights
 from tests.bitexact import byte_view
 from tests.unit.snapkit import snapshotter
 
@@ -296,6 +296,17 @@ def test_round_once_does_not_round_twice():
     assert _bytes(round_once(r, torch.float32)) == _rounded(r.numpy(), torch.float32)
 
 
+def test_weights_by_a_metric_to_maximize_and_non_finite_metrics():
+    recorded = [{"acc": 0.5}, {"acc": 0.75}, {"acc": 0.25}]
+    p, values = weights(Method("weighted", metric="acc", temperature=0.25, maximize=True), [1, 2, 3], recorded)
+    w = [math.exp(-1.0), 1.0, math.exp(-2.0)]
+    assert values == [0.5, 0.75, 0.25] and p == [x / math.fsum(w) for x in w]
+    with pytest.raises(MergeError, match="step 2 recorded loss = nan: cannot weight by it"):
+        weights(Method("weighted"), [1, 2], [{"loss": 1.0}, {"loss": math.nan}])
+    with pytest.raises(ConfigError, match="maximize applies to a recorded metric"):
+        weights(Method("weighted", metric="step", penalty=1.0, maximize=True), [1, 2], [{}, {}])
+
+
 def test_bad_requests_are_clear_errors(run, tmp_path):
     d, out = str(run.durable), tmp_path / "x.safetensors"
     with pytest.raises(MergeError, match=r"step\(s\) \[3\] are not in the durable directory .* holds \[2, 4, 6\]"):
@@ -308,6 +319,10 @@ def test_bad_requests_are_clear_errors(run, tmp_path):
         merge_steps(job=JOB, durable_dir=d, last=3, method="ema", decay=1.0, out=out)
     with pytest.raises(ConfigError, match="needs a penalty"):
         merge_steps(job=JOB, durable_dir=d, last=3, method="weighted", metric="step", out=out)
+    with pytest.raises(ConfigError, match="a penalty weights by step"):
+        merge_steps(job=JOB, durable_dir=d, last=3, method="weighted", metric="loss", penalty=0.1, out=out)
+    with pytest.raises(ConfigError, match="temperature of metric weighting must be > 0"):
+        merge_steps(job=JOB, durable_dir=d, last=3, method="weighted", temperature=0.0, out=out)
     with pytest.raises(ConfigError, match="not one of uniform, ema, weighted"):
         merge_steps(job=JOB, durable_dir=d, last=3, method="soup", out=out)
     with pytest.raises(ConfigError, match="either the steps"):
