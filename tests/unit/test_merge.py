@@ -385,8 +385,9 @@ def test_a_memory_step_that_changes_while_read_is_refused(run, tmp_path):
 
 def test_steps_holding_other_tensors_are_refused_and_world_sizes_may_differ(tmp_path):
     """Steps 2 (Linear 8->4), 4 (8->5), 6 (another name), and 8 and 10 of the model of 6 taken by a world of 2."""
-    daemon = _daemon(tmp_path, durable_every=2, durable_keep=5)
+    daemon = _daemon(tmp_path, durable_every=2, durable_keep=5, keep=4)
     root = layout.job_dir(tmp_path / "durable", JOB)
+    d = str(tmp_path / "durable")
     try:
         for step, width, name, world in ((2, 4, "fc", 1), (4, 5, "fc", 1), (6, 5, "proj", 1), (8, 5, "proj", 2),
                                          (10, 5, "proj", 2)):
@@ -400,9 +401,14 @@ def test_steps_holding_other_tensors_are_refused_and_world_sizes_may_differ(tmp_
             for s in snaps:
                 s.close()
             _wait_durable(root, step)
+        # two ranks of one node in memory: the same bytes as their durable copies
+        memory = merge_steps(job=JOB, socket=daemon.config.socket, steps=[8, 10], out=tmp_path / "m.safetensors")
+        merge_steps(job=JOB, durable_dir=d, steps=[8, 10], out=tmp_path / "d.safetensors")
+        assert memory.world_sizes == [2, 2]
+        assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "d.safetensors").read_bytes()
     finally:
         daemon.stop(grace=0.5)
-    d, out = str(tmp_path / "durable"), tmp_path / "w.safetensors"
+    out = tmp_path / "w.safetensors"
     with pytest.raises(MergeError, match=r"model.fc.bias: step 2 holds float32\[4\], step 4 float32\[5\]"):
         merge_steps(job=JOB, durable_dir=d, steps=[2, 4], out=out)
     with pytest.raises(MergeError, match=r"steps 4 and 6 hold different tensors: \['model.fc.bias'"):
