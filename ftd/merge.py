@@ -54,7 +54,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ftd.errors import ConfigError, FtdError, ManifestError, MergeError, NotFound, SnapshotCorrupt
+from ftd.errors import ConfigError, ManifestError, MergeError, NotFound, SnapshotCorrupt
 from ftd.manifest import Entry, Manifest, chunk_checksums
 
 log = logging.getLogger(__name__)
@@ -402,7 +402,7 @@ class MergeResult:
     include_optim: bool
     averaged: list[str] = field(default_factory=list)  # fqns averaged
     newest: list[str] = field(default_factory=list)  # fqns taken from the newest step (integer, bool, step counters)
-    skipped: list[str] = field(default_factory=list)  # fqns of other steps' kinds, left out (optimizer state by default)
+    skipped: list[str] = field(default_factory=list)  # fqns left out (the optimizer state, unless include_optim)
     bytes: int = 0
     outputs: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -411,8 +411,8 @@ class MergeResult:
         return {"format": SUMMARY_FORMAT, "job": self.job, "source": self.source, "where": self.where,
                 "steps": self.steps, "world_sizes": self.world_sizes, **self.method.to_json(),
                 "weights": self.weights, "metric_values": self.metric_values, "include_optim": self.include_optim,
-                "averaged": self.averaged, "newest": self.newest, "skipped": len(self.skipped), "bytes": self.bytes,
-                "outputs": self.outputs}
+                "averaged": len(self.averaged), "newest": self.newest, "skipped": len(self.skipped),
+                "bytes": self.bytes, "outputs": self.outputs}
 
 
 def _averaged(fqn: str, dtype: str) -> bool:
@@ -639,5 +639,5 @@ def describe(result: MergeResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["METHODS", "Method", "MergeResult", "MergeError", "FtdError", "merge", "merge_steps", "open_durable",
+__all__ = ["METHODS", "Method", "MergeResult", "MergeError", "merge", "merge_steps", "open_durable",
            "open_memory", "round_once", "select_steps", "weights"]

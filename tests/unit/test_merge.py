@@ -358,7 +358,8 @@ def test_a_tampered_durable_step_is_refused_and_nothing_is_left(run, tmp_path, v
     data[at] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(DurableCorrupt, match=message):
-        merge_steps(job=JOB, durable_dir=str(copy), steps=[2, 4, 6], out=[tmp_path / "soup", tmp_path / "w.safetensors"])
+        merge_steps(job=JOB, durable_dir=str(copy), steps=[2, 4, 6],
+                    out=[tmp_path / "soup", tmp_path / "w.safetensors"])
     assert [p.name for p in tmp_path.iterdir()] == ["durable"]  # no output, no temporary file
 
 
