@@ -512,9 +512,11 @@ def merge(sources: Sequence[StepSource], method: Method, out: str | os.PathLike[
                 o.tmp = o.path.with_name(f".{o.path.name}.merge-{os.getpid()}.tmp")
                 shutil.rmtree(o.tmp, ignore_errors=True)
                 o.tmp.mkdir()
-                o.file = open(o.tmp / DCP_FILE, "wb")  # noqa: SIM115 - closed in finally
+                o.file = open(o.tmp / DCP_FILE, "xb")  # noqa: SIM115 - closed below, on success and failure
             else:
                 o.tmp = o.path.with_name(f".{o.path.name}.merge-{os.getpid()}.tmp")
+                if os.path.lexists(o.tmp):  # left by a merge of an earlier process with this pid
+                    o.tmp.unlink()
                 o.file = open(o.tmp, "xb")  # noqa: SIM115
             o.file.write(head)
         done, last_log = 0, time.monotonic()
@@ -551,7 +553,7 @@ def merge(sources: Sequence[StepSource], method: Method, out: str | os.PathLike[
             else:
                 os.replace(o.tmp, o.path)
                 o.summary_path.write_bytes(summary_bytes)
-    except BaseException:
+    except BaseException as exc:
         for o in outs:
             if o.file is not None:
                 o.file.close()
@@ -560,6 +562,8 @@ def merge(sources: Sequence[StepSource], method: Method, out: str | os.PathLike[
                     shutil.rmtree(o.tmp, ignore_errors=True)
                 else:
                     o.tmp.unlink()
+        if isinstance(exc, OSError):  # a source file gone, a full or read-only target
+            raise MergeError(f"{exc.filename or 'merge'}: {exc.strerror or exc}") from exc
         raise
     return result
 

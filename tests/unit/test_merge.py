@@ -363,6 +363,17 @@ def test_a_tampered_durable_step_is_refused_and_nothing_is_left(run, tmp_path, v
     assert [p.name for p in tmp_path.iterdir()] == ["durable"]  # no output, no temporary file
 
 
+def test_a_durable_file_gone_or_an_unwritable_target_is_a_merge_error(run, tmp_path):
+    copy = tmp_path / "durable"
+    shutil.copytree(run.durable, copy)
+    (layout.step_dir(copy, JOB, 6) / layout.tensors_file(0)).unlink()
+    with pytest.raises(MergeError, match=r"rank-00000.safetensors: No such file"):
+        merge_steps(job=JOB, durable_dir=str(copy), steps=[4, 6], out=tmp_path / "w.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["durable"]
+    with pytest.raises(MergeError, match="is not a directory"):
+        merge_steps(job=JOB, durable_dir=str(run.durable), steps=[4], out=tmp_path / "none" / "w.safetensors")
+
+
 def test_a_memory_step_that_changes_while_read_is_refused(run, tmp_path):
     import os
 
