@@ -198,15 +198,11 @@ class _Piece:
 
 def _assemble(fqn: str, dtype: str, shape: tuple[int, ...], pieces: list[_Piece], where: str) -> torch.Tensor:
     """The global tensor from its pieces (checked to lie inside it and to tile it exactly)."""
+    from ftd.client.dcpload import tiles
     from ftd.client.segments import torch_dtype
-    from ftd.durable.layout import Piece
-    from ftd.durable.writer import pieces_overlap
 
-    numel = math.prod(shape)
-    bad = [p for p in pieces if len(p.offsets) != len(shape) or len(p.box) != len(shape)
-           or any(o + b > s for o, b, s in zip(p.offsets, p.box, shape))]
-    if (bad or sum(math.prod(p.box) for p in pieces) != numel
-            or pieces_overlap([Piece(p.offsets, p.box, 0, (0, 0)) for p in pieces])):
+    if (any(len(p.offsets) != len(shape) or len(p.box) != len(shape) for p in pieces)
+            or not tiles([(p.offsets, p.box) for p in pieces], shape)):
         raise SnapshotCorrupt(f"{where}: the pieces of {fqn} do not tile its shape {list(shape)}")
     if len(pieces) == 1:
         return pieces[0].read().reshape(shape)
@@ -243,8 +239,13 @@ class DurableSource:
 
     def read(self, fqn: str) -> torch.Tensor:
         dtype, shape, pieces = self.opened.index.globals[fqn]
-        return _assemble(fqn, dtype, shape, [_Piece(p.offsets, p.box, lambda p=p: self._reader.piece(fqn, p.offsets))
+        return _assemble(fqn, dtype, shape, [_Piece(p.offsets, p.box, lambda p=p: self._piece(fqn, p.offsets, p.box))
                                              for p in pieces], f"durable step {self.step}")
+
+    def _piece(self, fqn: str, offsets: tuple[int, ...], box: tuple[int, ...]) -> torch.Tensor:
+        """A whole piece, read and checked against its writer's chunk checksums (DurableReader)."""
+        flat, start = self._reader.read_elements(fqn, offsets, 0, math.prod(box))
+        return flat[start:start + math.prod(box)]
 
     def close(self) -> None:
         pass

@@ -97,6 +97,17 @@ class DaemonMetrics:
         self.rebuilt_step.set(-1)
         self.checksum_failures = Counter("ftd_checksum_failures", "Pieces that failed their checksum",
                                          ["kind"], registry=r)
+        self.adoptions = Counter("ftd_adoptions", "Lost group members' steps decoded here for a job that went on "
+                                 "without them, by outcome: adopted, failed", ["outcome"], registry=r)
+        self.adopted_bytes = Counter("ftd_adopted_bytes", "Bytes of lost members' rank data decoded here",
+                                     registry=r)
+        self.reshards = Counter("ftd_reshards", "Restores of this node's ranks onto another world size from memory",
+                                registry=r)
+        self.reshard_bytes = Counter("ftd_reshard_bytes", "Bytes the ranks read to reshard, by where they were: "
+                                     "local (this node's memory), peers (read from another node), decoded (of "
+                                     "those, a lost node's data decoded by a survivor)", ["source"], registry=r)
+        self.reshard_seconds = Histogram("ftd_reshard_seconds", "Duration of a rank's reshard from memory",
+                                         buckets=_SECONDS_BUCKETS, registry=r)
         self.durable_step = Gauge("ftd_durable_step", "Newest step committed to the durable tier (-1: none)",
                                   registry=r)
         self.durable_step.set(-1)

@@ -114,14 +114,16 @@ class ListReply(_message.Message):
     def __init__(self, steps: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("job", "rank", "step")
+    __slots__ = ("job", "rank", "step", "world_size")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     step: int
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    world_size: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class OpenReply(_message.Message):
     __slots__ = ("path", "capacity", "manifest_json", "source")
@@ -136,24 +138,100 @@ class OpenReply(_message.Message):
     def __init__(self, path: _Optional[str] = ..., capacity: _Optional[int] = ..., manifest_json: _Optional[bytes] = ..., source: _Optional[str] = ...) -> None: ...
 
 class RecoveredRequest(_message.Message):
-    __slots__ = ("job", "rank", "step", "seconds", "bytes", "source")
+    __slots__ = ("job", "rank", "step", "seconds", "bytes", "source", "old_world_size", "world_size", "bytes_local", "bytes_peers", "bytes_decoded")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    OLD_WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_LOCAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PEERS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DECODED_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     step: int
     seconds: float
     bytes: int
     source: str
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    old_world_size: int
+    world_size: int
+    bytes_local: int
+    bytes_peers: int
+    bytes_decoded: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., source: _Optional[str] = ..., old_world_size: _Optional[int] = ..., world_size: _Optional[int] = ..., bytes_local: _Optional[int] = ..., bytes_peers: _Optional[int] = ..., bytes_decoded: _Optional[int] = ...) -> None: ...
 
 class RecoveredReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class WorldsRequest(_message.Message):
+    __slots__ = ("job", "world_size", "decode")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    world_size: int
+    decode: bool
+    def __init__(self, job: _Optional[str] = ..., world_size: _Optional[int] = ..., decode: _Optional[bool] = ...) -> None: ...
+
+class OldRank(_message.Message):
+    __slots__ = ("rank", "node", "source", "manifest_json")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    node: int
+    source: str
+    manifest_json: bytes
+    def __init__(self, rank: _Optional[int] = ..., node: _Optional[int] = ..., source: _Optional[str] = ..., manifest_json: _Optional[bytes] = ...) -> None: ...
+
+class WorldStep(_message.Message):
+    __slots__ = ("step", "world_size", "ranks")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    world_size: int
+    ranks: _containers.RepeatedCompositeFieldContainer[OldRank]
+    def __init__(self, step: _Optional[int] = ..., world_size: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[OldRank, _Mapping]]] = ...) -> None: ...
+
+class WorldsReply(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[WorldStep]
+    def __init__(self, steps: _Optional[_Iterable[_Union[WorldStep, _Mapping]]] = ...) -> None: ...
+
+class ByteRange(_message.Message):
+    __slots__ = ("offset", "length")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    length: int
+    def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class ReadRangesRequest(_message.Message):
+    __slots__ = ("job", "rank", "step", "node", "ranges")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    step: int
+    node: int
+    ranges: _containers.RepeatedCompositeFieldContainer[ByteRange]
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., node: _Optional[int] = ..., ranges: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ...) -> None: ...
+
+class ReadRangesReply(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class DiscardRequest(_message.Message):
     __slots__ = ("job", "rank", "above_step")
@@ -210,7 +288,7 @@ class PeerStatus(_message.Message):
     def __init__(self, node: _Optional[int] = ..., endpoint: _Optional[str] = ..., up: _Optional[bool] = ..., protected_step: _Optional[int] = ..., rebuilding: _Optional[bool] = ..., ranks: _Optional[_Iterable[int]] = ..., steps: _Optional[_Iterable[int]] = ..., parity_chunks: _Optional[int] = ..., seconds_since_heartbeat: _Optional[float] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("job", "node", "shm_dir", "held_bytes", "budget_bytes", "available_bytes", "ranks", "version", "node_index", "group", "ec", "protected_step", "rebuilding", "peers", "durable_dir", "durable_step")
+    __slots__ = ("job", "node", "shm_dir", "held_bytes", "budget_bytes", "available_bytes", "ranks", "version", "node_index", "group", "ec", "protected_step", "rebuilding", "peers", "durable_dir", "durable_step", "reshards")
     JOB_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SHM_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +305,7 @@ class StatusReply(_message.Message):
     PEERS_FIELD_NUMBER: _ClassVar[int]
     DURABLE_DIR_FIELD_NUMBER: _ClassVar[int]
     DURABLE_STEP_FIELD_NUMBER: _ClassVar[int]
+    RESHARDS_FIELD_NUMBER: _ClassVar[int]
     job: str
     node: str
     shm_dir: str
@@ -243,7 +322,30 @@ class StatusReply(_message.Message):
     peers: _containers.RepeatedCompositeFieldContainer[PeerStatus]
     durable_dir: str
     durable_step: int
-    def __init__(self, job: _Optional[str] = ..., node: _Optional[str] = ..., shm_dir: _Optional[str] = ..., held_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., version: _Optional[str] = ..., node_index: _Optional[int] = ..., group: _Optional[_Iterable[int]] = ..., ec: _Optional[str] = ..., protected_step: _Optional[int] = ..., rebuilding: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., durable_dir: _Optional[str] = ..., durable_step: _Optional[int] = ...) -> None: ...
+    reshards: _containers.RepeatedCompositeFieldContainer[ReshardReport]
+    def __init__(self, job: _Optional[str] = ..., node: _Optional[str] = ..., shm_dir: _Optional[str] = ..., held_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., version: _Optional[str] = ..., node_index: _Optional[int] = ..., group: _Optional[_Iterable[int]] = ..., ec: _Optional[str] = ..., protected_step: _Optional[int] = ..., rebuilding: _Optional[bool] = ..., peers: _Optional[_Iterable[_Union[PeerStatus, _Mapping]]] = ..., durable_dir: _Optional[str] = ..., durable_step: _Optional[int] = ..., reshards: _Optional[_Iterable[_Union[ReshardReport, _Mapping]]] = ...) -> None: ...
+
+class ReshardReport(_message.Message):
+    __slots__ = ("rank", "step", "old_world_size", "world_size", "bytes_local", "bytes_peers", "bytes_decoded", "seconds", "at")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    OLD_WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_LOCAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PEERS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DECODED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    step: int
+    old_world_size: int
+    world_size: int
+    bytes_local: int
+    bytes_peers: int
+    bytes_decoded: int
+    seconds: float
+    at: float
+    def __init__(self, rank: _Optional[int] = ..., step: _Optional[int] = ..., old_world_size: _Optional[int] = ..., world_size: _Optional[int] = ..., bytes_local: _Optional[int] = ..., bytes_peers: _Optional[int] = ..., bytes_decoded: _Optional[int] = ..., seconds: _Optional[float] = ..., at: _Optional[float] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
     __slots__ = ("job", "step", "dir")

@@ -85,6 +85,16 @@ class SnapshotStub:
                 request_serializer=ftd_dot_v1_dot_snapshot__pb2.ExportRequest.SerializeToString,
                 response_deserializer=ftd_dot_v1_dot_snapshot__pb2.ExportReply.FromString,
                 _registered_method=True)
+        self.Worlds = channel.unary_unary(
+                '/ftd.v1.Snapshot/Worlds',
+                request_serializer=ftd_dot_v1_dot_snapshot__pb2.WorldsRequest.SerializeToString,
+                response_deserializer=ftd_dot_v1_dot_snapshot__pb2.WorldsReply.FromString,
+                _registered_method=True)
+        self.ReadRanges = channel.unary_unary(
+                '/ftd.v1.Snapshot/ReadRanges',
+                request_serializer=ftd_dot_v1_dot_snapshot__pb2.ReadRangesRequest.SerializeToString,
+                response_deserializer=ftd_dot_v1_dot_snapshot__pb2.ReadRangesReply.FromString,
+                _registered_method=True)
 
 
 class SnapshotServicer:
@@ -161,6 +171,25 @@ class SnapshotServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Worlds(self, request, context):
+        """The steps of another world size the job's nodes hold whole (every old rank's segment somewhere
+        live), newest first, with each old rank's holder and manifest: what a rank of a re-formed job
+        reshards from. With `decode`, a lost group member's data is decoded by a survivor when that
+        makes a newer step whole.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadRanges(self, request, context):
+        """Byte ranges of an old rank's sealed segment held by a peer node, read over the bulk plane. The
+        one call whose reply carries snapshot bytes (bounded per call; the rank verifies them against
+        the manifest's checksums): a reshard reads only the ranges it needs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SnapshotServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +242,16 @@ def add_SnapshotServicer_to_server(servicer, server):
                     servicer.Export,
                     request_deserializer=ftd_dot_v1_dot_snapshot__pb2.ExportRequest.FromString,
                     response_serializer=ftd_dot_v1_dot_snapshot__pb2.ExportReply.SerializeToString,
+            ),
+            'Worlds': grpc.unary_unary_rpc_method_handler(
+                    servicer.Worlds,
+                    request_deserializer=ftd_dot_v1_dot_snapshot__pb2.WorldsRequest.FromString,
+                    response_serializer=ftd_dot_v1_dot_snapshot__pb2.WorldsReply.SerializeToString,
+            ),
+            'ReadRanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadRanges,
+                    request_deserializer=ftd_dot_v1_dot_snapshot__pb2.ReadRangesRequest.FromString,
+                    response_serializer=ftd_dot_v1_dot_snapshot__pb2.ReadRangesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -485,6 +524,60 @@ class Snapshot:
             '/ftd.v1.Snapshot/Export',
             ftd_dot_v1_dot_snapshot__pb2.ExportRequest.SerializeToString,
             ftd_dot_v1_dot_snapshot__pb2.ExportReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Worlds(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftd.v1.Snapshot/Worlds',
+            ftd_dot_v1_dot_snapshot__pb2.WorldsRequest.SerializeToString,
+            ftd_dot_v1_dot_snapshot__pb2.WorldsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadRanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ftd.v1.Snapshot/ReadRanges',
+            ftd_dot_v1_dot_snapshot__pb2.ReadRangesRequest.SerializeToString,
+            ftd_dot_v1_dot_snapshot__pb2.ReadRangesReply.FromString,
             options,
             channel_credentials,
             insecure,

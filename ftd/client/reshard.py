@@ -26,13 +26,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, StorageMeta,
-                                                   TensorProperties, TensorStorageMetadata)
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
-from torch.distributed.checkpoint.storage import StorageReader
-from torch.futures import Future
 
-from ftd.client import jsonsafe, state
+from ftd.client import dcpload, jsonsafe, state
+from ftd.client.dcpload import PieceReader, ReshardExtra
 from ftd.client.restore import all_ranks_agree
 from ftd.client.segments import torch_dtype
 from ftd.durable import layout, reader
@@ -41,44 +37,20 @@ from ftd.manifest import Entry, Manifest, chunk_checksums
 
 log = logging.getLogger(__name__)
 
-ReshardExtra = Callable[[list[dict[str, Any]]], dict[str, Any]]
+__all__ = ["DurableReader", "ReshardExtra", "newest_other_world", "restore"]
 
 
-class DurableReader(StorageReader):
+class DurableReader(PieceReader):
     """A DCP StorageReader over a verified durable step: metadata from ftd's index, pieces checksum-verified."""
 
     def __init__(self, step: DurableStep):
-        super().__init__()
+        super().__init__({fqn: (dtype, shape, [(p.offsets, p.box) for p in pieces])
+                          for fqn, (dtype, shape, pieces) in step.index.globals.items()})
         self.step = step
         self._manifests: dict[int, Manifest] = {}
 
-    def reset(self, checkpoint_id: Any = None) -> None:
-        pass
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
-        return False
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        md: dict[str, Any] = {}
-        for fqn, (dtype, shape, pieces) in self.step.index.globals.items():
-            md[fqn] = TensorStorageMetadata(TensorProperties(dtype=torch_dtype(dtype)), torch.Size(shape),
-                                            [ChunkStorageMetadata(torch.Size(p.offsets), torch.Size(p.box))
-                                             for p in pieces])
-        return Metadata(state_dict_metadata=md, storage_meta=StorageMeta())
-
-    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
-
-    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
-
-    def piece(self, fqn: str, offsets: tuple[int, ...]) -> torch.Tensor:
-        """The piece of global tensor `fqn` whose corner is `offsets`, read and checked against its writer's
-        chunk checksums, shaped as its box; DurableCorrupt when it is missing or does not verify."""
+    def read_elements(self, fqn: str, offsets: tuple[int, ...], first: int, end: int) -> tuple[torch.Tensor, int]:
+        """The whole piece (a durable piece is verified as a whole)."""
         piece = self.step.index.find(fqn, offsets)
         if piece is None:
             raise DurableCorrupt(f"{fqn}: no piece at {list(offsets)}")
@@ -92,23 +64,8 @@ class DurableReader(StorageReader):
         path = self.step.path / layout.tensors_file(piece.rank)
         tensor = _read_verified(path, piece.span[0], entry, writer.chunk_bytes,
                                 lambda f: self.step.check_header(piece.rank, f))
-        return tensor.reshape(entry.placement.box)  # type: ignore[union-attr]
-
-    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        cache: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
-        for item in plan.items:
-            key = (item.storage_index.fqn, tuple(item.storage_index.offset or ()))
-            if key not in cache:
-                cache[key] = self.piece(*key)
-            source = cache[key]
-            for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths)):
-                source = source.narrow(dim, start, length)
-            target = planner.resolve_tensor(item).detach()
-            target.copy_(source)
-            planner.commit_tensor(item, target)
-        future: Future[None] = Future()
-        future.set_result(None)
-        return future
+        self.bytes_read += entry.nbytes
+        return tensor, 0
 
 
 def newest_other_world(durable_dir: str, job: str, world_size: int) -> DurableStep | None:
@@ -147,9 +104,12 @@ def restore(durable_dir: str, job: str, rank: int, world_size: int, model: torch
         return 0, time.perf_counter() - t0, None
     decoded = None
     try:
-        _load_tensors(opened, model, optimizer)
-        decoded = _apply_small_state(manifest, raw, optimizer, scheduler, extra, restore_rng, opened, old_world,
-                                     reshard_extra)
+        reader = DurableReader(opened)
+        dcpload.check_target(reader.globals, model, optimizer)
+        dcpload.load_tensors(reader, model, optimizer)
+        hook = (lambda: reshard_extra(_old_extras(opened, old_world))) if reshard_extra is not None else None
+        decoded = dcpload.apply_small_state(manifest, lambda name: raw[name].clone(), optimizer, scheduler, extra,
+                                            restore_rng, hook)
         ok = True
     except Exception as exc:  # noqa: BLE001
         log.error("rank %d: resharding durable step %d failed: %s: %s", rank, step, type(exc).__name__, exc)
@@ -206,48 +166,11 @@ def _read_verified(path: Path, begin: int, entry: Entry, chunk_bytes: int,
     return tensor.view(torch_dtype(entry.dtype))
 
 
-def _load_tensors(opened: DurableStep, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
-
-    msd = get_model_state_dict(model)
-    target: dict[str, Any] = {"model": msd}
-    osd = None
-    if optimizer is not None:
-        osd = get_optimizer_state_dict(model, optimizer)
-        target["optim"] = {"state": osd["state"]}
-    dcp.load(target, storage_reader=DurableReader(opened), planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
-    set_model_state_dict(model, msd)
-    if optimizer is not None and osd is not None:
-        set_optimizer_state_dict(model, optimizer, osd)
-
-
-def _apply_small_state(manifest: Manifest, raw: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None,
-                       scheduler: Any | None, extra: state.Extra, restore_rng: bool, opened: DurableStep,
-                       old_world: int, reshard_extra: ReshardExtra | None) -> dict[str, Any] | None:
-    meta = manifest.meta
-
-    def source(name: str) -> torch.Tensor:
-        return raw[name].clone()
-
-    if optimizer is not None and "optim" in meta:
-        groups = jsonsafe.decode(meta["optim"]["param_groups"], source)
-        for group, saved in zip(optimizer.param_groups, groups):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-    if scheduler is not None and "scheduler" in meta:
-        scheduler.load_state_dict(jsonsafe.decode(meta["scheduler"], source))
-    if restore_rng and "rng" in meta:
-        state.apply_rng(meta["rng"], source)
-    decoded = jsonsafe.decode(meta["extra"], source) if "extra" in meta else None
-    if reshard_extra is not None:
-        extras = []
-        for old in range(old_world):
-            m = Manifest.from_json(opened.record(old).manifest_json)
-            old_raw = _raw_entries(opened, old, m)
-            extras.append(jsonsafe.decode(m.meta.get("extra", {}), lambda n, r=old_raw: r[n].clone()))
-        decoded = reshard_extra(extras)
-    if isinstance(decoded, dict) and isinstance(extra, dict):
-        extra.clear()
-        extra.update(decoded)
-    return decoded
+def _old_extras(opened: DurableStep, old_world: int) -> list[dict[str, Any]]:
+    """Every old rank's decoded `extra` (for the script's reshard_extra)."""
+    extras = []
+    for old in range(old_world):
+        m = Manifest.from_json(opened.record(old).manifest_json)
+        old_raw = _raw_entries(opened, old, m)
+        extras.append(jsonsafe.decode(m.meta.get("extra", {}), lambda n, r=old_raw: r[n].clone()))
+    return extras

@@ -102,7 +102,7 @@ def open_verified(client: DaemonClient, job: str, rank: int, world_size: int, st
     a snapshot of another run is refused (OtherRun) before any byte of it is read, unless it comes
     from the durable tier: that is the job's checkpoint across launches (a relaunch, a requeue).
     """
-    reply = client.open(step, timeout=timeout)
+    reply = client.open(step, timeout=timeout, world_size=world_size)
     manifest = Manifest.from_json(reply.manifest_json)
     if manifest.job != job:
         raise SnapshotCorrupt(f"snapshot belongs to job {manifest.job!r}, not {job!r}", rank=rank, step=step)
@@ -135,14 +135,15 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
             optimizer: torch.optim.Optimizer | None, scheduler: Any | None, extra: state.Extra,
             restore_rng: bool = True, list_timeout: float | None = None,
             replicas: Replicas | None = None, steps: list[int] | None = None,
-            abstain: bool = False, daemon_wait: float = 0.0, run: str = "") -> RestoreResult:
+            abstain: bool = False, daemon_wait: float = 0.0, run: str = "", above: int = -1) -> RestoreResult:
     """Load the newest step that every rank holds and that verifies and applies everywhere; step 0 when none.
 
     With `replicas` (sharding configured; the same on every rank) a sharded step is gathered
     from the replica group. `steps` (the same list on every rank) replaces the exchange of held
     steps; an `abstain`ing rank loads nothing and agrees to whatever the others can load (the
     pipeline planner's lost stages, rebuilt afterwards). With a `run` identity, steps of another
-    run of the job are skipped. Never raises but ConfigError.
+    run of the job are skipped; only steps above `above` are considered (a newer step of another world
+    size exists: ftd.client.memreshard). Never raises but ConfigError.
     """
     t0 = time.perf_counter()
     failures: list[str] = []
@@ -150,7 +151,7 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
     if steps is not None:
         local = candidates = sorted(set(steps), reverse=True)
     else:
-        local = _list_held(client, rank, list_timeout, daemon_wait, failures, world_size)
+        local = [s for s in _list_held(client, rank, list_timeout, daemon_wait, failures, world_size) if s > above]
         candidates = agree_on_steps(local)
     partial: int | None = None
     for step in candidates:

@@ -156,18 +156,33 @@ class DaemonClient:
                                                           world_size=world_size), timeout)
         return list(reply.steps)
 
-    def open(self, step: int, rank: int | None = None, timeout: float | None = None) -> pb.OpenReply:
-        """A sealed step; the daemon may first fetch it from a peer, hence the separate timeout."""
+    def open(self, step: int, rank: int | None = None, timeout: float | None = None,
+             world_size: int = 0) -> pb.OpenReply:
+        """A sealed step; the daemon may first fetch it from a peer, hence the separate timeout. With
+        `world_size`, a peer's copy of another world size is not fetched."""
         return self._rpc(self._stub.Open, pb.OpenRequest(job=self.job, rank=self.rank if rank is None else rank,
-                                                         step=step), timeout)
+                                                         step=step, world_size=world_size), timeout)
+
+    def worlds(self, world_size: int, decode: bool, timeout: float | None = None) -> pb.WorldsReply:
+        """The steps of other world sizes the job holds whole, newest first (a lost member decoded with `decode`)."""
+        return self._rpc(self._stub.Worlds, pb.WorldsRequest(job=self.job, world_size=world_size, decode=decode),
+                         timeout)
+
+    def read_ranges(self, rank: int, step: int, node: int, ranges: list[tuple[int, int]],
+                    timeout: float | None = None) -> bytes:
+        """Byte ranges (offset, length) of (rank, step) held by group peer `node`, one after the other."""
+        request = pb.ReadRangesRequest(job=self.job, rank=rank, step=step, node=node,
+                                       ranges=[pb.ByteRange(offset=o, length=n) for o, n in ranges])
+        return self._rpc(self._stub.ReadRanges, request, timeout).data
 
     def discard(self, above_step: int) -> list[int]:
         reply = self._rpc(self._stub.Discard, pb.DiscardRequest(job=self.job, rank=self.rank, above_step=above_step))
         return list(reply.dropped)
 
-    def recovered(self, step: int, seconds: float, nbytes: int, source: str) -> None:
+    def recovered(self, step: int, seconds: float, nbytes: int, source: str, **reshard: int) -> None:
+        """Report a completed restore; `reshard` holds RecoveredRequest's reshard fields (old_world_size, ...)."""
         self._rpc(self._stub.Recovered, pb.RecoveredRequest(job=self.job, rank=self.rank, step=step, seconds=seconds,
-                                                            bytes=nbytes, source=source))
+                                                            bytes=nbytes, source=source, **reshard))
 
     def status(self, timeout: float | None = None) -> pb.StatusReply:
         return self._rpc(self._stub.Status, pb.StatusRequest(), timeout)

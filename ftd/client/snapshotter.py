@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from ftd.client import jsonsafe
 from ftd.client import restore as restore_mod
-from ftd.client import placement, reshard, sharding, state
+from ftd.client import memreshard, placement, reshard, sharding, state
 from ftd.client.copier import CopyEngine, CopyJob
 from ftd.client.rpc import DaemonClient
 from ftd.client.sharding import Replicas
@@ -74,7 +74,9 @@ class SnapshotStats:
     restore_unusable: dict[int, str] = field(default_factory=dict)  # step -> why this rank could not use it
     restore_held: list[int] = field(default_factory=list)  # the steps this rank's daemon listed at the restore
     restore_gathered: bool = False  # the restored step was all-gathered from the replica group
-    restore_resharded: bool = False  # the restored step came from the durable tier, taken by another world size
+    restore_resharded: bool = False  # the restored step was taken by another world size (memory or durable tier)
+    restore_old_world: int = 0  # the world size that took the resharded step (0: not resharded)
+    restore_moved: dict[str, int] = field(default_factory=dict)  # a reshard from memory: bytes by source
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -283,10 +285,22 @@ class Snapshotter:
         if self._engine is None:
             return 0
         self.wait()
-        result = restore_mod.restore(self.client, self.config.job, self.rank, self.world_size, self.model,
+        plain = steps is None and not abstain  # a recovery planner's restore stays within its own world
+        newer_elsewhere = memreshard.probe(self.client, self.world_size, self.config.restore_timeout) if plain else -1
+        result = self._restore_same_world(restore_rng, steps, abstain, newer_elsewhere)
+        old_world, moved = 0, {}
+        if not result.step and plain:
+            mem = memreshard.restore(self.client, self.config.job, self.rank, self.world_size, self.model,
                                      self._state_optimizer, self.scheduler, self.extra, restore_rng,
-                                     self.config.restore_timeout, self.replicas, steps, abstain,
-                                     self.config.daemon_wait, self.config.run)
+                                     self._reshard_extra, self.config.restore_timeout, self.config.run)
+            if mem is not None:
+                result = dataclasses.replace(result, step=mem.step, seconds=result.seconds + mem.seconds,
+                                             extra=mem.extra, source="peers" if mem.moved.peers else "local",
+                                             meta=None, nbytes=mem.moved.total)
+                old_world = mem.old_world
+                moved = {"local": mem.moved.local, "peers": mem.moved.peers, "decoded": mem.moved.decoded}
+            elif newer_elsewhere >= 0:  # that newer step did not load: an older one of this world may
+                result = self._restore_same_world(restore_rng, steps, abstain, -1)
         if not result.step and not abstain and self.config.durable_dir:
             step, seconds, decoded = reshard.restore(self.config.durable_dir, self.config.job, self.rank,
                                                      self.world_size, self.model, self._state_optimizer,
@@ -294,8 +308,7 @@ class Snapshotter:
             if step:
                 result = dataclasses.replace(result, step=step, seconds=result.seconds + seconds, extra=decoded,
                                              source="durable", meta=None)
-                with self._lock:
-                    self.stats.restore_resharded = True
+                old_world = -1
         outer_groups = (result.meta or {}).get("outer_param_groups")
         if result.step and outer_groups is not None and self.optimizer is not None:
             # ZeRO: the outer optimizer's groups (what schedulers change) as they were at the snapshot; its
@@ -310,8 +323,18 @@ class Snapshotter:
             self.stats.restore_unusable = dict(result.unusable)
             self.stats.restore_held = list(result.held)
             self.stats.restore_gathered = result.gathered
+            self.stats.restore_resharded = old_world != 0
+            self.stats.restore_old_world = max(old_world, 0)
+            self.stats.restore_moved = moved
         self.restored_extra = result.extra
         return result.step
+
+    def _restore_same_world(self, restore_rng: bool, steps: list[int] | None, abstain: bool,
+                            above: int) -> restore_mod.RestoreResult:
+        return restore_mod.restore(self.client, self.config.job, self.rank, self.world_size, self.model,
+                                   self._state_optimizer, self.scheduler, self.extra, restore_rng,
+                                   self.config.restore_timeout, self.replicas, steps, abstain,
+                                   self.config.daemon_wait, self.config.run, above)
 
     def restore_rng(self) -> None:
         """Apply the RNG state of the restored step (after `restore(restore_rng=False)`)."""

@@ -9,10 +9,14 @@ strings. The wire keys are those of earlier releases (a mixed cluster keeps work
     Record         {"kind": "record(_size)", "step", "rot"}        a rotation record (JSON)
     SegmentManifest{"kind": "segment_manifest(_size)", "job", "rank", "step"}
     Segment        {"kind": "segment(_size)", "job", "rank", "step"}  a rank's sealed bytes
+    Holdings       {"kind": "holdings", "job"}                     every sealed segment a node holds (JSON)
+    Adopt          {"kind": "adopt", "job", "step", "node"}        decode a lost member's step here (JSON status)
 
 Objects whose size the reader does not know ahead (records, manifests, segments) are read
 "size first, then payload": `read_sized` asks for the 16-byte decimal size under the `_size`
 kind, checks it against a limit, then pulls that many bytes. `serve_sized` is the other side.
+Holdings and Adopt answer small JSON documents that change from one request to the next, so they
+are read in one piece of a fixed size, padded with spaces (`serve_padded`, `read_padded`).
 """
 
 from __future__ import annotations
@@ -93,8 +97,34 @@ class Segment:
         return {"kind": self.kind, "job": self.job, "rank": self.rank, "step": self.step}
 
 
+@dataclass(frozen=True)
+class Holdings:
+    """Every sealed segment of `job` the node holds: rank, step, world size, source, bytes (padded JSON)."""
+
+    job: str
+
+    def key(self) -> Key:
+        return {"kind": "holdings", "job": self.job}
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """Ask the node to decode group member `node`'s data of `step` into its own store (a lost node that is
+    not replaced); the answer is the adoption's state (padded JSON), asking again polls it."""
+
+    job: str
+    step: int
+    node: int
+
+    def key(self) -> Key:
+        return {"kind": "adopt", "job": self.job, "step": self.step, "node": self.node}
+
+
+PADDED_BYTES = 64 << 10
+"""The size of a Holdings or Adopt answer."""
+
 Sized = Union[Record, SegmentManifest, Segment]
-Message = Union[DataChunk, ParityChunk, Record, SegmentManifest, Segment]
+Message = Union[DataChunk, ParityChunk, Record, SegmentManifest, Segment, Holdings, Adopt]
 
 
 def size_key(message: Sized) -> Key:
@@ -136,6 +166,10 @@ def parse(key: Key) -> tuple[Message, bool]:
         message = SegmentManifest(_str(key, "job"), _int(key, "rank"), _int(key, "step"))
     elif base == "segment":
         message = Segment(_str(key, "job"), _int(key, "rank"), _int(key, "step"))
+    elif base == "holdings" and not sized:
+        message = Holdings(_str(key, "job"))
+    elif base == "adopt" and not sized:
+        message = Adopt(_str(key, "job"), _int(key, "step"), _int(key, "node"))
     else:
         raise KeyError(f"unknown kind {kind!r}")
     return message, sized
@@ -177,3 +211,26 @@ def serve_sized(payload_bytes: int, read: Any, asks_for_size: bool, offset: int,
     if offset + length > payload_bytes:
         raise ValueError(f"read past the {payload_bytes} bytes of the object")
     return read(offset, length)
+
+
+def serve_padded(doc: bytes, offset: int, length: int) -> bytes:
+    """The reader's side of a padded answer: the whole document, padded with spaces to PADDED_BYTES."""
+    if (offset, length) != (0, PADDED_BYTES):
+        raise ValueError(f"a padded answer is read whole: offset 0, {PADDED_BYTES} bytes")
+    if len(doc) > PADDED_BYTES:
+        raise ValueError(f"the answer has {len(doc)} bytes, more than the {PADDED_BYTES} it may have")
+    return doc + b" " * (PADDED_BYTES - len(doc))
+
+
+def read_padded(client: BulkClient, message: Holdings | Adopt, what: str, timeout: float) -> Any:
+    """A padded JSON answer from a peer, parsed; FtdError when it is not a JSON object."""
+    import json
+
+    raw = bytes(client.get(message.key(), 0, PADDED_BYTES, timeout))
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        raise FtdError(f"peer sent a malformed {what}") from None
+    if not isinstance(doc, dict):
+        raise FtdError(f"peer sent a malformed {what}")
+    return doc

@@ -6,7 +6,10 @@ This module only assembles the parts and answers the Redundancy interface:
 * the bulk plane (ftd.daemon.bulk), ZeroMQ unless a transport is given (unit tests pass an
   in-process one), with this node's reader/writer (ftd.daemon.serving) and links to peers;
 * the protection loop (ftd.daemon.protection) with its encoder and rebuild;
-* remote fetch of a rank's snapshot from a peer (ftd.daemon.remote).
+* remote fetch of a rank's snapshot from a peer (ftd.daemon.remote);
+* for a job re-formed on another world size: what the peers hold, byte ranges of their segments
+  and the decoding of a lost member's data by one survivor (ftd.daemon.worlds.GroupView,
+  ftd.daemon.adoption).
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import time
 
 from ftd.codec import Codec
 from ftd.config import DaemonConfig
+from ftd.daemon import adoption
+from ftd.daemon.adoption import Adoptions
 from ftd.daemon.bulk import BulkTransport
+from ftd.daemon.bulkmsg import Holdings, Segment, SegmentManifest, read_padded, read_sized
 from ftd.daemon.encoder import Encoder
 from ftd.daemon.links import Links
 from ftd.daemon.parity import ParityStore
@@ -27,7 +33,7 @@ from ftd.daemon.rebuild import RebuildInputs
 from ftd.daemon.redundancy import PeerReport, RedundancyStatus
 from ftd.daemon.remote import PeerFetcher
 from ftd.daemon.serving import BulkService
-from ftd.daemon.store import SegmentStore
+from ftd.daemon.store import Holding, SegmentStore
 from ftd.daemon.transport import ZmqTransport, curve_keys
 from ftd.errors import FtdError
 from ftd import knobs
@@ -58,7 +64,8 @@ class ErasureCoding:
         self.links = Links(me, transport.connect, metrics)
         self.service = BulkService(me, group, membership.position, store, self.parity, self.table, metrics,
                                    own_steps=lambda: self.protector.complete_steps(),
-                                   accept_record=lambda record: self.protector.accept_record(record))
+                                   accept_record=lambda record: self.protector.accept_record(record),
+                                   adopt=lambda job, step, node: self.adoptions.request(job, step, node).to_json())
         encoder = Encoder(me, group, codec, self.parity, self.links, metrics,
                           accept_record=lambda record: self.protector.accept_record(record),
                           timeout=self.transfer_timeout)
@@ -68,6 +75,8 @@ class ErasureCoding:
                                    self.service, encoder, rebuild, metrics,
                                    other_groups_steps=self.table.other_groups_steps)
         self.fetcher = PeerFetcher(group, self.table, self.links, store, self.transfer_timeout)
+        self.adoptions = Adoptions(me, group, rebuild, self.table, store, self.protector.inventory, self.service.read,
+                                   metrics)
         transport.serve(self.service.read, self.service.write)
         try:
             self.peer_server = PeerServer(grpc_addr, PeerServicer(membership, self.table, config.job,
@@ -117,8 +126,55 @@ class ErasureCoding:
     def steps(self, rank: int) -> list[int]:
         return self.fetcher.steps(rank)
 
-    def fetch(self, job: str, rank: int, step: int) -> None:
-        self.fetcher.fetch(job, rank, step)
+    def fetch(self, job: str, rank: int, step: int, world_size: int = 0) -> None:
+        self.fetcher.fetch(job, rank, step, world_size)
+
+    def group_view(self) -> ErasureCoding:
+        return self
+
+    # ---- GroupView (ftd.daemon.worlds): another world size ---------------------------------------
+
+    def peer_holdings(self, job: str) -> dict[int, list[Holding]]:
+        out: dict[int, list[Holding]] = {}
+        for node in sorted(self.table.inventories()):
+            try:
+                doc = read_padded(self.links(node), Holdings(job), "holdings", self.transfer_timeout())
+                rows = doc.get("holdings")
+                if not isinstance(rows, list):
+                    raise FtdError("peer sent malformed holdings")
+                out[node] = [_holding(row) for row in rows]
+            except (FtdError, TypeError, ValueError) as exc:
+                log.warning("node %d's holdings are not available: %s", node, exc)
+        return out
+
+    def lost_members(self, answered: set[int]) -> dict[int, tuple[int, ...]]:
+        return {s.node: tuple(s.inventory.ranks) if s.inventory is not None else () for s in self.table.states()
+                if not s.up or s.node not in answered}
+
+    def decode_lost(self, job: str, step: int, node: int, deadline: float) -> None:
+        adopter = self.adoptions.adopter(node)
+        if adopter == self.membership.me:
+            self.adoptions.request(job, step, node)
+            state = self.adoptions.wait(step, node, deadline)
+        else:
+            log.info("asking node %d to decode lost node %d's data of step %d", adopter, node, step)
+            state = adoption.ask(self.links(adopter), job, step, node, deadline, self.transfer_timeout)
+        if state.state != "done":
+            raise FtdError(f"node {adopter} could not decode node {node}'s data of step {step}: "
+                           f"{state.error or state.state}")
+
+    def peer_manifest(self, node: int, job: str, rank: int, step: int) -> bytes:
+        return bytes(read_sized(self.links(node), SegmentManifest(job, rank, step), knobs.get().max_manifest_bytes,
+                                "manifest", self.transfer_timeout()))
+
+    def peer_read(self, node: int, job: str, rank: int, step: int, offset: int, length: int) -> bytes:
+        if node not in self.group.members or node == self.membership.me:
+            raise FtdError(f"node {node} is not a peer of group {list(self.group.members)}")
+        buf = bytearray(length)
+        if length:
+            self.links(node).get_range(Segment(job, rank, step).key(), offset, length, memoryview(buf),
+                                       self.transfer_timeout())
+        return bytes(buf)
 
     def status(self) -> RedundancyStatus:
         state = self.protector.view()
@@ -164,3 +220,11 @@ class ErasureCoding:
             self.metrics.refused.labels("parity_budget").inc()
             raise FtdError(f"parity of {nbytes} bytes would exceed the memory budget ({held} of {budget} bytes held "
                            f"in segments and parity)")
+
+
+def _holding(row: object) -> Holding:
+    """One row of a peer's holdings, checked."""
+    if not (isinstance(row, list) and len(row) == 5 and all(type(v) is int and v >= 0 for v in row[:3])
+            and isinstance(row[3], str) and type(row[4]) is int and row[4] >= 0):
+        raise ValueError("malformed holdings row")
+    return Holding(row[0], row[1], row[2], row[3][:16], row[4])

@@ -7,6 +7,10 @@ replaced by another survivor's), decodes its own data chunks and parity chunks, 
 back into per-rank sealed segments (each verified against its manifest) and serves its restarted
 ranks like a local restore. When fewer than k pieces survive it says which group lost which
 nodes and gives up at once: memory cannot recover that.
+
+The same decoding serves a lost node that is *not* replaced (ftd.daemon.adoption): a survivor
+decodes the lost member's data chunks of one step (`target`), reading its own pieces through a
+local link, and seals the lost ranks' segments in its own store as ADOPTED.
 """
 
 from __future__ import annotations
@@ -78,16 +82,24 @@ class Rebuilt:
 
     step: int
     records: tuple[RotationRecord, ...]
+    data_bytes: int = 0
+    """Bytes of rank data sealed."""
 
 
 class Rebuilder:
     """One rebuild attempt of a node that lost its memory. It changes only this node's stores;
-    the caller adopts the result (its records and protected step)."""
+    the caller adopts the result (its records and protected step).
 
-    def __init__(self, inputs: RebuildInputs):
+    With `target` (another member of the group) it decodes that node's data instead, as segments
+    of `source` (ADOPTED), and leaves its parity alone (`adopt_step`).
+    """
+
+    def __init__(self, inputs: RebuildInputs, target: int | None = None, source: Source = Source.REBUILT):
         self.p = inputs
         self.group = inputs.group
-        self.me = inputs.me
+        self.me = inputs.me if target is None else target
+        self.source = source
+        self._data_only = target is not None and target != inputs.me
 
     def run(self) -> Rebuilt | None:
         """Rebuild if the group holds a protected step; the result when this node now holds it."""
@@ -115,6 +127,12 @@ class Rebuilder:
             return None
         finally:
             metrics.rebuild_progress.set(0)
+
+    def adopt_step(self, step: int, invs: dict[int, pb.Inventory]) -> int:
+        """Decode the target's data of `step` from the pieces of `invs` (this node's own inventory among
+        them) and seal its ranks here; the bytes of rank data installed. FtdError when it cannot."""
+        invs = {n: inv for n, inv in invs.items() if n != self.me and not inv.rebuilding}
+        return self._rebuild(step, invs).data_bytes
 
     def _wait_for_peers(self) -> dict[int, pb.Inventory]:
         """Inventories of the group peers that answer within the wait (all of them, usually sooner)."""
@@ -165,6 +183,8 @@ class Rebuilder:
         plans = []
         for record in records:
             holders = self._holders(step, record, invs)
+            if self._data_only and not any(pos == position for pos, _ in record.data):
+                continue  # the target holds only parity in this rotation: nothing of its data to decode
             mine = next(i for i, (pos, _) in enumerate(record.data) if pos == position) if any(
                 pos == position for pos, _ in record.data) else record.k + record.parity.index(position)
             holders.pop(mine, None)
@@ -183,8 +203,8 @@ class Rebuilder:
                 ThreadPoolExecutor(1, thread_name_prefix="ftd-prefetch") as prefetch:
             done = self._decode_all(step, plans, size, blob, pool, prefetch)
         self.p.metrics.ec_decode_bytes.inc(done)
-        self._install(step, blob, size * len(plans), t0)
-        return Rebuilt(step, tuple(records))
+        data = self._install(step, blob, size * len(plans), t0)
+        return Rebuilt(step, tuple(records), data)
 
     def _decode_all(self, step: int, plans: list[tuple[RotationRecord, int, dict[int, int]]], size: int,
                     blob: bytearray, pool: ThreadPoolExecutor, prefetch: ThreadPoolExecutor) -> int:
@@ -215,20 +235,22 @@ class Rebuilder:
                     next_report += 0.1
         return done
 
-    def _install(self, step: int, blob: bytearray, total: int, t0: float) -> None:
-        """Seal the rebuilt ranks' segments; the caller adopts the records."""
+    def _install(self, step: int, blob: bytearray, total: int, t0: float) -> int:
+        """Seal the rebuilt ranks' segments (the caller adopts the records); the bytes of rank data."""
         _, node, parts = parse_header(blob, len(blob))
         if node != self.me:
             raise FtdError(f"rebuilt blob belongs to node {node}, not {self.me}")
         for part in parts:
             self.p.store.install_sealed(part.rank, step, part.manifest_json,
-                                        memoryview(blob)[part.offset:part.offset + part.nbytes], source=Source.REBUILT)
+                                        memoryview(blob)[part.offset:part.offset + part.nbytes], source=self.source)
         seconds = time.perf_counter() - t0
-        self.p.metrics.rebuild_seconds.observe(seconds)
+        if self.source is Source.REBUILT:
+            self.p.metrics.rebuild_seconds.observe(seconds)
         data = sum(part.nbytes for part in parts)
         log.info("rebuilt node %d step %d from peers in %.2f s (%d bytes, %.2f GB/s decoded; %d bytes of rank data, "
                  "%.2f GB/s); %d rank(s) restored", self.me, step, seconds, total, total / max(seconds, 1e-9) / 1e9,
                  data, data / max(seconds, 1e-9) / 1e9, len(parts))
+        return data
 
     def _fetch(self, pool: ThreadPoolExecutor, step: int, record: RotationRecord, holders: dict[int, int],
                start: int, n: int) -> dict[int, bytearray]:

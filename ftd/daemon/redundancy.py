@@ -10,9 +10,12 @@ rebuilds first), which steps of a rank other nodes hold, fetching one of them, a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ftd.errors import NotFound
+
+if TYPE_CHECKING:
+    from ftd.daemon.worlds import GroupView
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,11 @@ class Redundancy(Protocol):
     def steps(self, rank: int) -> list[int]:
         """Steps of `rank` that other nodes hold."""
 
-    def fetch(self, job: str, rank: int, step: int) -> None:
-        """Bring (rank, step) into the local store; NotFound when no other node holds it."""
+    def fetch(self, job: str, rank: int, step: int, world_size: int = 0) -> None:
+        """Bring (rank, step) into the local store; NotFound when no other node holds it (of `world_size`)."""
+
+    def group_view(self) -> GroupView | None:
+        """What resharding onto another world size reads from other nodes (None: nothing elsewhere)."""
 
     def status(self) -> RedundancyStatus | None:
         """The Status RPC's view, None when there is no redundancy."""
@@ -94,8 +100,11 @@ class NoRedundancy:
     def steps(self, rank: int) -> list[int]:
         return []
 
-    def fetch(self, job: str, rank: int, step: int) -> None:
+    def fetch(self, job: str, rank: int, step: int, world_size: int = 0) -> None:
         raise NotFound(f"rank {rank} step {step} is not held here and this node has no peers")
+
+    def group_view(self) -> GroupView | None:
+        return None
 
     def status(self) -> RedundancyStatus | None:
         return None

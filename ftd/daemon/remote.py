@@ -22,6 +22,7 @@ from ftd.daemon.peers import PeerTable
 from ftd.daemon.slots import Source
 from ftd.daemon.store import SegmentStore
 from ftd.errors import FtdError, NotFound
+from ftd.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,9 @@ class PeerFetcher:
         """Every step of `rank` some peer holds."""
         return sorted({step for steps in self.holders(rank).values() for step in steps})
 
-    def fetch(self, job: str, rank: int, step: int) -> None:
-        """Pull (rank, step) from a peer that holds it and seal it here; NotFound when no peer does."""
+    def fetch(self, job: str, rank: int, step: int, world_size: int = 0) -> None:
+        """Pull (rank, step) from a peer that holds it and seal it here; NotFound when no peer does, or (with
+        `world_size`) when the peer's is of another world size: that one is resharded, never moved whole."""
         nodes = [node for node, steps in self.holders(rank).items() if step in steps]
         # A segment is part of a node blob: no peer may make this node allocate more than the largest
         # blob of that step any (authenticated) inventory announced.
@@ -59,9 +61,14 @@ class PeerFetcher:
             try:
                 manifest = read_sized(link, SegmentManifest(job, rank, step), knobs.get().max_manifest_bytes,
                                       "manifest", timeout)
+                if world_size and Manifest.from_json(bytes(manifest)).world_size != world_size:
+                    raise NotFound(f"node {node}'s rank {rank} step {step} was taken by another world size than "
+                                   f"{world_size}")
                 data = read_sized(link, Segment(job, rank, step), limit,
                                   "segment (larger than any blob of the step)", timeout)
                 self.store.install_sealed(rank, step, bytes(manifest), memoryview(data), source=Source.FETCHED)
+            except NotFound:
+                raise
             except FtdError as exc:
                 errors.append(f"node {node}: {exc}")
                 log.warning("fetching rank %d step %d from node %d failed: %s", rank, step, node, exc)

@@ -34,6 +34,7 @@ from ftd.daemon.persist import Persister
 from ftd.daemon.redundancy import NoRedundancy, Redundancy
 from ftd.daemon.sources import NotReady, RecoveryChain
 from ftd.daemon.store import SegmentStore
+from ftd.daemon.worlds import WorldCatalog
 from ftd.durable import layout, writer
 from ftd.durable.layout import RankRecord
 from ftd.errors import FtdError, ManifestError, NotFound, OutOfMemory, RequestRejected
@@ -43,6 +44,10 @@ log = logging.getLogger(__name__)
 
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
 T = TypeVar("T")
+MAX_WORLD = 1 << 20
+MAX_RANGES = 4096
+MAX_READ_RANGES_BYTES = 64 << 20
+"""Bytes one ReadRanges reply carries at most (the rank asks again for more)."""
 
 
 class BadArgument(RequestRejected):
@@ -73,6 +78,9 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
         self.redundancy: Redundancy = redundancy if redundancy is not None else NoRedundancy()
         self.durable = durable
         self.recovery = RecoveryChain(store, self.redundancy, durable)
+        self._worlds_lock = threading.Lock()
+        self._reshards: dict[int, pb.ReshardReport] = {}
+        self._reshards_lock = threading.Lock()
 
     @staticmethod
     def _deadline(context: grpc.ServicerContext) -> float:
@@ -136,17 +144,95 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenReply:
         """A sealed step of a rank, from the first recovery source that holds it."""
         deadline = self._deadline(context)
-        opened = self._call(context, lambda: self.recovery.open(request.job, request.rank, request.step, deadline))
+        opened = self._call(context, lambda: self.recovery.open(request.job, request.rank, request.step, deadline,
+                                                                request.world_size))
         return pb.OpenReply(path=opened.path, capacity=opened.capacity, manifest_json=opened.manifest_json,
                             source=opened.source)
 
     def Recovered(self, request: pb.RecoveredRequest, context: grpc.ServicerContext) -> pb.RecoveredReply:
-        source = request.source if request.source in ("local", "peers", "durable", "checkfree", "none") else "other"
-        self.store.metrics.recoveries.labels(source).inc()
-        self.store.metrics.recovery_seconds.labels(source).observe(max(0.0, request.seconds))
-        log.info("rank %d recovered step %d from %s in %.2f s (%d bytes)", request.rank, request.step, source,
-                 request.seconds, request.bytes)
+        source = request.source if request.source in ("local", "peers", "durable", "checkfree", "resharded",
+                                                      "none") else "other"
+        metrics = self.store.metrics
+        metrics.recoveries.labels(source).inc()
+        metrics.recovery_seconds.labels(source).observe(max(0.0, request.seconds))
+        if request.old_world_size:
+            self._reshard_reported(request)
+        else:
+            log.info("rank %d recovered step %d from %s in %.2f s (%d bytes)", request.rank, request.step, source,
+                     request.seconds, request.bytes)
         return pb.RecoveredReply()
+
+    def _reshard_reported(self, request: pb.RecoveredRequest) -> None:
+        metrics = self.store.metrics
+        metrics.reshards.inc()
+        metrics.reshard_seconds.observe(max(0.0, request.seconds))
+        metrics.reshard_bytes.labels("local").inc(request.bytes_local)
+        metrics.reshard_bytes.labels("peers").inc(request.bytes_peers)
+        metrics.reshard_bytes.labels("decoded").inc(request.bytes_decoded)
+        log.info("rank %d resharded step %d from world %d onto world %d in %.2f s: %d bytes from this node's "
+                 "memory, %d from peers (%d of them decoded from a lost node's parity)", request.rank, request.step,
+                 request.old_world_size, request.world_size, request.seconds, request.bytes_local,
+                 request.bytes_peers, request.bytes_decoded)
+        with self._reshards_lock:
+            self._reshards[request.rank] = pb.ReshardReport(
+                rank=request.rank, step=request.step, old_world_size=request.old_world_size,
+                world_size=request.world_size, bytes_local=request.bytes_local, bytes_peers=request.bytes_peers,
+                bytes_decoded=request.bytes_decoded, seconds=request.seconds, at=time.time())
+        try:
+            self.store.drop_other_worlds(request.job, request.world_size, request.step)
+        except FtdError as exc:
+            log.warning("could not drop the old world's steps above %d: %s", request.step, exc)
+
+    def Worlds(self, request: pb.WorldsRequest, context: grpc.ServicerContext) -> pb.WorldsReply:
+        """The whole steps of other world sizes, each old rank's holder and manifest (ftd.daemon.worlds)."""
+        deadline = self._deadline(context)
+        return self._call(context, lambda: self._worlds(request, deadline))
+
+    def _worlds(self, request: pb.WorldsRequest, deadline: float) -> pb.WorldsReply:
+        if request.job != self.config.job:
+            raise RequestRejected(f"this daemon serves job {self.config.job!r}, not {request.job!r}")
+        if not 0 < request.world_size <= MAX_WORLD:
+            raise RequestRejected(f"world size {request.world_size} is out of range")
+        self.recovery.wait_ready(deadline)
+        catalog = WorldCatalog(request.job, self.store, self.redundancy.group_view())
+        with self._worlds_lock:  # the ranks of a node ask at once: one of them decodes, the others see it
+            steps = catalog.whole_steps(request.world_size, request.decode, deadline)
+        reply = pb.WorldsReply()
+        for ws in steps:
+            out = pb.WorldStep(step=ws.step, world_size=ws.world_size)
+            try:
+                for rank, holder in sorted(ws.ranks.items()):
+                    out.ranks.append(pb.OldRank(rank=rank, node=holder.node, source=holder.source,
+                                                manifest_json=catalog.manifest(holder, rank, ws.step)))
+            except FtdError as exc:
+                log.warning("step %d of world %d is not offered for resharding: %s", ws.step, ws.world_size, exc)
+                continue
+            reply.steps.append(out)
+        return reply
+
+    def ReadRanges(self, request: pb.ReadRangesRequest, context: grpc.ServicerContext) -> pb.ReadRangesReply:
+        """Byte ranges of a peer's sealed segment, for a reshard (the rank verifies them)."""
+        return self._call(context, lambda: self._read_ranges(request))
+
+    def _read_ranges(self, request: pb.ReadRangesRequest) -> pb.ReadRangesReply:
+        if request.job != self.config.job:
+            raise RequestRejected(f"this daemon serves job {self.config.job!r}, not {request.job!r}")
+        total = sum(r.length for r in request.ranges)
+        if total > MAX_READ_RANGES_BYTES or len(request.ranges) > MAX_RANGES:
+            raise RequestRejected(f"{len(request.ranges)} ranges of {total} bytes: at most {MAX_RANGES} ranges of "
+                                  f"{MAX_READ_RANGES_BYTES} bytes per call")
+        parts = []
+        if request.node < 0:
+            for r in request.ranges:
+                parts.append(self.store.read(request.job, request.rank, request.step, r.offset, r.length))
+        else:
+            view = self.redundancy.group_view()
+            if view is None:
+                raise NotFound("this node has no peers")
+            for r in request.ranges:
+                parts.append(view.peer_read(request.node, request.job, request.rank, request.step, r.offset,
+                                            r.length))
+        return pb.ReadRangesReply(data=b"".join(parts))
 
     def Discard(self, request: pb.DiscardRequest, context: grpc.ServicerContext) -> pb.DiscardReply:
         if request.rank == -1 and request.above_step == -1:  # `ftd rm`: the whole job
@@ -166,6 +252,8 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
                                held_bytes=self.store.held_bytes(), budget_bytes=self.config.memory_budget,
                                available_bytes=psutil.virtual_memory().available, ranks=ranks, version=__version__,
                                protected_step=-1, node_index=-1)
+        with self._reshards_lock:
+            reply.reshards.extend(self._reshards[r] for r in sorted(self._reshards))
         if self.durable is not None:
             reply.durable_dir, reply.durable_step = str(self.durable.root), self.durable.durable_step
         else:

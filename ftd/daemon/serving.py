@@ -1,7 +1,9 @@
 """What a node serves its group peers over the bulk plane: the reader and writer of ftd.daemon.bulk.
 
-Reads: data chunks of this node's blob of a step, parity chunks, rotation records, and a rank's
-sealed segment with its manifest (for a rank that moved to another node). Writes: parity chunks
+Reads: data chunks of this node's blob of a step, parity chunks, rotation records, a rank's
+sealed segment with its manifest (for a rank that moved to another node, or byte ranges of it
+for a reshard), what this node holds (`Holdings`) and the state of a lost member's adoption
+(`Adopt`, which starts it: ftd.daemon.adoption). Writes: parity chunks
 pushed by a rotation's coordinator and rotation records. Every request is a typed message of
 ftd.daemon.bulkmsg; anything else is refused.
 
@@ -12,6 +14,7 @@ recently, which stay pinned in the store (pin owner "peer-reads") for `served_pi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -22,7 +25,7 @@ from ftd import knobs
 from ftd.daemon import bulkmsg
 from ftd.daemon.blob import NodeBlob
 from ftd.daemon.bulk import Key
-from ftd.daemon.bulkmsg import DataChunk, ParityChunk, Record, Segment, SegmentManifest
+from ftd.daemon.bulkmsg import Adopt, DataChunk, Holdings, ParityChunk, Record, Segment, SegmentManifest
 from ftd.daemon.groups import Group
 from ftd.daemon.parity import ParityStore, RotationRecord
 from ftd.daemon.peers import PeerTable
@@ -89,10 +92,11 @@ class BulkService:
 
     def __init__(self, me: int, group: Group, position: int, store: SegmentStore, parity: ParityStore,
                  table: PeerTable, metrics: DaemonMetrics, *, own_steps: Callable[[], list[int]],
-                 accept_record: Callable[[RotationRecord], None]):
+                 accept_record: Callable[[RotationRecord], None],
+                 adopt: Callable[[str, int, int], bytes] | None = None):
         self.me, self.group, self.position = me, group, position
         self.store, self.parity, self.table, self.metrics = store, parity, table, metrics
-        self._own_steps, self._accept_record = own_steps, accept_record
+        self._own_steps, self._accept_record, self._adopt = own_steps, accept_record, adopt
         self.served = ServedPins(store)
         self._blobs: dict[tuple, NodeBlob] = {}
         self._lock = threading.Lock()
@@ -174,6 +178,16 @@ class BulkService:
         elif isinstance(message, Record):
             raw = self.parity.record(message.step, message.rot).to_json()
             data = bulkmsg.serve_sized(len(raw), lambda o, n: raw[o:o + n], sized, offset, length)
+        elif isinstance(message, Holdings):
+            if message.job != self.store.config.job:
+                raise KeyError(f"this node serves job {self.store.config.job!r}, not {message.job!r}")
+            doc = json.dumps({"holdings": [[h.rank, h.step, h.world_size, h.source, h.data_bytes]
+                                           for h in self.store.holdings()]}).encode()
+            data = bulkmsg.serve_padded(doc, offset, length)
+        elif isinstance(message, Adopt):
+            if self._adopt is None:
+                raise KeyError("this node does not decode lost members")
+            data = bulkmsg.serve_padded(self._adopt(message.job, message.step, message.node), offset, length)
         else:
             data = self._serve_segment(message, sized, offset, length)
         self.metrics.peer_sent_bytes.labels(self._peer_label(key)).inc(len(data))

@@ -60,6 +60,7 @@ class Source(enum.Enum):
     REBUILT = "rebuilt"  # rebuilt from peers as this node's own data (erasure decoding)
     FETCHED = "fetched"  # fetched for a rank that moved here: another node's data
     DURABLE = "durable"  # read back from the durable tier (ftd.durable)
+    ADOPTED = "adopted"  # a lost node's data decoded here for a job that goes on without it (ftd.daemon.adoption)
 
     @property
     def recovery_source(self) -> str:
@@ -70,7 +71,7 @@ class Source(enum.Enum):
     def in_node_blob(self) -> bool:
         """Part of this node's blob (what EC protects); fetched data stays with the node that sealed it, and a
         step read back from the durable tier is protected there."""
-        return self not in (Source.FETCHED, Source.DURABLE)
+        return self not in (Source.FETCHED, Source.DURABLE, Source.ADOPTED)
 
 
 class IllegalTransition(FtdError):
@@ -91,6 +92,7 @@ class Slot:
     sealed_at_ns: int = 0  # orders retention: the most recently sealed survive, whatever their step
     data_bytes: int = 0  # bytes the sealed manifest covers
     run: str = ""  # run identity in the sealed manifest: another run's steps are evicted first
+    world_size: int = 0  # world size in the sealed manifest (0: not sealed)
     source: Source = Source.LOCAL  # where the sealed data came from; LOCAL unless sealed
 
     @property
@@ -132,6 +134,7 @@ class Slot:
         self.step = self.lease = self.manifest_json = None
         self.sealed_at_ns = self.data_bytes = 0
         self.run = ""
+        self.world_size = 0
         self.source = Source.LOCAL
 
     def _move(self, new: SlotState, only_from: Collection[SlotState] | None = None) -> None:

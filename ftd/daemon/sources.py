@@ -56,6 +56,10 @@ class RecoveryChain:
     def __init__(self, store: SegmentStore, redundancy: Redundancy, durable: DurableSource | None = None):
         self.store, self.redundancy, self.durable = store, redundancy, durable
 
+    def wait_ready(self, deadline: float) -> None:
+        """Return once this node holds what it will hold (a rebuild has run); NotReady at `deadline`."""
+        self._ready(deadline)
+
     def _ready(self, deadline: float) -> None:
         if self.redundancy.wait_ready(0):
             return
@@ -66,7 +70,7 @@ class RecoveryChain:
     def steps(self, job: str, rank: int, deadline: float, world_size: int = 0) -> list[int]:
         """Every step of `rank` some source holds (durable ones of `world_size` only, when it is given)."""
         self._ready(deadline)
-        local = self.store.list_steps(job, rank)
+        local = self.store.list_steps(job, rank, world_size)
         if not self.redundancy.wait_for_peers(deadline - time.monotonic()):
             log.warning("a peer is still rebuilding; answering with what the group holds now")
         elsewhere = sorted(set(self.redundancy.steps(rank)) - set(local))
@@ -78,15 +82,16 @@ class RecoveryChain:
             log.info("rank %d: steps %s in the durable tier", rank, durable)
         return sorted(set(local) | set(elsewhere) | set(durable))
 
-    def open(self, job: str, rank: int, step: int, deadline: float) -> Opened:
-        """(rank, step) from the first source that holds it; NotFound when none does."""
+    def open(self, job: str, rank: int, step: int, deadline: float, world_size: int = 0) -> Opened:
+        """(rank, step) from the first source that holds it; NotFound when none does. With `world_size`, a
+        peer's copy of another world size is not fetched (the rank reshards it instead)."""
         self._ready(deadline)
         try:
             return Opened(*self.store.open(job, rank, step))
         except NotFound:
             pass
         try:
-            self.redundancy.fetch(job, rank, step)
+            self.redundancy.fetch(job, rank, step, world_size)
         except NotFound:
             if self.durable is None:
                 raise

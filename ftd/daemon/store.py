@@ -59,6 +59,17 @@ class Lease:
     capacity: int
 
 
+@dataclass(frozen=True, order=True)
+class Holding:
+    """One sealed segment held here (what a reshard plans with)."""
+
+    rank: int
+    step: int
+    world_size: int
+    source: str
+    data_bytes: int
+
+
 @dataclass(frozen=True)
 class RankSummary:
     rank: int
@@ -258,7 +269,7 @@ class SegmentStore:
             return "skipped"
         slot.adopt_sealed(step, manifest_json, mtime, source)
         manifest = Manifest.from_json(manifest_json)
-        slot.data_bytes, slot.run = manifest.data_bytes, manifest.run
+        slot.data_bytes, slot.run, slot.world_size = manifest.data_bytes, manifest.run, manifest.world_size
         self._track_age(rank)
         self._slots.setdefault(rank, []).append(slot)
         log.info("re-adopted rank %d step %d (%s, %d bytes, %s)", rank, step, seg.name, slot.capacity, source.value)
@@ -415,7 +426,7 @@ class SegmentStore:
                 if other is not slot and other.state is SlotState.SEALED and other.step == step:
                     self._evict(other, "replaced by a newer copy of the same step")
             slot.seal(manifest_json, self._stamp(slot.manifest_path))
-            slot.data_bytes, slot.run = manifest.data_bytes, manifest.run
+            slot.data_bytes, slot.run, slot.world_size = manifest.data_bytes, manifest.run, manifest.world_size
             self._track_age(rank)
             self.metrics.commit_latency.observe(time.monotonic() - slot.begun_at)
             self.metrics.snapshots_sealed.labels(str(rank)).inc()
@@ -434,10 +445,56 @@ class SegmentStore:
         self.metrics.snapshots_aborted.labels("client").inc()
         log.warning("rank %d aborted step %d: %s", rank, step, reason[:200])
 
-    def list_steps(self, job: str, rank: int) -> list[int]:
+    def list_steps(self, job: str, rank: int, world_size: int = 0) -> list[int]:
+        """Sealed steps of `rank`; with `world_size`, only those taken by a world of that size."""
         self._check(job, rank, 0)
         with self._lock:
-            return self._sealed_steps(rank)
+            if not world_size:
+                return self._sealed_steps(rank)
+            return sorted(s.step for s in self._slots.get(rank, []) if s.state is SlotState.SEALED
+                          and s.step is not None and s.world_size in (0, world_size))
+
+    def holdings(self) -> list[Holding]:
+        """Every sealed segment here: (rank, step, world size, source, data bytes), for resharding."""
+        with self._lock:
+            return sorted(Holding(rank, int(s.step), s.world_size, s.source.value, s.data_bytes)
+                          for rank, slots in self._slots.items() for s in slots
+                          if s.state is SlotState.SEALED and s.step is not None)
+
+    def read(self, job: str, rank: int, step: int, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` of the data of sealed (rank, step); NotFound when it is not held here."""
+        self._check(job, rank, step)
+        with self._lock:
+            slot = next((s for s in self._slots.get(rank, []) if s.state is SlotState.SEALED and s.step == step),
+                        None)
+            if slot is None:
+                raise NotFound(f"job {job!r} rank {rank} step {step} is not held here")
+            if offset < 0 or length < 0 or offset + length > slot.data_bytes:
+                raise RequestRejected(f"bytes [{offset}, {offset + length}) are outside rank {rank} step {step}'s "
+                                      f"{slot.data_bytes} bytes")
+            fd = os.open(slot.path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def drop_other_worlds(self, job: str, world_size: int, above_step: int) -> list[tuple[int, int]]:
+        """After a reshard onto `world_size`: drop the old worlds' steps above `above_step` (an abandoned
+        timeline: the job went on from `above_step`), unpinned ones only. Returns the (rank, step) dropped."""
+        self._check(job, 0, max(above_step, 0))
+        dropped = []
+        with self._lock:
+            pinned = self._pinned
+            for rank, slots in self._slots.items():
+                for slot in list(slots):
+                    if (slot.state is SlotState.SEALED and slot.step is not None and slot.step > above_step
+                            and slot.world_size not in (0, world_size) and slot.step not in pinned):
+                        dropped.append((rank, int(slot.step)))
+                        self._evict(slot, f"the job went on at world size {world_size} from step {above_step}")
+                self._update_gauges(rank)
+        if dropped:
+            log.info("dropped %d snapshot(s) of the old world above step %d: %s", len(dropped), above_step, dropped)
+        return sorted(dropped)
 
     def open(self, job: str, rank: int, step: int) -> tuple[str, int, bytes, str]:
         """(path, capacity, manifest JSON, "local" | "peers") of a sealed step (`Source.recovery_source`).
@@ -613,7 +670,7 @@ class SegmentStore:
             raise
         with self._lock:
             slot.seal(manifest_json, self._stamp(slot.manifest_path), source)
-            slot.data_bytes, slot.run = manifest.data_bytes, manifest.run
+            slot.data_bytes, slot.run, slot.world_size = manifest.data_bytes, manifest.run, manifest.world_size
             self._track_age(rank)
             self._retain(rank)
             self._update_gauges(rank)

@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="", help="write final parameters here ({rank} is replaced)")
     p.add_argument("--results", default="", help="append the restore's and the run's facts here as JSON lines "
                    "({rank} is replaced; see ftd.demo.results)")
+    p.add_argument("--save-restored", default="", help="after the restore, save this rank's model and optimizer "
+                   "tensors under their global names ({rank} and {step} are replaced; FSDP: local shards)")
     p.add_argument("--no-ftd", action="store_true", help="train without snapshots (the reference run)")
     p.add_argument("--zero", action="store_true", help="shard the optimizer state (ZeroRedundancyOptimizer)")
     p.add_argument("--shard-replicated", action="store_true", help="each DDP rank snapshots 1/world of the "
@@ -95,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("rank %d resumed at step %d (data position %s)", rank, start, data_position)
     if snap:
         results.write(args.results, "restore", rank, snap.stats, data_position=data_position["step"])
+    if args.save_restored and start:
+        _save_restored(args.save_restored.replace("{rank}", str(rank)).replace("{step}", str(start)), model,
+                       optimizer)
     losses = open(args.losses, "a") if args.losses else None
     for step in range(start, args.steps if args.stop_at is None else min(args.stop_at, args.steps)):
         x, y = batch(step, rank, args.batch, args.context, args.seed)
@@ -127,6 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def _save_restored(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """This rank's restored tensors as `model.<fqn>` / `optim.state.<fqn>.<key>` (DTensors: the local shard)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return (t.to_local() if hasattr(t, "to_local") else t).detach().clone()
+
+    out = {f"model.{k}": local(v) for k, v in get_model_state_dict(model).items()}
+    for fqn, values in get_optimizer_state_dict(model, optimizer)["state"].items():
+        out.update({f"optim.state.{fqn}.{k}": local(v) for k, v in values.items() if isinstance(v, torch.Tensor)})
+    torch.save(out, path)
 
 
 if __name__ == "__main__":

@@ -263,7 +263,7 @@ def build_index(records: dict[int, RankRecord], digests: dict[int, str]) -> Inde
                 raise DurableError(f"{p.fqn}: ranks {same.rank} and {rank} hold different boxes at {list(p.offsets)}")
     for fqn, (dtype, shape, pieces) in globals_.items():
         covered = sum(math.prod(p.box) for p in pieces)
-        if covered != math.prod(shape) or pieces_overlap(pieces):
+        if covered != math.prod(shape) or _overlap(pieces):
             raise DurableError(f"{fqn}: the written pieces cover {covered} of {math.prod(shape)} elements "
                                f"({len(pieces)} pieces): replicas did not agree on who writes what")
     missing = sorted(fqn for fqn, offsets in needed if not any(p.offsets == offsets
@@ -275,7 +275,7 @@ def build_index(records: dict[int, RankRecord], digests: dict[int, str]) -> Inde
                  {r: rec.header_xxh3 for r, rec in records.items()}, globals_)
 
 
-def pieces_overlap(pieces: list[Piece]) -> bool:
+def _overlap(pieces: list[Piece]) -> bool:
     """Whether two pieces share an element (with the volume check: whether they tile the tensor exactly).
     Pieces are sorted by their corner, so only neighbours that start before the other's end are compared."""
     ordered = sorted(pieces, key=lambda p: p.offsets)

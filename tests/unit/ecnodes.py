@@ -97,10 +97,10 @@ class Cluster:
             ec.stop()
         self.nodes.clear()
 
-    def seal(self, step: int, nodes: list[int] | None = None) -> None:
-        """Every (given) node's rank seals `step`."""
+    def seal(self, step: int, nodes: list[int] | None = None, world_size: int = 8) -> None:
+        """Every (given) node's rank seals `step` (its manifest says `world_size`)."""
         for node in self.nodes if nodes is None else nodes:
-            seal(self.nodes[node].store, node, step, self.nbytes)
+            seal(self.nodes[node].store, node, step, self.nbytes, world_size)
 
     def wait(self, what: str, condition: Callable[[], bool], timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -118,7 +118,7 @@ class Cluster:
                          f"steps {sorted(ec.store.complete_steps())}" for n, ec in sorted(self.nodes.items()))
 
 
-def seal(store: SegmentStore, rank: int, step: int, nbytes: int) -> bytes:
+def seal(store: SegmentStore, rank: int, step: int, nbytes: int, world_size: int = 8) -> bytes:
     """Seal (rank, step) in `store` through Begin/Commit, as a rank would; return its data bytes."""
     specs = [EntrySpec("model/w", "param", "uint8", (nbytes,))]
     entries, total = layout(specs)
@@ -129,7 +129,7 @@ def seal(store: SegmentStore, rank: int, step: int, nbytes: int) -> bytes:
     view = memoryview(data)
     entries = [dataclasses.replace(e, checksums=chunk_checksums(view[e.offset:e.offset + e.nbytes], CHUNK))
                for e in entries]
-    manifest = Manifest(job=JOB, rank=rank, world_size=8, step=step, chunk_bytes=CHUNK, data_bytes=total,
+    manifest = Manifest(job=JOB, rank=rank, world_size=world_size, step=step, chunk_bytes=CHUNK, data_bytes=total,
                         entries=tuple(entries), meta={"step": step})
     store.commit(JOB, rank, step, lease.lease, manifest.to_json())
     return data

@@ -12,7 +12,7 @@ import torch
 from ftd.client import placement, sharding, state
 from ftd.client.sharding import Replicas
 from ftd.durable.layout import Piece
-from ftd.durable.writer import pieces_overlap
+from ftd.durable.writer import _overlap
 
 
 def _captured(index: int, dp: int, shard: bool) -> state.Captured:
@@ -47,7 +47,7 @@ def test_written_pieces_tile_every_global_tensor_once(dp: int, shard: bool):
     assert set(written) == set(shapes) and any(f.startswith("optim.state.1.weight.") for f in shapes)
     for fqn, pieces in written.items():
         assert sum(math.prod(p.box) for p in pieces) == math.prod(shapes[fqn]), fqn
-        assert not pieces_overlap(pieces), fqn
+        assert not _overlap(pieces), fqn
     if dp > 1 and not shard:  # plain copies: each written by one replica, spread over all of them
         assert all(len(p) == 1 for p in written.values())
         assert len({p[0].rank for p in written.values()}) == dp
