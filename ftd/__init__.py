@@ -13,6 +13,7 @@ from ftd.errors import (  # noqa: E402
     DaemonUnavailable,
     FtdError,
     ManifestError,
+    MergeError,
     OutOfMemory,
     RestoreError,
     SnapshotCorrupt,
@@ -28,6 +29,10 @@ def __getattr__(name: str) -> Any:
         from ftd.client import snapshotter
 
         return getattr(snapshotter, name)
+    if name == "merge":  # ftd.merge.merge_steps: checkpoint averaging (needs torch)
+        import importlib
+
+        return importlib.import_module("ftd.merge")
     raise AttributeError(f"module 'ftd' has no attribute {name!r}")
 
 
@@ -40,6 +45,7 @@ __all__ = [
     "OutOfMemory",
     "SnapshotCorrupt",
     "ManifestError",
+    "MergeError",
     "RestoreError",
     "__version__",
 ]

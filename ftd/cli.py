@@ -1,4 +1,4 @@
-"""The `ftd` command: `ftd daemon`, `ftd status`, `ftd ls`, `ftd rm`, `ftd export`, `ftd demo`."""
+"""The `ftd` command: `ftd daemon`, `ftd status`, `ftd ls`, `ftd rm`, `ftd export`, `ftd merge`, `ftd demo`."""
 
 from __future__ import annotations
 
@@ -292,6 +292,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _steps_arg(text: str) -> list[int]:
+    try:
+        steps = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"steps are comma-separated integers, got {text!r}") from None
+    if not steps:
+        raise argparse.ArgumentTypeError("no steps given")
+    return steps
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ftd.merge import describe, merge_steps
+
+    config = ClientConfig.load(**{k: v for k in ("job", "socket", "durable_dir")
+                                  if (v := getattr(args, k)) is not None})
+    _setup_logging(config.log_level)
+    if args.memory:
+        durable_dir = None
+    elif config.durable_dir:
+        durable_dir = config.durable_dir
+    else:
+        raise FtdError("say where the steps are: --durable-dir D (or FTD_DURABLE_DIR), or --memory for the "
+                       "snapshots this node's daemon holds")
+    result = merge_steps(job=config.job, out=args.out, durable_dir=durable_dir, socket=config.socket,
+                         steps=args.steps, last=args.last, method=args.method, decay=args.decay, metric=args.metric,
+                         temperature=args.temperature, penalty=args.penalty, maximize=args.maximize,
+                         include_optim=args.include_optim)
+    print(json.dumps(result.to_json(), indent=2) if args.json else describe(result))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging("WARNING")
     workdir = Path(args.workdir) if args.workdir else None
@@ -355,6 +386,42 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--timeout", type=float, default=600.0, help="seconds the export may take [600]")
     export.add_argument("--json", action="store_true", help="print JSON for scripts")
     export.set_defaults(func=cmd_export)
+    merge = sub.add_parser(
+        "merge", help="average steps of one run (uniform, EMA, metric-weighted) into a checkpoint that stock "
+        "tools load: safetensors of the model's weights, or a DCP directory in the durable tier's format",
+        description="Merge steps of a job, from the durable tier (every file verified) or from this node's "
+        "memory (--memory: the daemon must hold every rank), in float64, rounded once to each tensor's dtype. "
+        "uniform: the mean; ema: m = d*m + (1-d)*x from the oldest step (m = x_oldest first); weighted: "
+        "p_i proportional to exp(-(v_i - min v)/T) for a metric recorded with snapshot(step, metrics=...), or "
+        "exp(-penalty*(s_newest - s_i)) with --metric step. Integer and bool tensors and optimizer step "
+        "counters take the newest step's value. An --out ending in .safetensors gets the model's weights "
+        "(keys as model.state_dict() names them); any other --out becomes a directory that "
+        "torch.distributed.checkpoint loads (HuggingFaceStorageReader). A JSON of what was merged goes beside.")
+    merge.add_argument("--job", default=None, help="the job id [FTD_JOB, else $SLURM_JOB_ID, else 'default']")
+    merge.add_argument("--durable-dir", default=None, help="the durable directory holding the job's steps "
+                       "[FTD_DURABLE_DIR]")
+    merge.add_argument("--memory", action="store_true", help="merge steps this node's daemon holds in memory "
+                       "instead (a single-node job; on several nodes `ftd export` them and merge from the directory)")
+    merge.add_argument("--socket", default=None, help="the daemon's socket, with --memory [FTD_SOCKET]")
+    which = merge.add_mutually_exclusive_group(required=True)
+    which.add_argument("--steps", type=_steps_arg, default=None, help="comma-separated steps, e.g. 100,200,300")
+    which.add_argument("--last", type=int, default=None, metavar="N", help="the newest N steps")
+    merge.add_argument("--method", choices=("uniform", "ema", "weighted"), default="uniform")
+    merge.add_argument("--decay", type=float, default=0.9, help="ema: the decay d in [0, 1) [0.9]")
+    merge.add_argument("--metric", default="loss", help="weighted: a metric recorded with the snapshots, or "
+                       "'step' [loss]")
+    merge.add_argument("--temperature", type=float, default=1.0, help="weighted by a metric: T of "
+                       "softmax(-v/T) [1]")
+    merge.add_argument("--maximize", action="store_true", help="weighted by a metric: higher is better "
+                       "(softmax(v/T))")
+    merge.add_argument("--penalty", type=float, default=None, help="weighted by step: lambda of "
+                       "exp(-lambda*(s_newest - s_i)) (required with --metric step)")
+    merge.add_argument("--include-optim", action="store_true", help="also merge the optimizer state (into a "
+                       "DCP directory output; a .safetensors output holds the model only)")
+    merge.add_argument("--out", action="append", required=True, metavar="PATH", help="X.safetensors (model "
+                       "weights) or a directory to create (DCP format); may be given twice")
+    merge.add_argument("--json", action="store_true", help="print what was merged as JSON")
+    merge.set_defaults(func=cmd_merge)
     demo = sub.add_parser("demo", help="a local cluster of daemons and torchrun agents trains through a rank crash, "
                           "a daemon crash and a node loss, then compares bit for bit with a failure-free run")
     demo.add_argument("--nodes", type=int, default=4, help="simulated nodes (a daemon + a torchrun agent each)")

@@ -64,5 +64,9 @@ class RestoreError(FtdError):
     """No consistent step could be restored although snapshots exist."""
 
 
+class MergeError(FtdError, ValueError):
+    """Steps cannot be merged (`ftd merge`): a step not held, steps holding different tensors, a metric missing."""
+
+
 class CheckFreeError(FtdError, ValueError):
     """A lost pipeline stage cannot be rebuilt from its neighbours (structures differ, no neighbour, bad norm)."""

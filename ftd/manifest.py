@@ -4,7 +4,8 @@ A rank's snapshot is one contiguous byte region (a shared-memory segment) plus a
 The manifest is JSON, never pickle: it names every tensor entry (kind, dtype, shape, byte
 offset, length, one xxh3-64 checksum per `chunk_bytes` of the entry) and carries the
 non-tensor state (`meta`, JSON-safe; see ftd/client/state.py), the seal time (`created_at`), the run
-identity of the launch that took it (`run`)
+identity of the launch that took it (`run`), the training metrics the trainer recorded with the
+step (`metrics`: a few named numbers such as the loss, absent when none; see `check_metrics`)
 and `manifest_xxh3`, an xxh3-64 over the canonical form of everything else (meta included),
 so an edited or torn manifest is refused, not restored. Everything read back is validated
 before use — size and nesting depth bounded (checked iteratively), every tensor reference
@@ -35,6 +36,8 @@ MAX_MANIFEST_BYTES = 64 << 20
 MAX_JSON_DEPTH = 64  # nesting of objects and arrays in any manifest (meta values: see jsonsafe.MAX_DEPTH)
 DIGEST_KEY = "manifest_xxh3"
 KINDS = ("param", "buffer", "optim", "rng", "extra")
+MAX_METRICS = 64  # named numbers a snapshot may record (`snapshot(step, metrics=...)`)
+MAX_METRIC_NAME = 128
 # Bytes per element of every dtype a snapshot may hold (torch's names; no torch import needed here,
 # so the daemon starts fast).
 DTYPE_SIZES = {
@@ -166,6 +169,7 @@ class Manifest:
     meta: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0  # seal time, seconds since the epoch (the client's clock at Commit)
     run: str = ""  # the launch's run identity (ClientConfig.run); "" when the launcher gave none
+    metrics: dict[str, float] = field(default_factory=dict)  # what the trainer recorded with the step (check_metrics)
     checksum: str = CHECKSUM_ALGO
     format: int = FORMAT_VERSION
 
@@ -174,6 +178,8 @@ class Manifest:
                "step": self.step, "chunk_bytes": self.chunk_bytes, "data_bytes": self.data_bytes,
                "created_at": self.created_at, "run": self.run, "checksum": self.checksum,
                "entries": [e.to_json() for e in self.entries], "meta": self.meta}
+        if self.metrics:  # absent when none: a manifest without metrics reads as it always did
+            doc["metrics"] = dict(self.metrics)
         doc[DIGEST_KEY] = manifest_digest(doc)
         return json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
 
@@ -204,6 +210,10 @@ class Manifest:
         run = doc.get("run", "")
         if not isinstance(run, str) or len(run) > 128:
             raise ManifestError(f"manifest field 'run' must be text of at most 128 characters, got {run!r:.200}")
+        try:
+            metrics = check_metrics(doc.get("metrics", {}))
+        except ValueError as exc:
+            raise ManifestError(f"manifest field 'metrics': {exc}") from None
         meta = _typed(doc, "meta", dict)
         raw_entries = _typed(doc, "entries", list)
         entries = tuple(_entry_from_json(e, i) for i, e in enumerate(raw_entries))
@@ -211,8 +221,8 @@ class Manifest:
         check_tensor_refs(meta, {e.name for e in entries} | (set(sharded) if isinstance(sharded, dict) else set()))
         if doc["format"] < 3 and any(e.placement is not None for e in entries):
             raise ManifestError("a format-2 manifest cannot carry placements")
-        return cls(job=job, entries=entries, meta=meta, created_at=float(created_at), run=run, format=doc["format"],
-                   **ints)
+        return cls(job=job, entries=entries, meta=meta, created_at=float(created_at), run=run, metrics=metrics,
+                   format=doc["format"], **ints)
 
     def validate(self, capacity: int) -> None:
         """Check that every entry is self-consistent and lies inside a segment of `capacity` bytes."""
@@ -253,6 +263,24 @@ class Manifest:
 
     def entry_map(self) -> dict[str, Entry]:
         return {e.name: e for e in self.entries}
+
+
+def check_metrics(metrics: Any) -> dict[str, float]:
+    """The metrics a snapshot records, checked: a JSON object of at most MAX_METRICS names (printable text of
+    1..MAX_METRIC_NAME characters) to numbers (ints become floats; NaN and ±inf are kept, JSON-encoded as the
+    manifest encodes them). ValueError naming the first problem."""
+    if not isinstance(metrics, dict):
+        raise ValueError(f"metrics must be a mapping of names to numbers, got {type(metrics).__name__}")
+    if len(metrics) > MAX_METRICS:
+        raise ValueError(f"{len(metrics)} metrics exceed the limit of {MAX_METRICS}")
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_METRIC_NAME or not name.isprintable():
+            raise ValueError(f"metric name {name!r:.80} must be printable text of 1..{MAX_METRIC_NAME} characters")
+        if type(value) not in (int, float):
+            raise ValueError(f"metric {name!r} must be a number, got {type(value).__name__}")
+        out[name] = float(value)
+    return out
 
 
 def manifest_digest(doc: dict[str, Any]) -> str:

@@ -165,7 +165,7 @@ class CopyEngine:
         del data
         manifest = Manifest(job=self.config.job, rank=self.rank, world_size=job.world_size, step=cap.step,
                             chunk_bytes=chunk, data_bytes=total, entries=tuple(sealed), meta=cap.meta,
-                            created_at=time.time(), run=self.config.run)
+                            created_at=time.time(), run=self.config.run, metrics=cap.metrics)
         self.client.commit(cap.step, lease.lease, manifest.to_json(), job.copy_seconds, job.stall_to_report)
         return "sealed"
 

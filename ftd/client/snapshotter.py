@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import os
 import statistics
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -40,6 +41,7 @@ from ftd.client.rpc import DaemonClient
 from ftd.client.sharding import Replicas
 from ftd.config import ClientConfig
 from ftd.errors import ConfigError
+from ftd.manifest import check_metrics
 
 log = logging.getLogger(__name__)
 
@@ -146,23 +148,32 @@ class Snapshotter:
 
     # ---- taking snapshots -------------------------------------------------------------------
 
-    def snapshot(self, step: int) -> None:
+    def snapshot(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
         """Start an asynchronous snapshot of the state *after* `step` steps. Never raises.
 
+        `metrics` (e.g. `{"loss": 2.31}`) are recorded in the step's manifest, and so in the durable
+        tier, for `ftd merge --method weighted`: at most 64 names of 1..128 printable characters, each
+        a number (a one-element tensor is read with `.item()`; NaN and ±inf are kept).
         A step that cannot be captured is skipped and counted in `stats.skip_reasons`: "extra"
         (the `extra` callable raised), "capture" (a value that cannot be stored: an unsupported
-        type, nesting deeper than jsonsafe.MAX_DEPTH or a cycle), "error" (anything else).
+        type, nesting deeper than jsonsafe.MAX_DEPTH or a cycle), "metrics" (`metrics` is not as
+        above), "error" (anything else).
         """
         try:
-            self._snapshot(step)
+            self._snapshot(step, metrics)
         except Exception as exc:  # noqa: BLE001 - the training loop is never raised into
             self._skip(step, "error", f"unexpected {type(exc).__name__}: {exc}", exc_info=True)
 
-    def _snapshot(self, step: int) -> None:
+    def _snapshot(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
         if self._engine is None or self._closed:
             return
         with self._lock:
             self.stats.requested += 1
+        try:
+            recorded = _metrics(metrics)
+        except (TypeError, ValueError) as exc:
+            self._skip(step, "metrics", f"bad metrics: {exc}")
+            return
         self._wait_copied(self._inflight, "snapshot")
         try:
             extra = self.extra() if callable(self.extra) else self.extra
@@ -178,6 +189,7 @@ class Snapshotter:
             if self.replicas is not None and self.replicas.size > 1:
                 sharding.shard(captured, self.replicas, self._shardable(captured))
             placement.assign(captured, self._copies, self._replicated)
+            captured.metrics = recorded
         except (TypeError, ValueError, RecursionError) as exc:
             self._skip(step, "capture", f"state cannot be captured: {type(exc).__name__}: {exc}")
             return
@@ -359,6 +371,25 @@ class Snapshotter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """`snapshot(metrics=)` as the manifest records it: numbers (a one-element tensor's `.item()`), checked."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping of names to numbers, got {type(metrics).__name__}")
+    values: dict[Any, Any] = {}
+    for name, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.dtype == torch.bool:
+                raise ValueError(f"metric {name!r} is a tensor of {value.numel()} elements ({value.dtype}), "
+                                 "not one number")
+            value = value.detach().item()
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            value = float(value)  # NumPy scalars and other real numbers
+        values[name] = value
+    return check_metrics(values)
 
 
 def _refuse_tensor(name: str, tensor: torch.Tensor) -> None:

@@ -40,6 +40,7 @@ class Captured:
     dtensors: set[str] = field(default_factory=set)  # entries that are a DTensor's local shard
     fqns: dict[str, str] = field(default_factory=dict)  # entry -> its checkpoint-wide name (ftd.client.placement)
     dtensor_places: dict[str, DTensorPlace] = field(default_factory=dict)  # entry -> where its shard lies
+    metrics: dict[str, float] = field(default_factory=dict)  # recorded in the manifest (Manifest.metrics)
     _names: set[str] = field(default_factory=set, repr=False)
 
     def add(self, name: str, kind: str, tensor: torch.Tensor, live: bool = False, fqn: str | None = None) -> None:

@@ -40,8 +40,11 @@ class Tensor:
     nbytes: int
 
 
-def header(tensors: list[Tensor], extra: dict[str, str] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """The header bytes (length prefix included, padded to 8 bytes) and each key's [begin, end) in the data."""
+def header(tensors: list[Tensor], extra: dict[str, str] | None = None,
+           sharding: bool = True) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The header bytes (length prefix included, padded to 8 bytes) and each key's [begin, end) in the data.
+
+    `sharding=False` leaves DCP's entries out of `__metadata__` (a plain weights file)."""
     doc: dict[str, Any] = {}
     spans: dict[str, tuple[int, int]] = {}
     at = 0
@@ -49,9 +52,11 @@ def header(tensors: list[Tensor], extra: dict[str, str] | None = None) -> tuple[
         spans[t.key] = (at, at + t.nbytes)
         doc[t.key] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + t.nbytes]}
         at += t.nbytes
-    meta = {"format": "pt", "DCP_VERSION": "1.0",
-            SHARDING_KEY: json.dumps({t.key: {"saved_offsets": list(t.offsets)} for t in tensors},
-                                     separators=(",", ":"))}
+    meta = {"format": "pt"}
+    if sharding:
+        meta.update({"DCP_VERSION": "1.0",
+                     SHARDING_KEY: json.dumps({t.key: {"saved_offsets": list(t.offsets)} for t in tensors},
+                                              separators=(",", ":"))})
     meta.update(extra or {})
     doc["__metadata__"] = meta
     body = json.dumps(doc, separators=(",", ":")).encode()

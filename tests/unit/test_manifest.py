@@ -441,6 +441,38 @@ def test_a_malformed_placement_is_refused(bad, message):
     assert parsed is not None and parsed.box == (numel, 1) and parsed.write
 
 
+def test_metrics_round_trip_and_are_absent_when_none():
+    metrics = {"loss": 2.3125, "tokens": 4096.0, "grad_norm": math.inf, "lr": 1e-4}
+    parsed = Manifest.from_json(_manifest(metrics=metrics).to_json())
+    assert parsed.metrics == metrics
+    assert "metrics" not in _doc() and Manifest.from_json(_manifest().to_json()).metrics == {}
+    assert math.isnan(Manifest.from_json(_manifest(metrics={"loss": math.nan}).to_json()).metrics["loss"])
+
+
+def test_edited_metrics_are_refused():
+    doc = json.loads(_manifest(metrics={"loss": 2.5}).to_json())
+    doc["metrics"]["loss"] = 0.5  # a better loss after the fact
+    with pytest.raises(ManifestError, match="checksum mismatch"):
+        Manifest.from_json(_raw(doc, seal=False))
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([["loss", 1.0]], "must be a mapping"),
+    ({"loss": "2.5"}, "metric 'loss' must be a number, got str"),
+    ({"loss": True}, "must be a number, got bool"),
+    ({"loss": [1.0]}, "must be a number, got list"),
+    ({"": 1.0}, "printable text of 1..128"),
+    ({"x" * 129: 1.0}, "printable text of 1..128"),
+    ({"lo\nss": 1.0}, "printable text"),
+    ({f"m{i}": 1.0 for i in range(65)}, "65 metrics exceed the limit of 64"),
+])
+def test_malformed_metrics_are_a_manifest_error_even_with_a_valid_checksum(bad, message):
+    doc = _doc()
+    doc["metrics"] = bad
+    with pytest.raises(ManifestError, match=f"manifest field 'metrics': .*{message}"):
+        Manifest.from_json(_raw(doc))
+
+
 def test_checksum_does_not_depend_on_key_order():
     doc = _doc()
     reordered = dict(reversed(list(doc.items())))
