@@ -17,6 +17,7 @@ from ftd.errors import (  # noqa: E402
     RestoreError,
     SnapshotCorrupt,
 )
+from ftd.logs import log_to_stderr  # noqa: E402
 
 if TYPE_CHECKING:
     from ftd.client.snapshotter import Snapshotter, SnapshotStats
@@ -41,5 +42,6 @@ __all__ = [
     "SnapshotCorrupt",
     "ManifestError",
     "RestoreError",
+    "log_to_stderr",
     "__version__",
 ]

@@ -135,6 +135,8 @@ class Snapshotter:
         self.restored_extra: dict[str, Any] | None = None
         self._pending_stall = -1.0
         self._closed = False
+        self._restored = False
+        self._rng_at_start = torch.random.get_rng_state()  # to tell a batch fetched before restore()
         self.client = DaemonClient(self.config.socket, self.config.job, self.rank, self.config.rpc_timeout,
                                    self.config.daemon_user, self.config.socket_dir_private)
         self._engine = CopyEngine(self.client, self.config, self.rank, self._on_done) if self.config.enabled else None
@@ -270,6 +272,9 @@ class Snapshotter:
             raise ConfigError("a rank with sharded replicated state cannot abstain from a restore")
         if self._engine is None:
             return 0
+        first = not self._restored and steps is None and not abstain and self.stats.requested == 0
+        drawn = first and restore_rng and not torch.equal(self._rng_at_start, torch.random.get_rng_state())
+        self._restored = True
         self.wait()
         result = restore_mod.restore(self.client, self.config.job, self.rank, self.world_size, self.model,
                                      self._state_optimizer, self.scheduler, self.extra, restore_rng,
@@ -299,6 +304,14 @@ class Snapshotter:
             self.stats.restore_held = list(result.held)
             self.stats.restore_gathered = result.gathered
         self.restored_extra = result.extra
+        if drawn and result.step:
+            raise ConfigError(
+                f"restore() loaded step {result.step}, but the torch RNG was drawn from between creating the "
+                "Snapshotter and restore(): a batch was fetched (a shuffling DataLoader draws on its first "
+                "batch) or something random ran before the restore, and the loop would go on with the wrong "
+                "data or RNG. Call restore() before fetching the first batch; or, when the data iterator must "
+                "exist first, call restore(restore_rng=False), build the iterator, skip the batches done and "
+                "call restore_rng()")
         return result.step
 
     def restore_rng(self) -> None:
