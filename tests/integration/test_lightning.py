@@ -5,14 +5,13 @@ boundary crossed)."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 
 import pytest
 import torch
 
-try:
-    import lightning.pytorch  # noqa: F401
-except ImportError:
+if importlib.util.find_spec("lightning") is None:
     pytest.importorskip("pytorch_lightning")
 
 from ftd.demo import results  # noqa: E402
