@@ -267,6 +267,8 @@ class Snapshotter:
         state is left alone; call `restore_rng()` later (e.g. after creating the data iterator).
         `steps` and `abstain` are for recovery planners (ftd.recovery.pipeline): the candidate
         steps every rank already agreed on, and a rank that loads nothing but takes part.
+        Raises ConfigError when a first restore (no snapshot taken yet) with `restore_rng` loads a
+        step although the torch RNG was drawn from since construction (a batch fetched too early).
         """
         if abstain and self.replicas is not None:
             raise ConfigError("a rank with sharded replicated state cannot abstain from a restore")
