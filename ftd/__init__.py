@@ -18,6 +18,7 @@ from ftd.errors import (  # noqa: E402
     RestoreError,
     SnapshotCorrupt,
 )
+from ftd.logs import log_to_stderr  # noqa: E402
 
 if TYPE_CHECKING:
     from ftd.client.snapshotter import Snapshotter, SnapshotStats
@@ -47,5 +48,6 @@ __all__ = [
     "ManifestError",
     "MergeError",
     "RestoreError",
+    "log_to_stderr",
     "__version__",
 ]

@@ -139,6 +139,8 @@ class Snapshotter:
         self.restored_extra: dict[str, Any] | None = None
         self._pending_stall = -1.0
         self._closed = False
+        self._restored = False
+        self._rng_at_start = torch.random.get_rng_state()  # to tell a batch fetched before restore()
         self.client = DaemonClient(self.config.socket, self.config.job, self.rank, self.config.rpc_timeout,
                                    self.config.daemon_user, self.config.socket_dir_private)
         self._engine = CopyEngine(self.client, self.config, self.rank, self._on_done) if self.config.enabled else None
@@ -279,11 +281,16 @@ class Snapshotter:
         state is left alone; call `restore_rng()` later (e.g. after creating the data iterator).
         `steps` and `abstain` are for recovery planners (ftd.recovery.pipeline): the candidate
         steps every rank already agreed on, and a rank that loads nothing but takes part.
+        Raises ConfigError when a first restore (no snapshot taken yet) with `restore_rng` loads a
+        step although the torch RNG was drawn from since construction (a batch fetched too early).
         """
         if abstain and self.replicas is not None:
             raise ConfigError("a rank with sharded replicated state cannot abstain from a restore")
         if self._engine is None:
             return 0
+        first = not self._restored and steps is None and not abstain and self.stats.requested == 0
+        drawn = first and restore_rng and not torch.equal(self._rng_at_start, torch.random.get_rng_state())
+        self._restored = True
         self.wait()
         plain = steps is None and not abstain  # a recovery planner's restore stays within its own world
         newer_elsewhere = memreshard.probe(self.client, self.world_size, self.config.restore_timeout) if plain else -1
@@ -327,6 +334,14 @@ class Snapshotter:
             self.stats.restore_old_world = max(old_world, 0)
             self.stats.restore_moved = moved
         self.restored_extra = result.extra
+        if drawn and result.step:
+            raise ConfigError(
+                f"restore() loaded step {result.step}, but the torch RNG was drawn from between creating the "
+                "Snapshotter and restore(): a batch was fetched (a shuffling DataLoader draws on its first "
+                "batch) or something random ran before the restore, and the loop would go on with the wrong "
+                "data or RNG. Call restore() before fetching the first batch; or, when the data iterator must "
+                "exist first, call restore(restore_rng=False), build the iterator, skip the batches done and "
+                "call restore_rng()")
         return result.step
 
     def _restore_same_world(self, restore_rng: bool, steps: list[int] | None, abstain: bool,

@@ -90,3 +90,33 @@ def test_ftd_has_no_import_cycles() -> None:
     graph = import_graph()
     assert "ftd.daemon.protection" in graph and "ftd.daemon.store" in graph["ftd.daemon.protection"]
     assert cycles(graph) == []
+
+
+def test_importing_ftd_imports_no_framework() -> None:
+    """`import ftd`, the integrations package and the CLI import neither transformers nor Lightning (the
+    trainer API's modules are checked by the static test below, without paying for torch here)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ftd, ftd.integrations, ftd.cli, ftd.logs;"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'accelerate', 'lightning',"
+            " 'pytorch_lightning', 'lightning_fabric'));"
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "", out.stdout
+
+
+def test_only_the_integration_modules_import_frameworks() -> None:
+    frameworks = ("transformers", "accelerate", "lightning", "pytorch_lightning", "lightning_fabric")
+    allowed = {"ftd.integrations.transformers": {"transformers"},
+               "ftd.integrations.lightning": {"lightning", "pytorch_lightning"}}
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                tops = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                tops = {(node.module or "").split(".")[0]}
+            else:
+                continue
+            used = tops & set(frameworks)
+            assert used <= allowed.get(name, set()), f"{name} imports {used}"
