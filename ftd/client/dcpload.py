@@ -36,6 +36,8 @@ Box = tuple[int, ...]
 Globals = dict[str, tuple[str, Box, list[tuple[Box, Box]]]]
 """fqn -> (dtype name, global shape, [(offsets, box) of every piece])."""
 ReshardExtra = Callable[[list[dict[str, Any]]], dict[str, Any]]
+PREFETCH_BYTES = 256 << 20
+"""Bytes of pieces a reader is asked to fetch together (`PieceReader.prefetch`), at most about."""
 
 
 def strides(box: Box) -> tuple[int, ...]:
@@ -99,31 +101,54 @@ class PieceReader(StorageReader):
                 return b
         raise KeyError(f"{fqn}: no piece at {list(offsets)}")
 
+    def prefetch(self, wanted: list[tuple[str, Box, int, int]]) -> None:
+        """About to read these (fqn, offsets, first, end) element spans: a reader may fetch them together."""
+
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         groups: dict[tuple[str, Box], list[ReadItem]] = defaultdict(list)
         for item in plan.items:
             groups[(item.storage_index.fqn, tuple(item.storage_index.offset or ()))].append(item)
+        planned = []
         for (fqn, offsets), items in groups.items():
             box = self._box(fqn, offsets)
             spans = [element_span(box, tuple(i.storage_offsets), tuple(i.lengths)) for i in items]
-            first = min(s[0] for s in spans)
-            end = max(s[1] for s in spans)
-            flat, base = self.read_elements(fqn, offsets, first, end)
-            st = strides(box)
-            for item, (start, stop) in zip(items, spans):
-                target = planner.resolve_tensor(item).detach()
-                if stop > start:
-                    source = flat.as_strided(tuple(item.lengths), st, start - base)
-                    target.copy_(source)
-                planner.commit_tensor(item, target)
+            planned.append((fqn, offsets, box, items, spans, min(s[0] for s in spans), max(s[1] for s in spans)))
+        window: list = []
+        window_bytes = 0
+        for i, group in enumerate(planned):
+            window.append(group)
+            window_bytes += (group[6] - group[5]) * torch_dtype(self.globals[group[0]][0]).itemsize
+            if window_bytes < PREFETCH_BYTES and i + 1 < len(planned):
+                continue
+            self.prefetch([(fqn, offsets, first, end) for fqn, offsets, _, _, _, first, end in window])
+            for fqn, offsets, box, items, spans, first, end in window:
+                flat, base = self.read_elements(fqn, offsets, first, end)
+                st = strides(box)
+                for item, (start, stop) in zip(items, spans):
+                    target = planner.resolve_tensor(item).detach()
+                    if stop > start:
+                        target.copy_(flat.as_strided(tuple(item.lengths), st, start - base))
+                    planner.commit_tensor(item, target)
+            window, window_bytes = [], 0
         future: Future[None] = Future()
         future.set_result(None)
         return future
 
 
-def check_target(globals_: Globals, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+class StateDicts:
+    """This rank's model and optimizer state dicts as DCP names them (made once: making the optimizer's
+    initialises its state with a step, which costs as much as a training step)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        self.model, self.optimizer = model, optimizer
+        self.msd = get_model_state_dict(model)
+        self.osd = get_optimizer_state_dict(model, optimizer) if optimizer is not None else None
+
+
+def check_target(globals_: Globals, dicts: StateDicts) -> None:
     """Every tensor of the live state dicts has a global of the same dtype and shape (before anything is written)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     from torch.distributed.tensor import DTensor
 
     def check(prefix: str, value: Any) -> None:
@@ -142,24 +167,21 @@ def check_target(globals_: Globals, model: torch.nn.Module, optimizer: torch.opt
             raise ValueError(f"{prefix}: the step holds {g[0]}{list(g[1])}, this rank's model "
                              f"{str(dtype).removeprefix('torch.')}{list(shape)}")
 
-    for k, v in get_model_state_dict(model).items():
+    for k, v in dicts.msd.items():
         check(f"model.{k}", v)
-    if optimizer is not None:
-        for k, v in get_optimizer_state_dict(model, optimizer)["state"].items():
+    if dicts.osd is not None:
+        for k, v in dicts.osd["state"].items():
             check(f"optim.state.{k}", v)
 
 
-def load_tensors(reader: PieceReader, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+def load_tensors(reader: PieceReader, dicts: StateDicts) -> None:
     """Model and optimizer tensors of this rank's state dicts from `reader`, through DCP's planner."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    msd = get_model_state_dict(model)
+    model, optimizer, msd, osd = dicts.model, dicts.optimizer, dicts.msd, dicts.osd
     target: dict[str, Any] = {"model": msd}
-    osd = None
-    if optimizer is not None:
-        osd = get_optimizer_state_dict(model, optimizer)
+    if osd is not None:
         target["optim"] = {"state": osd["state"]}
     from torch.distributed.checkpoint.api import CheckpointException
 

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 READ_BATCH_BYTES = 32 << 20
 """Bytes asked of a peer per ReadRanges call."""
+GAP_BYTES = 64 << 10
+"""Spans of one old segment closer than this are read in one range (one round trip on the bulk plane)."""
 WORLD_BITS = 20
 """A (step, world size) pair travels in the step agreement as step << WORLD_BITS | world size."""
 
@@ -91,6 +93,7 @@ class MemoryReader(PieceReader):
                  timeout: float | None):
         self.client, self.job, self.step, self.ranks, self.me, self.timeout = client, job, step, ranks, me, timeout
         self.moved = Moved()
+        self._prefetched: dict[tuple[str, Box], tuple[int, bytearray]] = {}
         globals_: dcpload.Globals = {}
         self.holders: dict[tuple[str, Box], list[tuple[int, Entry]]] = {}
         for r, old in sorted(ranks.items()):
@@ -123,11 +126,46 @@ class MemoryReader(PieceReader):
         r, e = pool[(zlib.crc32(f"{fqn}{offsets}".encode()) + self.me) % len(pool)]
         return self.ranks[r], e
 
+    def prefetch(self, wanted: list[tuple[str, Box, int, int]]) -> None:
+        """Read the peers' spans of `wanted` in batched ReadRanges calls (one per peer rank and 32 MiB),
+        each verified; local spans are read when asked for."""
+        remote: dict[tuple[int, int], list[tuple[tuple[str, Box], Entry, int, int]]] = {}
+        for fqn, offsets, first, end in wanted:
+            old, entry = self._holder(fqn, offsets)
+            if old.node < 0:
+                continue
+            size = torch_dtype(entry.dtype).itemsize
+            begin, stop = self.chunk_span(old.manifest, entry, first * size, end * size)
+            remote.setdefault((old.node, old.rank), []).append(((fqn, offsets), entry, begin, stop))
+        for (node, rank), spans in remote.items():
+            for group in _coalesce(sorted(spans, key=lambda sp: sp[1].offset + sp[2])):
+                self._fetch_group(self.ranks[rank], node, group)
+
+    def _fetch_group(self, old: OldRank, node: int, group: list[tuple[tuple[str, Box], Entry, int, int]]) -> None:
+        """One ReadRanges call for spans that lie close together in one old segment: the bytes from the first
+        span's start to the last one's end (the gaps, at most GAP_BYTES each, travel too)."""
+        lo = group[0][1].offset + group[0][2]
+        hi = max(e.offset + t for _, e, _, t in group)
+        data = self.client.read_ranges(old.rank, self.step, node, [(lo, hi - lo)], self.timeout)
+        if len(data) != hi - lo:
+            raise SnapshotCorrupt(f"node {node} sent {len(data)} bytes of old rank {old.rank} for {hi - lo}",
+                                  rank=old.rank, step=self.step)
+        self._account(old, hi - lo)
+        for key, entry, begin, stop in group:
+            at = entry.offset + begin - lo
+            piece = bytearray(data[at:at + stop - begin])
+            self._verify(old, entry, begin, stop, piece)
+            self._prefetched[key] = (begin, piece)
+
     def read_elements(self, fqn: str, offsets: Box, first: int, end: int) -> tuple[torch.Tensor, int]:
         old, entry = self._holder(fqn, offsets)
         size = torch_dtype(entry.dtype).itemsize
         begin, stop = self.chunk_span(old.manifest, entry, first * size, end * size)
-        data = self.read_verified(old, entry, begin, stop)
+        got = self._prefetched.pop((fqn, offsets), None)
+        if got is not None and got[0] == begin and len(got[1]) == stop - begin:
+            data = got[1]
+        else:
+            data = self.read_verified(old, entry, begin, stop)
         flat = (torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8))
         return flat.view(torch_dtype(entry.dtype)), begin // size
 
@@ -140,12 +178,24 @@ class MemoryReader(PieceReader):
     def read_verified(self, old: OldRank, entry: Entry, begin: int, stop: int) -> bytearray:
         """Entry bytes [begin, stop) (chunk-aligned) of an old rank, checked against its manifest's checksums."""
         data = self._read(old, entry.offset + begin, stop - begin)
+        self._verify(old, entry, begin, stop, data)
+        return data
+
+    def _verify(self, old: OldRank, entry: Entry, begin: int, stop: int, data: bytearray) -> None:
         c = old.manifest.chunk_bytes
         if chunk_checksums(memoryview(data), c) != entry.checksums[begin // c:begin // c + -(-(stop - begin) // c)]:
-            raise SnapshotCorrupt(f"checksum mismatch in old rank {old.rank}'s {entry.name} "
-                                  f"(bytes [{begin}, {stop}), read from {'this node' if old.node < 0 else f'node {old.node}'})",
-                                  rank=old.rank, step=self.step, entry=entry.name)
-        return data
+            where = "this node" if old.node < 0 else f"node {old.node}"
+            raise SnapshotCorrupt(f"checksum mismatch in old rank {old.rank}'s {entry.name} (bytes [{begin}, {stop}), "
+                                  f"read from {where})", rank=old.rank, step=self.step, entry=entry.name)
+
+    def _account(self, old: OldRank, length: int) -> None:
+        if old.node < 0:
+            self.moved.local += length
+        else:
+            self.moved.peers += length
+        if old.source == "adopted":
+            self.moved.decoded += length
+        self.moved.by_old_rank[old.rank] += length
 
     def _read(self, old: OldRank, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
@@ -159,7 +209,6 @@ class MemoryReader(PieceReader):
                 old.segment = MappedSegment(reply.path, old.manifest.data_bytes, writable=False,
                                             trust=self.client.segment_trust())
             buf[:] = old.segment.memoryview()[offset:offset + length]
-            self.moved.local += length
         else:
             pos = 0
             while pos < length:
@@ -170,10 +219,7 @@ class MemoryReader(PieceReader):
                                           rank=old.rank, step=self.step)
                 buf[pos:pos + n] = data
                 pos += n
-            self.moved.peers += length
-        if old.source == "adopted":
-            self.moved.decoded += length
-        self.moved.by_old_rank[old.rank] += length
+        self._account(old, length)
         return buf
 
     def raw_entry(self, old: OldRank, name: str) -> torch.Tensor:
@@ -190,6 +236,22 @@ class MemoryReader(PieceReader):
             if old.segment is not None:
                 old.segment.close()
                 old.segment = None
+
+
+def _coalesce(spans: list[tuple[tuple[str, Box], Entry, int, int]]) -> list[list[tuple[tuple[str, Box], Entry, int, int]]]:
+    """Spans sorted by position in their segment, in groups of at most READ_BATCH_BYTES whose gaps are
+    under GAP_BYTES."""
+    groups: list[list[tuple[tuple[str, Box], Entry, int, int]]] = []
+    lo = end = 0
+    for span in spans:
+        start, stop = span[1].offset + span[2], span[1].offset + span[3]
+        if groups and start - end <= GAP_BYTES and stop - lo <= READ_BATCH_BYTES:
+            groups[-1].append(span)
+            end = max(end, stop)
+        else:
+            groups.append([span])
+            lo, end = start, stop
+    return groups
 
 
 def probe(client: DaemonClient, world_size: int, timeout: float | None) -> int:
@@ -230,7 +292,8 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
         reader, failure = None, ""
         try:
             reader = _reader(client, job, step, old_world, offered[(step, old_world)], rank, timeout, run)
-            dcpload.check_target(reader.globals, model, optimizer)
+            dicts = dcpload.StateDicts(model, optimizer)
+            dcpload.check_target(reader.globals, dicts)
         except (FtdError, ValueError, KeyError, TypeError) as exc:
             failure = f"{type(exc).__name__}: {exc}"
             log.error("rank %d: step %d of world %d cannot be resharded: %s", rank, step, old_world, failure)
@@ -242,7 +305,7 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
         decoded, ok = None, False
         try:
             source = reader.ranks[rank if rank < old_world else 0]
-            dcpload.load_tensors(reader, model, optimizer)
+            dcpload.load_tensors(reader, dicts)
             hook = (lambda: reshard_extra(_old_extras(reader))) if reshard_extra is not None else None
             decoded = dcpload.apply_small_state(source.manifest, lambda name: reader.raw_entry(source, name),
                                                 optimizer, scheduler, extra, restore_rng, hook)

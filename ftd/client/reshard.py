@@ -105,8 +105,9 @@ def restore(durable_dir: str, job: str, rank: int, world_size: int, model: torch
     decoded = None
     try:
         reader = DurableReader(opened)
-        dcpload.check_target(reader.globals, model, optimizer)
-        dcpload.load_tensors(reader, model, optimizer)
+        dicts = dcpload.StateDicts(model, optimizer)
+        dcpload.check_target(reader.globals, dicts)
+        dcpload.load_tensors(reader, dicts)
         hook = (lambda: reshard_extra(_old_extras(opened, old_world))) if reshard_extra is not None else None
         decoded = dcpload.apply_small_state(manifest, lambda name: raw[name].clone(), optimizer, scheduler, extra,
                                             restore_rng, hook)

@@ -30,7 +30,6 @@ from ftd.daemon.groups import Group
 from ftd.daemon.parity import ParityStore, RotationRecord
 from ftd.daemon.peers import PeerTable
 from ftd.daemon.store import SegmentStore
-from ftd.manifest import Manifest
 from ftd.metrics import DaemonMetrics
 
 log = logging.getLogger(__name__)
@@ -195,10 +194,10 @@ class BulkService:
 
     def _serve_segment(self, message: Segment | SegmentManifest, sized: bool, offset: int, length: int) -> bytes:
         self.served.touch(message.step)
-        path, _, manifest, _ = self.store.open(message.job, message.rank, message.step)
         if isinstance(message, SegmentManifest):
+            _, _, manifest, _ = self.store.open(message.job, message.rank, message.step)
             return bulkmsg.serve_sized(len(manifest), lambda o, n: manifest[o:o + n], sized, offset, length)
-        nbytes = Manifest.from_json(manifest).data_bytes
+        path, nbytes = self.store.data_of(message.job, message.rank, message.step)
 
         def read(o: int, n: int) -> bytes:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)

@@ -514,6 +514,16 @@ class SegmentStore:
                     return str(slot.path), slot.capacity, manifest_json, slot.source.recovery_source
         raise NotFound(f"job {job!r} rank {rank} step {step} is not held here (held: {self.list_steps(job, rank)})")
 
+    def data_of(self, job: str, rank: int, step: int) -> tuple[str, int]:
+        """(segment path, data bytes) of sealed (rank, step), without reading its manifest (a peer's range
+        reads ask this per request); NotFound when it is not held here."""
+        self._check(job, rank, step)
+        with self._lock:
+            for slot in self._slots.get(rank, []):
+                if slot.state is SlotState.SEALED and slot.step == step:
+                    return str(slot.path), slot.data_bytes
+        raise NotFound(f"job {job!r} rank {rank} step {step} is not held here")
+
     def source_of(self, job: str, rank: int, step: int) -> Source:
         """Where the sealed (rank, step) came from; NotFound when it is not held here."""
         self._check(job, rank, step)
