@@ -9,6 +9,7 @@ import pytest
 
 from ftd.config import DaemonConfig
 from ftd.daemon.server import Daemon
+from tests.unit.ecnodes import Cluster
 
 
 @pytest.fixture
@@ -34,3 +35,18 @@ def small_tmpfs(tmp_path):
         pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def cluster_of(tmp_path):
+    """`cluster_of(n, "k+m")`: n EC nodes in this process (tests/unit/ecnodes.py), stopped after the test."""
+    made: list[Cluster] = []
+
+    def make(n: int, ec: str, **settings: object) -> Cluster:
+        cluster = Cluster(tmp_path, n, ec, **settings).start_all()
+        made.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.stop()

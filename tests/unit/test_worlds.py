@@ -14,18 +14,6 @@ from tests.unit.ecnodes import JOB, Cluster, held_bytes, metric, state_bytes
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture
-def cluster_of(tmp_path):
-    made: list[Cluster] = []
-
-    def make(n: int, ec: str, **settings: object) -> Cluster:
-        cluster = Cluster(tmp_path, n, ec, **settings).start_all()
-        made.append(cluster)
-        return cluster
-
-    yield make
-    for cluster in made:
-        cluster.stop()
 
 
 def _catalog(c: Cluster, node: int) -> WorldCatalog:
