@@ -44,7 +44,8 @@ def _agents(nodes: list[LocalNode], store: RendezvousStore, rdzv: str, args: lis
         assert agent.wait(150) == 0, "\n".join(n.log.read_text()[-2000:] for n in nodes)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# FSDP2 in the default suite; DDP (the same path with replicated pieces) in `-m long` for the suite's time budget.
+@pytest.mark.parametrize("case", [pytest.param("ddp", marks=pytest.mark.long), "fsdp2"])
 @pytest.mark.timeout(180 + 150 + 60 + 150 + 60 + 120 + 120 + 30 + 150)  # the budgets below
 def test_every_node_wiped_resumes_from_the_durable_tier_bit_exact(tmp_path: Path, case: str):
     flags = CASES[case]

@@ -140,6 +140,7 @@ def test_unauthenticated_peer_cannot_read_or_write(nodes4: list[Node]):
     assert "EC 3+1: node 0 in group [0, 1, 2, 3]" in human and "(this node)" in human
 
 
+@pytest.mark.long  # the suite's time budget; losing m nodes at once is also covered by tests/unit/test_ec_inproc.py
 @pytest.mark.parametrize("nodes4", [("2+2", "auto", "localhost")], indirect=True, ids=["2+2-by-dns-name"])
 @pytest.mark.timeout(120 + 120 + 60 + 180 + 180)  # the budgets below
 def test_losing_m_nodes_at_once_resumes_bit_exact(nodes4: list[Node], tmp_path: Path):

@@ -22,6 +22,7 @@ NODES = 3
 TRAIN = ["--steps", str(STEPS), "--step-sleep", "0.25"]
 
 
+@pytest.mark.long  # the suite's time budget; `ftd demo`'s node loss (tests/integration/test_demo_and_chaos.py) covers it
 @pytest.mark.timeout(180 + 200 + 240 + 60)  # the budgets below
 def test_node_replaced_under_torchrun_ranks_reassigned_bit_exact(tmp_path: Path):
     reference = Reference(tmp_path / "reference", NODES, ["--steps", str(STEPS)]).start().wait(180)
