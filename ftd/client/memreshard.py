@@ -26,8 +26,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -68,7 +67,6 @@ class Moved:
     local: int = 0
     peers: int = 0
     decoded: int = 0
-    by_old_rank: Counter[int] = field(default_factory=Counter)
 
     @property
     def total(self) -> int:
@@ -195,7 +193,6 @@ class MemoryReader(PieceReader):
             self.moved.peers += length
         if old.source == "adopted":
             self.moved.decoded += length
-        self.moved.by_old_rank[old.rank] += length
 
     def _read(self, old: OldRank, offset: int, length: int) -> bytearray:
         buf = bytearray(length)

@@ -221,17 +221,13 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
         if total > MAX_READ_RANGES_BYTES or len(request.ranges) > MAX_RANGES:
             raise RequestRejected(f"{len(request.ranges)} ranges of {total} bytes: at most {MAX_RANGES} ranges of "
                                   f"{MAX_READ_RANGES_BYTES} bytes per call")
-        parts = []
         if request.node < 0:
-            for r in request.ranges:
-                parts.append(self.store.read(request.job, request.rank, request.step, r.offset, r.length))
-        else:
-            view = self.redundancy.group_view()
-            if view is None:
-                raise NotFound("this node has no peers")
-            for r in request.ranges:
-                parts.append(view.peer_read(request.node, request.job, request.rank, request.step, r.offset,
-                                            r.length))
+            raise BadArgument("a segment held here is mapped through Open, not read through ReadRanges")
+        view = self.redundancy.group_view()
+        if view is None:
+            raise NotFound("this node has no peers")
+        parts = [view.peer_read(request.node, request.job, request.rank, request.step, r.offset, r.length)
+                 for r in request.ranges]
         return pb.ReadRangesReply(data=b"".join(parts))
 
     def Discard(self, request: pb.DiscardRequest, context: grpc.ServicerContext) -> pb.DiscardReply:

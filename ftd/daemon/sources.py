@@ -58,9 +58,6 @@ class RecoveryChain:
 
     def wait_ready(self, deadline: float) -> None:
         """Return once this node holds what it will hold (a rebuild has run); NotReady at `deadline`."""
-        self._ready(deadline)
-
-    def _ready(self, deadline: float) -> None:
         if self.redundancy.wait_ready(0):
             return
         log.info("a rank asked for its snapshots while this node rebuilds; holding the call")
@@ -69,7 +66,7 @@ class RecoveryChain:
 
     def steps(self, job: str, rank: int, deadline: float, world_size: int = 0) -> list[int]:
         """Every step of `rank` some source holds (durable ones of `world_size` only, when it is given)."""
-        self._ready(deadline)
+        self.wait_ready(deadline)
         local = self.store.list_steps(job, rank, world_size)
         if not self.redundancy.wait_for_peers(deadline - time.monotonic()):
             log.warning("a peer is still rebuilding; answering with what the group holds now")
@@ -85,7 +82,7 @@ class RecoveryChain:
     def open(self, job: str, rank: int, step: int, deadline: float, world_size: int = 0) -> Opened:
         """(rank, step) from the first source that holds it; NotFound when none does. With `world_size`, a
         peer's copy of another world size is not fetched (the rank reshards it instead)."""
-        self._ready(deadline)
+        self.wait_ready(deadline)
         try:
             return Opened(*self.store.open(job, rank, step))
         except NotFound:

@@ -461,23 +461,6 @@ class SegmentStore:
                           for rank, slots in self._slots.items() for s in slots
                           if s.state is SlotState.SEALED and s.step is not None)
 
-    def read(self, job: str, rank: int, step: int, offset: int, length: int) -> bytes:
-        """`length` bytes at `offset` of the data of sealed (rank, step); NotFound when it is not held here."""
-        self._check(job, rank, step)
-        with self._lock:
-            slot = next((s for s in self._slots.get(rank, []) if s.state is SlotState.SEALED and s.step == step),
-                        None)
-            if slot is None:
-                raise NotFound(f"job {job!r} rank {rank} step {step} is not held here")
-            if offset < 0 or length < 0 or offset + length > slot.data_bytes:
-                raise RequestRejected(f"bytes [{offset}, {offset + length}) are outside rank {rank} step {step}'s "
-                                      f"{slot.data_bytes} bytes")
-            fd = os.open(slot.path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
-        try:
-            return os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
-
     def drop_other_worlds(self, job: str, world_size: int, above_step: int) -> list[tuple[int, int]]:
         """After a reshard onto `world_size`: drop the old worlds' steps above `above_step` (an abandoned
         timeline: the job went on from `above_step`), unpinned ones only. Returns the (rank, step) dropped."""

@@ -4,6 +4,7 @@ SIGKILL it once it has recorded a given step, run it again to the end, compare b
 from __future__ import annotations
 
 import signal
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,12 @@ from tests.bitexact import differing
 HERE = Path(__file__).resolve().parent
 
 
+FINISH_S = 120
+"""finish()'s default budget."""
+KILLED_AND_RESUMED_S = 120 + 30 + FINISH_S
+"""run_killed_and_resumed()'s budget: kill_at, the killed process's exit, finish."""
+
+
 def start(script: str, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """`python tests/integration/<script> ARGS`, output appended to `log`."""
     with open(log, "ab") as out:
@@ -23,7 +30,7 @@ def start(script: str, args: list[str], env: dict[str, str], log: Path) -> subpr
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+def finish(proc: subprocess.Popen[bytes], log: Path, timeout: float = FINISH_S) -> None:
     """Wait for a script to exit 0 (FtdError with its log's tail otherwise)."""
     try:
         rc = proc.wait(timeout)
@@ -42,6 +49,13 @@ def kill_at(proc: subprocess.Popen[bytes], losses: Path, step: int, log: Path, t
         raise FtdError(f"{exc}:\n{log.read_text()[-4000:]}") from None
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
+
+
+def stop(proc: subprocess.Popen[bytes], node: LocalNode) -> None:
+    """End a reference script (if it still runs) and a test node, and remove the node's memory."""
+    proc.kill()
+    node.close()
+    shutil.rmtree(node.shm, ignore_errors=True)
 
 
 def run_killed_and_resumed(node: LocalNode, script: str, args: list[str], kill_step: int,

@@ -4,7 +4,6 @@ run without ftd, bit for bit (dropout on, gradient accumulation 2, an epoch boun
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from tests.integration import scripts  # noqa: E402
 ARGS = ["--steps", "12", "--ga", "2"]  # 40 samples, batch 4: 10 batches = 5 steps per epoch
 
 
+@pytest.mark.timeout(scripts.KILLED_AND_RESUMED_S + scripts.FINISH_S + 30)  # the budgets below
 def test_hf_trainer_sigkill_resumes_bit_exact(tmp_path):
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
@@ -38,6 +38,4 @@ def test_hf_trainer_sigkill_resumes_bit_exact(tmp_path):
         scripts.compare(node.losses, torch.load(node.root / "params.pt", weights_only=True),
                         ref_dir / "losses.jsonl", torch.load(ref_dir / "params.pt", weights_only=True))
     finally:
-        ref.kill()
-        node.close()
-        shutil.rmtree(node.shm, ignore_errors=True)
+        scripts.stop(ref, node)

@@ -6,7 +6,6 @@ boundary crossed)."""
 from __future__ import annotations
 
 import importlib.util
-import shutil
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from tests.integration import scripts  # noqa: E402
 ARGS = ["--steps", "12"]  # 12 batches = 6 optimizer steps per epoch
 
 
+@pytest.mark.timeout(scripts.KILLED_AND_RESUMED_S + scripts.FINISH_S + 30)  # the budgets below
 def test_lightning_sigkill_resumes_bit_exact(tmp_path):
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
@@ -42,9 +42,7 @@ def test_lightning_sigkill_resumes_bit_exact(tmp_path):
         scripts.compare(node.losses, torch.load(node.root / "params.pt", weights_only=True),
                         ref_dir / "losses.jsonl", torch.load(ref_dir / "params.pt", weights_only=True))
     finally:
-        ref.kill()
-        node.close()
-        shutil.rmtree(node.shm, ignore_errors=True)
+        scripts.stop(ref, node)
 
 
 def _ftd_env(node, monkeypatch):
