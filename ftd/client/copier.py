@@ -1,6 +1,6 @@
 """The copy engine: one named background thread per rank that moves a captured step into shm.
 
-For each job: Begin (get a segment) -> copy every tensor (CPU: chunked `copy_`; CUDA: a side
+For each job: encode the captured step (`prepare`: what `snapshot()` left to this thread) -> Begin (get a segment) -> copy every tensor (CPU: chunked `copy_`; CUDA: a side
 stream into the registered mapping) -> signal `copied` (the optimizer may now run) -> checksum
 the segment -> Commit. Nothing here raises into the training loop: every failure becomes a
 skipped snapshot with a reason.
@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 COPY_SLICE_BYTES = 64 << 20  # a stop request is honoured within one slice
 
 
+class SkipStep(Exception):
+    """Raised by a job's `prepare`: the step is skipped for `reason` (the Snapshotter logs `detail`)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
 @dataclass
 class CopyJob:
     """One step on its way into the daemon."""
@@ -41,6 +49,7 @@ class CopyJob:
     world_size: int
     stall_to_report: float
     cuda_ready: Any = None  # a CUDA event recorded on the training stream after optimizer.step
+    prepare: Callable[[], Captured] | None = None  # builds `captured` on the copy thread (may raise SkipStep)
     copied: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     abandon: threading.Event = field(default_factory=threading.Event)
@@ -48,6 +57,7 @@ class CopyJob:
     nbytes: int = 0
     copy_seconds: float = 0.0
     outcome: str = "pending"  # sealed | skipped:<reason> | abandoned
+    detail: str = ""  # why a step was skipped, for the Snapshotter's log line (SkipStep)
 
 
 class CopyEngine:
@@ -67,7 +77,8 @@ class CopyEngine:
         self._thread.start()
 
     def submit(self, job: CopyJob) -> None:
-        job.step = job.captured.step if job.captured else -1
+        if job.captured is not None:
+            job.step = job.captured.step
         self._jobs.put(job)
 
     def close(self, timeout: float) -> None:
@@ -95,6 +106,8 @@ class CopyEngine:
     def _run_one(self, job: CopyJob) -> None:
         try:
             job.outcome = self._process(job)
+        except SkipStep as exc:
+            job.outcome, job.detail = f"skipped:{exc.reason}", exc.detail
         except UntrustedDaemon as exc:
             self._connected = False
             log.log(logging.ERROR if "untrusted_daemon" not in self._warned else logging.DEBUG,
@@ -118,7 +131,7 @@ class CopyEngine:
             log.exception("rank %d: snapshot of step %d failed unexpectedly", self.rank, job.step)
             job.outcome = "skipped:error"
         finally:
-            job.captured = None
+            job.captured = job.prepare = None
             job.copied.set()
             job.finished.set()
             try:
@@ -134,6 +147,8 @@ class CopyEngine:
         log.log(logging.WARNING if first else logging.DEBUG, message, *args)
 
     def _process(self, job: CopyJob) -> str:
+        if job.captured is None and job.prepare is not None:
+            job.captured, job.prepare = job.prepare(), None
         cap = job.captured
         assert cap is not None
         if not self._connected:

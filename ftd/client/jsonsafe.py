@@ -61,6 +61,34 @@ def encode(value: Any, path: str, sink: TensorSink, _depth: int = 0) -> Any:
                     "(use JSON-safe values or tensors)")
 
 
+def freeze(value: Any, _depth: int = 0) -> Any:
+    """A copy of `value` that later changes to it cannot reach: containers copied, tensors cloned, arrays copied.
+
+    For values `encode` will take later (on another thread): scalars and strings are immutable and
+    shared; lists, tuples and dicts (subclasses become the plain type, which `encode` stores alike)
+    are rebuilt; tensors are detached clones. Anything else, and anything nested deeper than
+    MAX_DEPTH (a cycle included), is returned as it is: `encode` refuses it with the error it
+    always gave. Never raises for a value `encode` accepts.
+    """
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if _depth > MAX_DEPTH:
+        return value
+    d = _depth + 1
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return [freeze(v, d) for v in value]
+    if isinstance(value, tuple):
+        return tuple([freeze(v, d) for v in value])
+    if isinstance(value, dict):
+        return {freeze(k, d): freeze(v, d) for k, v in value.items()}
+    np = _numpy()
+    if np is not None and isinstance(value, np.ndarray):
+        return value.copy()
+    return value
+
+
 def _escape(key: str) -> str:
     """Make a dict key safe as one component of an entry name ('/' separates, '#' marks indices)."""
     return key.replace("%", "%25").replace("/", "%2F").replace("#", "%23")

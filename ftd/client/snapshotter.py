@@ -36,7 +36,7 @@ import torch.distributed as dist
 from ftd.client import jsonsafe
 from ftd.client import restore as restore_mod
 from ftd.client import memreshard, placement, reshard, sharding, state
-from ftd.client.copier import CopyEngine, CopyJob
+from ftd.client.copier import CopyEngine, CopyJob, SkipStep
 from ftd.client.rpc import DaemonClient
 from ftd.client.sharding import Replicas
 from ftd.config import ClientConfig
@@ -182,30 +182,41 @@ class Snapshotter:
         except Exception as exc:  # noqa: BLE001 - the user's callable
             self._skip(step, "extra", f"the extra callable raised {type(exc).__name__}: {exc}")
             return
-        try:
-            captured = state.capture(step, self.model, self._state_optimizer, self.scheduler, extra)
+        try:  # only what may change before the next optimizer.step is taken here; the copy thread encodes it
+            frozen = state.freeze(step, self.model, self._state_optimizer, self.scheduler, extra)
+            outer = None
             if self._state_optimizer is not self.optimizer and self.optimizer is not None:
-                captured.meta["outer_param_groups"] = jsonsafe.encode(
-                    [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
-                    "outer_groups", _refuse_tensor)
-            if self.replicas is not None and self.replicas.size > 1:
-                sharding.shard(captured, self.replicas, self._shardable(captured))
-            placement.assign(captured, self._copies, self._replicated)
-            captured.metrics = recorded
+                outer = jsonsafe.freeze([{k: v for k, v in g.items() if k != "params"}
+                                         for g in self.optimizer.param_groups])
         except (TypeError, ValueError, RecursionError) as exc:
             self._skip(step, "capture", f"state cannot be captured: {type(exc).__name__}: {exc}")
             return
         ready = None
-        if torch.cuda.is_available() and any(t.is_cuda for t in captured.sources):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream())
-        job = CopyJob(captured, self.world_size, self._pending_stall, cuda_ready=ready)
+        job = CopyJob(None, self.world_size, self._pending_stall, cuda_ready=ready, step=step,
+                      prepare=lambda: self._encode(frozen, outer, recorded))
         self._pending_stall = -1.0
         with self._lock:
             self._inflight = self._unmeasured = job
         self._engine.submit(job)
         if self.optimizer is None:  # nothing tells us when the state changes next: copy now
             self._wait_copied(job, "snapshot without optimizer")
+
+    def _encode(self, frozen: state.Frozen, outer: Any, recorded: dict[str, float]) -> state.Captured:
+        """On the copy thread, before the copy: entries, meta, shards and placements of a frozen step."""
+        try:
+            captured = state.encode(frozen, self.model, self._state_optimizer)
+            if outer is not None:
+                captured.meta["outer_param_groups"] = jsonsafe.encode(outer, "outer_groups", _refuse_tensor)
+            if self.replicas is not None and self.replicas.size > 1:
+                sharding.shard(captured, self.replicas, self._shardable(captured))
+            placement.assign(captured, self._copies, self._replicated)
+            captured.metrics = recorded
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise SkipStep("capture", f"state cannot be captured: {type(exc).__name__}: {exc}") from None
+        return captured
 
     def _shardable(self, captured: state.Captured) -> Callable[[str], bool]:
         """Which captured entries are identical on every replica: live parameters and optimizer state,
@@ -258,7 +269,7 @@ class Snapshotter:
                 self.stats.last_bytes = job.nbytes
                 self.stats.last_copy_s = job.copy_seconds
                 return
-        self._skip(job.step, job.outcome.removeprefix("skipped:"), None)
+        self._skip(job.step, job.outcome.removeprefix("skipped:"), job.detail or None)
 
     def _skip(self, step: int, reason: str, message: str | None, exc_info: bool = False) -> None:
         """Count a skipped step; the first skip of each reason is a warning, later ones debug lines."""

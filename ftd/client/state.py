@@ -3,7 +3,9 @@
 Capture splits the state in two. Parameters and optimizer state stay *live* references: they
 do not change until the next `optimizer.step()`, so the copy thread reads them while the next
 forward/backward runs. Everything else (buffers, RNG, scheduler, user extra) may change at any
-moment and is cloned on the caller's thread; it is small.
+moment and is copied on the caller's thread; it is small. `freeze` does only that (the
+Snapshotter's `snapshot()` call); `encode` turns it into entries and JSON meta later, on the copy
+thread. `capture` is both at once.
 
 DTensors (FSDP2 `fully_shard`, tensor parallelism) are stored as this rank's local shard
 (`to_local()`) and restored into it; their names are listed in `meta["dtensors"]`.
@@ -72,44 +74,90 @@ class Captured:
 def capture(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
             scheduler: Any | None, extra: Extra) -> Captured:
     """Collect model, optimizer, scheduler, RNG and extra state for `step` (see module docstring)."""
-    cap = Captured(step)
+    return encode(freeze(step, model, optimizer, scheduler, extra), model, optimizer)
 
-    def cloned(kind: str) -> jsonsafe.TensorSink:
-        return lambda name, t: cap.add(name, kind, t.detach().clone())
 
-    def live(kind: str) -> jsonsafe.TensorSink:
-        return lambda name, t: cap.add(name, kind, t.detach(), live=True)
+@dataclass
+class Frozen:
+    """What `freeze` takes on the caller's thread: the state as of the call, not yet encoded.
 
-    model_sd = model.state_dict(keep_vars=True)
-    for name, value in model_sd.items():
+    Parameters and optimizer state are live references (unchanged until the next optimizer.step);
+    everything else is a copy (jsonsafe.freeze) the trainer can no longer change.
+    """
+
+    step: int
+    model: list[tuple[str, Any]]  # state-dict order: Parameters live, buffers cloned, extra states frozen
+    optim_state: Any = None  # optimizer.state_dict()["state"]: live per-parameter dicts of live tensors
+    optim_groups: Any = None  # its param_groups, frozen
+    scheduler: Any = None
+    extra: Any = None
+    rng: dict[str, Any] = field(default_factory=dict)
+    has_optimizer: bool = False
+    has_scheduler: bool = False
+    has_extra: bool = False
+
+
+def freeze(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+           scheduler: Any | None, extra: Extra) -> Frozen:
+    """Take on the caller's thread what may change before the next optimizer.step; nothing is encoded here."""
+    items: list[tuple[str, Any]] = []
+    for name, value in model.state_dict(keep_vars=True).items():
+        if isinstance(value, torch.nn.Parameter):
+            items.append((name, value))
+        elif isinstance(value, torch.Tensor):
+            items.append((name, value.detach().clone()))
+        else:  # a module's get_extra_state()
+            items.append((name, jsonsafe.freeze(value)))
+    frozen = Frozen(step, items, rng=rng_state())
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        frozen.has_optimizer = True
+        frozen.optim_state, frozen.optim_groups = sd["state"], jsonsafe.freeze(sd["param_groups"])
+    if scheduler is not None:
+        frozen.has_scheduler, frozen.scheduler = True, jsonsafe.freeze(scheduler.state_dict())
+    if extra is not None:
+        values = extra() if callable(extra) else extra
+        frozen.has_extra, frozen.extra = True, jsonsafe.freeze(dict(values))
+    return frozen
+
+
+def encode(frozen: Frozen, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> Captured:
+    """Turn what `freeze` took into entries and JSON meta (any thread: nothing here reads mutable state
+    but the live parameters and optimizer tensors, which hold still until the next optimizer.step)."""
+    cap = Captured(frozen.step)
+
+    def owned(kind: str) -> jsonsafe.TensorSink:  # tensors freeze already copied
+        return lambda name, t: cap.add(name, kind, t)
+
+    keys = []
+    for name, value in frozen.model:
+        keys.append(name)
         fqn = "model." + clean_fqn(name)
         if isinstance(value, torch.nn.Parameter):
             cap.add(f"model/{name}", "param", value.detach(), live=True, fqn=fqn)
         elif isinstance(value, torch.Tensor):
-            cap.add(f"model/{name}", "buffer", value.detach().clone(), fqn=fqn)
-        else:  # a module's get_extra_state()
-            cap.meta.setdefault("model_extra", {})[name] = jsonsafe.encode(value, f"model/{name}", cloned("buffer"))
-    cap.meta["model_keys"] = list(model_sd)
-    if optimizer is not None:
-        sd = optimizer.state_dict()
+            cap.add(f"model/{name}", "buffer", value, fqn=fqn)
+        else:
+            cap.meta.setdefault("model_extra", {})[name] = jsonsafe.encode(value, f"model/{name}", owned("buffer"))
+    cap.meta["model_keys"] = keys
+    if frozen.has_optimizer and optimizer is not None:
         named = optim_fqns(model, optimizer)
 
         def live_optim(name: str, t: torch.Tensor) -> None:
             cap.add(name, "optim", t.detach(), live=True, fqn=named.get(id(t)))
 
         cap.meta["optim"] = {
-            "state": jsonsafe.encode(sd["state"], "optim/state", live_optim),
-            "param_groups": jsonsafe.encode(sd["param_groups"], "optim/groups", cloned("optim")),
+            "state": jsonsafe.encode(frozen.optim_state, "optim/state", live_optim),
+            "param_groups": jsonsafe.encode(frozen.optim_groups, "optim/groups", owned("optim")),
         }
-    if scheduler is not None:
-        cap.meta["scheduler"] = jsonsafe.encode(scheduler.state_dict(), "sched", cloned("extra"))
-    cap.meta["rng"] = capture_rng(cloned("rng"))
-    if extra is not None:
-        values = extra() if callable(extra) else extra
-        cap.meta["extra"] = jsonsafe.encode(dict(values), "extra", cloned("extra"))
+    if frozen.has_scheduler:
+        cap.meta["scheduler"] = jsonsafe.encode(frozen.scheduler, "sched", owned("extra"))
+    cap.meta["rng"] = encode_rng(frozen.rng, owned("rng"))
+    if frozen.has_extra:
+        cap.meta["extra"] = jsonsafe.encode(frozen.extra, "extra", owned("extra"))
     if cap.dtensors:
         cap.meta["dtensors"] = sorted(cap.dtensors)
-    cap.meta["step"] = step
+    cap.meta["step"] = frozen.step
     return cap
 
 
@@ -176,21 +224,33 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
-def capture_rng(sink: jsonsafe.TensorSink) -> dict[str, Any]:
-    """Python `random`, NumPy's global generator (when NumPy is loaded), torch CPU and every CUDA device."""
-    rng: dict[str, Any] = {"python": jsonsafe.encode(random.getstate(), "rng/python", sink)}
+def rng_state() -> dict[str, Any]:
+    """Python `random`, NumPy's global generator (when NumPy is loaded), torch CPU and every CUDA device,
+    as fresh values nothing else holds (the getters return copies)."""
+    rng: dict[str, Any] = {"python": random.getstate()}
     np = sys.modules.get("numpy")
     if np is not None:
-        rng["numpy"] = jsonsafe.encode(np.random.get_state(), "rng/numpy", sink)
-    sink("rng/torch", torch.get_rng_state())
-    rng["torch"] = {"__tensor__": "rng/torch"}
+        rng["numpy"] = np.random.get_state()
+    rng["torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = jsonsafe.encode(torch.cuda.get_rng_state_all(), "rng/cuda", sink)
+        rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
 
 
+def encode_rng(rng: Mapping[str, Any], sink: jsonsafe.TensorSink) -> dict[str, Any]:
+    """The JSON form of `rng_state()`; its tensors go to `sink`."""
+    out = {"python": jsonsafe.encode(rng["python"], "rng/python", sink)}
+    if "numpy" in rng:
+        out["numpy"] = jsonsafe.encode(rng["numpy"], "rng/numpy", sink)
+    sink("rng/torch", rng["torch"])
+    out["torch"] = {"__tensor__": "rng/torch"}
+    if "cuda" in rng:
+        out["cuda"] = jsonsafe.encode(rng["cuda"], "rng/cuda", sink)
+    return out
+
+
 def apply_rng(rng: Mapping[str, Any], source: jsonsafe.TensorSource) -> None:
-    """Restore the generators captured by `capture_rng`."""
+    """Restore the generators `rng_state` took (in their `encode_rng` form)."""
     random.setstate(jsonsafe.decode(rng["python"], source))
     if "numpy" in rng:
         import numpy as np
