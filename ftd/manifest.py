@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,8 +91,7 @@ class Placement:
         dims = []
         for key in ("shape", "offsets", "box"):
             value = doc.get(key)
-            if (not isinstance(value, list) or len(value) > 64
-                    or any(type(d) is not int or d < 0 for d in value)):
+            if not isinstance(value, list) or len(value) > 64 or not _naturals(value):
                 raise ManifestError(f"placement {key} must be at most 64 non-negative integers")
             dims.append(tuple(value))
         shape, offsets, box = dims
@@ -180,8 +180,9 @@ class Manifest:
                "entries": [e.to_json() for e in self.entries], "meta": self.meta}
         if self.metrics:  # absent when none: a manifest without metrics reads as it always did
             doc["metrics"] = dict(self.metrics)
-        doc[DIGEST_KEY] = manifest_digest(doc)
-        return json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
+        # The canonical form (what the digest covers) is written out once, the digest spliced in last.
+        canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
+        return b"%s,\"%s\":\"%s\"}" % (canonical[:-1], DIGEST_KEY.encode(), xxhash.xxh3_64_hexdigest(canonical).encode())
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
@@ -196,7 +197,7 @@ class Manifest:
         digest = doc.pop(DIGEST_KEY, None)
         if not isinstance(digest, str):
             raise ManifestError(f"manifest has no {DIGEST_KEY} checksum")
-        if digest != manifest_digest(doc):
+        if not _spliced_digest_matches(raw, digest) and digest != manifest_digest(doc):
             raise ManifestError("manifest checksum mismatch: the manifest was edited or corrupted after it was sealed")
         if doc.get("checksum") != CHECKSUM_ALGO:
             raise ManifestError(f"unsupported checksum {doc.get('checksum')!r}")
@@ -290,6 +291,17 @@ def manifest_digest(doc: dict[str, Any]) -> str:
     return xxhash.xxh3_64_hexdigest(canonical)
 
 
+def _spliced_digest_matches(raw: bytes | str, digest: str) -> bool:
+    """The digest covers `raw` itself: raw is a canonical body with the digest spliced in last (as `to_json`
+    writes it), so the canonical form need not be made again. Anything else takes the full check."""
+    if not isinstance(raw, (bytes, bytearray)):
+        return False
+    tail = b',"%s":"%s"}' % (DIGEST_KEY.encode(), digest.encode())
+    if not raw.endswith(tail):
+        return False
+    return xxhash.xxh3_64_hexdigest(memoryview(raw)[:len(raw) - len(tail)].tobytes() + b"}") == digest
+
+
 def parse_json(raw: bytes | str, what: str, max_bytes: int = MAX_MANIFEST_BYTES,
                max_depth: int = MAX_JSON_DEPTH) -> Any:
     """json.loads with a size bound before and a nesting-depth bound after (checked without recursion).
@@ -299,16 +311,40 @@ def parse_json(raw: bytes | str, what: str, max_bytes: int = MAX_MANIFEST_BYTES,
     """
     if len(raw) > max_bytes:
         raise ManifestError(f"{what} of {len(raw)} bytes exceeds the limit of {max_bytes}")
+    if isinstance(raw, (bytes, bytearray)) and raw_depth(raw, max_depth) > max_depth:
+        raise ManifestError(f"{what} is nested deeper than {max_depth} levels")
     try:
         doc = json.loads(raw)
     except RecursionError as exc:
         raise ManifestError(f"{what} is nested deeper than {max_depth} levels") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{what} is not valid JSON: {exc}") from exc
-    depth = json_depth(doc, max_depth)
-    if depth > max_depth:
+    if not isinstance(raw, (bytes, bytearray)) and json_depth(doc, max_depth) > max_depth:
         raise ManifestError(f"{what} is nested deeper than {max_depth} levels")
     return doc
+
+
+_EMPTY_CONTAINER = re.compile(rb"\[\]|\{\}")
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'[]{}"')
+
+
+def raw_depth(raw: bytes | bytearray, stop_above: int = MAX_JSON_DEPTH) -> int:
+    """Nesting depth of the JSON text `raw` (what `json_depth` gives for its parse), without parsing it.
+
+    Escaped backslashes, then escaped quotes go (so every quote left delimits a string), everything
+    but brackets and quotes is dropped, the strings are cut out (all C speed); then one round per
+    level removes the empty containers. Stops once above `stop_above`. For text that is not JSON
+    the figure means nothing (the parser refuses that text anyway).
+    """
+    kept = bytes(raw).replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+    brackets = b"".join(kept.split(b'"')[::2])
+    depth = 0
+    while brackets and depth <= stop_above:
+        shorter = _EMPTY_CONTAINER.sub(b"", brackets)
+        if len(shorter) == len(brackets):  # unbalanced: not JSON
+            break
+        brackets, depth = shorter, depth + 1
+    return depth
 
 
 def json_depth(doc: Any, stop_above: int = MAX_JSON_DEPTH) -> int:
@@ -357,6 +393,14 @@ def _typed(doc: dict[str, Any], key: str, kind: type) -> Any:
     return value
 
 
+_INT_ONLY = {int}
+
+
+def _naturals(values: list[Any]) -> bool:
+    """Every item is an int (not a bool) >= 0; checked at C speed (a manifest has thousands of them)."""
+    return not values or (set(map(type, values)) == _INT_ONLY and min(values) >= 0)
+
+
 def _entry_from_json(doc: Any, index: int) -> Entry:
     if not isinstance(doc, dict):
         raise ManifestError(f"entry {index} is not an object")
@@ -365,9 +409,9 @@ def _entry_from_json(doc: Any, index: int) -> Entry:
         shape = tuple(_typed(doc, "shape", list))
         checksums = tuple(_typed(doc, "checksums", list))
         offset, nbytes = _typed(doc, "offset", int), _typed(doc, "nbytes", int)
-        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape) or len(shape) > 64:
+        if len(shape) > 64 or not _naturals(doc["shape"]):
             raise ManifestError("shape must be at most 64 non-negative integers")
-        if any(type(c) is not int or not 0 <= c < 1 << 64 for c in checksums):
+        if not _naturals(doc["checksums"]) or (checksums and max(checksums) >= 1 << 64):
             raise ManifestError("checksums must be 64-bit unsigned integers")
         if offset < 0 or nbytes < 0:
             raise ManifestError("offset and nbytes must be non-negative")

@@ -9,7 +9,6 @@ skipped snapshot with a reason.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import queue
 import threading
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from xxhash import xxh3_64_intdigest as xxh3
 
 from ftd import knobs
 from ftd.client.rpc import DaemonClient
@@ -72,6 +72,7 @@ class CopyEngine:
         self._connected: bool | None = None
         self._stream: Any = None
         self._warned: set[str] = set()
+        self._views: dict[str, tuple[MappedSegment, dict[tuple[Any, ...], torch.Tensor]]] = {}  # per mapped segment
         self.errors = 0  # unexpected exceptions caught at the thread boundary
         self._thread = threading.Thread(target=self._run, name=f"ftd-copy-{rank}", daemon=True)
         self._thread.start()
@@ -87,6 +88,7 @@ class CopyEngine:
         if self._thread.is_alive():
             log.warning("copy thread of rank %d did not stop within %.0f s", self.rank, timeout)
         else:
+            self._views.clear()
             self.cache.close()
 
     # ---- the thread -------------------------------------------------------------------------
@@ -164,7 +166,7 @@ class CopyEngine:
                 self.client.abort(cap.step, lease.lease, "the trainer refused to map the segment")
             raise
         t0 = time.perf_counter()
-        self._copy_all(job, seg, entries)
+        self._copy_all(job, seg, self._entry_views(seg, entries))
         job.copy_seconds = time.perf_counter() - t0
         if job.abandon.is_set():
             self.client.abort(cap.step, lease.lease, "optimizer.step could not wait any longer")
@@ -175,7 +177,9 @@ class CopyEngine:
         cap.sources.clear()
         data = seg.memoryview()
         chunk = self.config.chunk_bytes
-        sealed = [dataclasses.replace(e, checksums=chunk_checksums(data[e.offset:e.offset + e.nbytes], chunk))
+        sealed = [Entry(e.name, e.kind, e.dtype, e.shape, e.offset, e.nbytes,
+                        (xxh3(data[e.offset:e.offset + e.nbytes]),) if 0 < e.nbytes <= chunk
+                        else chunk_checksums(data[e.offset:e.offset + e.nbytes], chunk), e.placement)
                   for e in entries]
         del data
         manifest = Manifest(job=self.config.job, rank=self.rank, world_size=job.world_size, step=cap.step,
@@ -184,24 +188,45 @@ class CopyEngine:
         self.client.commit(cap.step, lease.lease, manifest.to_json(), job.copy_seconds, job.stall_to_report)
         return "sealed"
 
-    def _copy_all(self, job: CopyJob, seg: MappedSegment, entries: list[Entry]) -> None:
+    def _entry_views(self, seg: MappedSegment, entries: list[Entry]) -> list[torch.Tensor]:
+        """Typed views of `seg` for `entries`, made once per segment and layout (a step's layout rarely changes).
+
+        Views are kept only for segments the SegmentCache still maps, so a dropped mapping is not held open.
+        """
+        held = self._views.get(seg.path)
+        if held is None or held[0] is not seg:
+            self._views = {p: v for p, v in self._views.items() if self.cache.holds(v[0])}
+            held = self._views[seg.path] = (seg, {})
+        views = held[1]
+        if len(views) > 4 * len(entries) + 64:  # layouts changed many times: start over
+            views.clear()
+        out = []
+        for e in entries:
+            key = (e.offset, e.dtype, e.shape)
+            view = views.get(key)
+            if view is None:
+                view = views[key] = seg.entry(e)
+            out.append(view)
+        return out
+
+    def _copy_all(self, job: CopyJob, seg: MappedSegment, views: list[torch.Tensor]) -> None:
         cap = job.captured
         assert cap is not None
         hooks = knobs.get()
-        pause_at = len(entries) // 2 if cap.step == hooks.pause_copy_at_step else -1
+        pause_at = len(views) // 2 if cap.step == hooks.pause_copy_at_step else -1
         on_cuda = any(src.is_cuda for src in cap.sources)
         if on_cuda:
             self._stream = self._stream or torch.cuda.Stream()
             if job.cuda_ready is not None:
                 self._stream.wait_event(job.cuda_ready)
         with torch.no_grad(), (torch.cuda.stream(self._stream) if on_cuda else contextlib.nullcontext()):
-            for i, (entry, src) in enumerate(zip(entries, cap.sources)):
+            for i, (view, src) in enumerate(zip(views, cap.sources)):
                 if i == pause_at:
                     log.warning("rank %d: test hook pause half-way through the copy of step %d", self.rank, cap.step)
                     job.abandon.wait(hooks.pause_copy_seconds)
                 if job.abandon.is_set():
                     return
-                _copy_tensor(seg.entry(entry), src)
+                _copy_tensor(view, src)
         if on_cuda:
             self._stream.synchronize()
 

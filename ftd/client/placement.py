@@ -22,7 +22,6 @@ travel beside the checkpoint (ftd.durable.layout).
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import math
 from collections.abc import Callable
@@ -60,7 +59,7 @@ def assign(cap: Captured, dedup: Replicas | None, replicated: Callable[[str], bo
             write = owner is None or dedup is None or owner == dedup.index
             placement = Placement(fqn, tuple(spec.shape), (0,) * len(spec.shape), tuple(spec.shape), write)
         if placement is not None:
-            cap.specs[i] = dataclasses.replace(spec, placement=placement)
+            cap.specs[i] = EntrySpec(spec.name, spec.kind, spec.dtype, spec.shape, placement)
 
 
 def _pieces(layout: Layout) -> dict[str, Callable[[str], Placement | None]]:

@@ -145,6 +145,10 @@ class SegmentCache:
             self._drop(next(iter(self._open)))
         return seg
 
+    def holds(self, seg: MappedSegment) -> bool:
+        """`seg` is one of the mappings this cache keeps open."""
+        return self._open.get(seg.path) is seg
+
     def _drop(self, path: str) -> None:
         self._open.pop(path).close()
 

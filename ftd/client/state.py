@@ -238,10 +238,21 @@ def rng_state() -> dict[str, Any]:
 
 
 def encode_rng(rng: Mapping[str, Any], sink: jsonsafe.TensorSink) -> dict[str, Any]:
-    """The JSON form of `rng_state()`; its tensors go to `sink`."""
-    out = {"python": jsonsafe.encode(rng["python"], "rng/python", sink)}
+    """The JSON form of `rng_state()`; its tensors go to `sink`.
+
+    The Mersenne Twister words of Python's and NumPy's generators (624 numbers each) are stored as
+    int64 tensors, not JSON numbers: the manifest stays small for every reader. `python_rng` and
+    `numpy_rng` read both forms back.
+    """
+    py = rng["python"]
+    if isinstance(py, tuple) and len(py) == 3 and isinstance(py[1], tuple):
+        py = (py[0], torch.tensor(py[1], dtype=torch.int64), py[2])
+    out = {"python": jsonsafe.encode(py, "rng/python", sink)}
     if "numpy" in rng:
-        out["numpy"] = jsonsafe.encode(rng["numpy"], "rng/numpy", sink)
+        state = rng["numpy"]
+        if isinstance(state, tuple) and len(state) == 5 and hasattr(state[1], "astype"):
+            state = (state[0], torch.from_numpy(state[1].astype("int64")), *state[2:])
+        out["numpy"] = jsonsafe.encode(state, "rng/numpy", sink)
     sink("rng/torch", rng["torch"])
     out["torch"] = {"__tensor__": "rng/torch"}
     if "cuda" in rng:
@@ -249,13 +260,29 @@ def encode_rng(rng: Mapping[str, Any], sink: jsonsafe.TensorSink) -> dict[str, A
     return out
 
 
+def python_rng(decoded: Any) -> Any:
+    """Python's generator state as `random.setstate` takes it, from either stored form (see encode_rng)."""
+    if isinstance(decoded, tuple) and len(decoded) == 3 and isinstance(decoded[1], torch.Tensor):
+        return (decoded[0], tuple(decoded[1].tolist()), decoded[2])
+    return decoded
+
+
+def numpy_rng(decoded: Any) -> Any:
+    """NumPy's global generator state as `set_state` takes it, from either stored form (see encode_rng)."""
+    if isinstance(decoded, tuple) and len(decoded) == 5 and isinstance(decoded[1], torch.Tensor):
+        import numpy as np
+
+        return (decoded[0], np.asarray(decoded[1].tolist(), dtype=np.uint32), *decoded[2:])
+    return decoded
+
+
 def apply_rng(rng: Mapping[str, Any], source: jsonsafe.TensorSource) -> None:
     """Restore the generators `rng_state` took (in their `encode_rng` form)."""
-    random.setstate(jsonsafe.decode(rng["python"], source))
+    random.setstate(python_rng(jsonsafe.decode(rng["python"], source)))
     if "numpy" in rng:
         import numpy as np
 
-        np.random.set_state(jsonsafe.decode(rng["numpy"], source))
+        np.random.set_state(numpy_rng(jsonsafe.decode(rng["numpy"], source)))
     torch.set_rng_state(jsonsafe.decode(rng["torch"], source))
     if "cuda" in rng and torch.cuda.is_available():
         states = jsonsafe.decode(rng["cuda"], source)
@@ -416,11 +443,11 @@ def check_apply(manifest: Manifest, view: Callable[[str], torch.Tensor], model: 
 
 def _check_rng(rng: Mapping[str, Any], view: Callable[[str], torch.Tensor]) -> None:
     """Load each captured generator state into a spare generator (the global ones stay untouched)."""
-    random.Random().setstate(jsonsafe.decode(rng["python"], view))
+    random.Random().setstate(python_rng(jsonsafe.decode(rng["python"], view)))
     if "numpy" in rng:
         import numpy as np
 
-        np.random.RandomState().set_state(jsonsafe.decode(rng["numpy"], view))
+        np.random.RandomState().set_state(numpy_rng(jsonsafe.decode(rng["numpy"], view)))
     torch.Generator().set_state(jsonsafe.decode(rng["torch"], view).clone())
     if "cuda" in rng and torch.cuda.is_available():
         states = jsonsafe.decode(rng["cuda"], _placeholder)
