@@ -53,6 +53,9 @@ class RestoreResult:
     to the reason; steps other ranks could not use are not in it. `held` is the steps this
     rank's daemon listed (empty when it listed none or could not be reached), `gathered` tells
     whether the restored step was all-gathered from the replica group (sharded snapshots).
+    `timings` splits the restored step's load in seconds: "map", "allocate" (a fresh optimizer's
+    state), "verify" (every byte read and checked), "load" (read into the live tensors, checked
+    again), "apply" (the rest of state.apply).
     """
 
     step: int
@@ -67,6 +70,7 @@ class RestoreResult:
     unusable: dict[int, str] = field(default_factory=dict)
     held: list[int] = field(default_factory=list)
     gathered: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class OpenedSnapshot:
@@ -142,6 +146,7 @@ def open_verified(client: DaemonClient, job: str, rank: int, world_size: int, st
         state.check_model(manifest, model)
         t0 = time.perf_counter()
         fresh = fresh_optimizer_state(manifest, model, optimizer) if layout is None else {}
+        verifycopy.prefault(fresh.values())
         timings["allocate"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         verifycopy.verify(segment, manifest, into=fresh)
@@ -156,7 +161,7 @@ def fresh_optimizer_state(manifest: Manifest, model: torch.nn.Module,
                           optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
     """New CPU tensors for the optimizer state entries that no live tensor would take (a fresh optimizer's).
 
-    Allocated only (torch.empty; their pages are faulted in as the verify reads into them). What the
+    Allocated only (torch.empty; open_verified faults their pages in before reading into them). What the
     clone out of the segment made before: the optimizer's load_state_dict moves them to their parameters'
     devices. DTensor shards are left to state.apply.
     """
@@ -224,8 +229,10 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
         applied, decoded = False, None
         try:
             view = _gathered_view(opened, replicas, model, optimizer)
+            t_apply = time.perf_counter()
             decoded = state.apply(opened.manifest, view, model, optimizer, scheduler, extra, restore_rng,
                                   owned=set(opened.fresh))
+            opened.timings["apply"] = time.perf_counter() - t_apply
             applied = True
         except Exception as exc:  # noqa: BLE001 - the training loop is never raised into
             log.error("rank %d: applying step %d failed: %s: %s", rank, step, type(exc).__name__, exc)
@@ -249,7 +256,8 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
             log.debug("could not report the recovery: %s", exc)
         return RestoreResult(step, seconds, manifest.data_bytes, decoded, failures, opened.source, manifest.meta,
                              manifest.created_at or None, unusable=unusable, held=local,
-                             gathered=opened.layout is not None and replicas is not None)
+                             gathered=opened.layout is not None and replicas is not None,
+                             timings=dict(opened.timings))
     if local and not abstain:
         # Nothing is discarded here: a launch with the wrong model must not wipe good snapshots.
         log.error("rank %d: none of the held steps %s could be restored on every rank; starting from step 0",

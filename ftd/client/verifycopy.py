@@ -19,6 +19,9 @@ it is read; any chunk_bytes works with the same bounded staging.
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import mmap
 import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
@@ -32,8 +35,12 @@ from ftd.client.segments import MappedSegment, torch_dtype
 from ftd.errors import SnapshotCorrupt
 from ftd.manifest import Entry, Manifest
 
+log = logging.getLogger(__name__)
+
 PIECE_BYTES = 1 << 20  # read and hashed at once: stays in a core's cache between the two
 MAX_THREADS = 8
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_libc: ctypes.CDLL | None | bool = None
 
 
 def default_threads() -> int:
@@ -43,6 +50,47 @@ def default_threads() -> int:
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
     return max(1, min(MAX_THREADS, cpus))
+
+
+def _madvise() -> ctypes.CDLL | None:
+    global _libc
+    if _libc is None:
+        try:
+            lib = ctypes.CDLL(None, use_errno=True)
+            lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            lib.madvise.restype = ctypes.c_int
+            _libc = lib
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc or None
+
+
+def prefault(tensors: Iterable[torch.Tensor], threads: int | None = None) -> bool:
+    """Fault in the pages of new CPU tensors now (MADV_POPULATE_WRITE, spread over threads), so that
+    allocating them is paid, and timed, apart from reading into them. False where the kernel
+    refuses (the pages are then faulted in by the first write, as usual)."""
+    lib = _madvise()
+    ranges = []
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        if t.device.type == "cpu" and n >= mmap.PAGESIZE:
+            start = t.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+            ranges.append((start, t.data_ptr() + n - start))
+    if lib is None or not ranges:
+        return lib is not None
+
+    def one(r: tuple[int, int]) -> bool:
+        return lib.madvise(r[0], r[1], _MADV_POPULATE_WRITE) == 0
+
+    workers = max(1, min(threads or default_threads(), len(ranges)))
+    if workers == 1:
+        ok = all([one(r) for r in ranges])
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ftd-prefault") as pool:
+            ok = all(list(pool.map(one, ranges)))
+    if not ok:
+        log.debug("MADV_POPULATE_WRITE refused (errno %d); pages are faulted in on first write", ctypes.get_errno())
+    return ok
 
 
 @dataclass(frozen=True)
