@@ -28,7 +28,6 @@ from ftd.manifest import Entry, itemsize
 log = logging.getLogger(__name__)
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # no links; a FIFO must not block the open
 
 
@@ -138,18 +137,6 @@ class MappedSegment:
                 raise SnapshotCorrupt(f"segment {self.path} ends at byte {offset + done}, before its manifest's "
                                       f"{offset + len(buf)} (truncated)")
             done += n
-
-    def drop_pages(self, offset: int, nbytes: int) -> None:
-        """Unmap this process's pages of bytes [offset, offset + nbytes) (MADV_DONTNEED; the file keeps them).
-
-        They leave the reader's RSS and are faulted in again if read later; whole pages only.
-        """
-        if self._mmap is None or nbytes <= 0:
-            return
-        start = (offset + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
-        end = min(offset + nbytes, self.size) // mmap.PAGESIZE * mmap.PAGESIZE
-        if end > start:
-            self._mmap.madvise(_MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         if self._registered:
