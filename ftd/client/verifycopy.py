@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import xxhash
+from torch.autograd.graph import increment_version
 
 from ftd.client.segments import MappedSegment, torch_dtype
 from ftd.errors import SnapshotCorrupt
@@ -89,7 +90,7 @@ def prefault(tensors: Iterable[torch.Tensor], threads: int | None = None) -> boo
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ftd-prefault") as pool:
             ok = all(list(pool.map(one, ranges)))
     if not ok:
-        log.debug("MADV_POPULATE_WRITE refused (errno %d); pages are faulted in on first write", ctypes.get_errno())
+        log.debug("MADV_POPULATE_WRITE refused; the pages are faulted in by the first write")
     return ok
 
 
@@ -209,8 +210,12 @@ def load(segment: MappedSegment, manifest: Manifest, targets: Mapping[str, torch
         if view is not None:
             dests[name] = view
     chosen = [entries[name] for name in dests]
-    _Pass(segment, manifest, dests, after_copy=True).run(list(_chunks(manifest, chosen)),
-                                                         threads or default_threads())
+    try:
+        _Pass(segment, manifest, dests, after_copy=True).run(list(_chunks(manifest, chosen)),
+                                                             threads or default_threads())
+    finally:
+        for name in dests:  # written behind autograd's back: what an in-place copy_ would have counted
+            increment_version(targets[name])
     return set(dests)
 
 

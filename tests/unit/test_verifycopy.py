@@ -166,3 +166,20 @@ def test_a_segment_truncated_after_it_was_opened_is_corrupt_not_a_crash(socket_p
             verifycopy.verify(opened.segment, opened.manifest, threads=2)
     finally:
         opened.close()
+
+
+def test_prefault_keeps_the_bytes_and_load_counts_an_in_place_write(socket_path):
+    values = torch.arange(1 << 16, dtype=torch.float32)
+    want = values.clone()
+    assert verifycopy.prefault([values, torch.empty(0)], threads=2)
+    assert same_bytes(values, want)
+    _trained(socket_path)
+    client = ftd.Snapshotter(_model(0), rank=0, world_size=1, job=JOB, socket=socket_path).client
+    live = _model(1)
+    opened = restore_mod.open_verified(client, JOB, 0, 1, 1, live)
+    try:
+        before = live[0].weight._version
+        verifycopy.load(opened.segment, opened.manifest, {"model/0.weight": live[0].weight.detach()})
+        assert live[0].weight._version > before
+    finally:
+        opened.close()
