@@ -2,7 +2,10 @@
 
 Verification (manifest bounds, job id, world size, checksums of every byte, shapes and dtypes
 against the model, the sharding layout against the replica group) happens before anything is
-written into the live objects, and the ranks agree on the outcome through torch.distributed
+written into the live objects (ftd.client.verifycopy: the segment is read with pread on several
+threads, each piece checksummed while hot in cache; a fresh optimizer's state is read straight
+into the tensors allocated for it, and the live tensors are read into after the agreement and
+checked again where the bytes landed), and the ranks agree on the outcome through torch.distributed
 (all-gather of held steps, all-gather of layouts within the replica group, all-reduce of
 "verified") so every rank loads the same step or none does. A sharded step is then gathered
 from the replicas (ftd.client.gather) and loaded like any other.
@@ -27,9 +30,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ftd.client import gather, sharding, state
+from ftd.client import gather, jsonsafe, sharding, state, verifycopy
 from ftd.client.rpc import DaemonClient
-from ftd.client.segments import MappedSegment
+from ftd.client.segments import MappedSegment, torch_dtype
 from ftd.client.sharding import Layout, Replicas
 from ftd.errors import ConfigError, DaemonUnavailable, FtdError, OtherRun, SnapshotCorrupt, UntrustedDaemon
 from ftd.manifest import Manifest
@@ -50,6 +53,9 @@ class RestoreResult:
     to the reason; steps other ranks could not use are not in it. `held` is the steps this
     rank's daemon listed (empty when it listed none or could not be reached), `gathered` tells
     whether the restored step was all-gathered from the replica group (sharded snapshots).
+    `timings` splits the restored step's load in seconds: "map", "allocate" (a fresh optimizer's
+    state), "verify" (every byte read and checked), "load" (read into the live tensors, checked
+    again), "apply" (the rest of state.apply).
     """
 
     step: int
@@ -64,14 +70,22 @@ class RestoreResult:
     unusable: dict[int, str] = field(default_factory=dict)
     held: list[int] = field(default_factory=list)
     gathered: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class OpenedSnapshot:
-    """A sealed snapshot mapped read-only and verified."""
+    """A sealed snapshot mapped read-only and verified.
+
+    `fresh` holds the optimizer state entries that had no live tensor to go into, read (verified)
+    into tensors allocated for them; `timings` splits the open: "map", "verify", "allocate" seconds.
+    """
 
     def __init__(self, manifest: Manifest, segment: MappedSegment, source: str = "local",
-                 layout: Layout | None = None):
+                 layout: Layout | None = None, fresh: dict[str, torch.Tensor] | None = None,
+                 timings: dict[str, float] | None = None):
         self.manifest, self.segment, self.source, self.layout = manifest, segment, source, layout
+        self.fresh = fresh or {}
+        self.timings = timings or {}
         self._entries = manifest.entry_map()
 
     def _entry(self, name: str) -> Any:
@@ -90,17 +104,21 @@ class OpenedSnapshot:
         return self.segment.bytes[entry.offset:entry.offset + entry.nbytes]
 
     def close(self) -> None:
+        self.fresh = {}
         self.segment.close()
 
 
 def open_verified(client: DaemonClient, job: str, rank: int, world_size: int, step: int,
                   model: torch.nn.Module, timeout: float | None = None,
-                  replicas: Replicas | None = None, run: str = "") -> OpenedSnapshot:
+                  replicas: Replicas | None = None, run: str = "",
+                  optimizer: torch.optim.Optimizer | None = None) -> OpenedSnapshot:
     """Open (job, rank, step) from the daemon and run every check; SnapshotCorrupt on the first failure.
 
     A sharded snapshot must fit `replicas` (same dp, same replica index). With a `run` identity,
     a snapshot of another run is refused (OtherRun) before any byte of it is read, unless it comes
     from the durable tier: that is the job's checkpoint across launches (a relaunch, a requeue).
+    With an `optimizer`, its state entries that have no live tensor yet are read into new tensors
+    while they are verified (OpenedSnapshot.fresh; nothing live is touched).
     """
     reply = client.open(step, timeout=timeout, world_size=world_size)
     manifest = Manifest.from_json(reply.manifest_json)
@@ -118,17 +136,50 @@ def open_verified(client: DaemonClient, job: str, rank: int, world_size: int, st
                               "when FTD_DURABLE_DIR is set)", rank=rank, step=step)
     manifest.validate(reply.capacity)
     layout = sharding.check(manifest, replicas)
+    t0 = time.perf_counter()
     try:
         segment = MappedSegment(reply.path, manifest.data_bytes, writable=False, trust=client.segment_trust())
     except (SnapshotCorrupt, OSError) as exc:
         raise SnapshotCorrupt(f"cannot map the segment: {exc}", rank=rank, step=step) from exc
+    timings = {"map": time.perf_counter() - t0}
     try:
-        manifest.verify(segment.memoryview())
         state.check_model(manifest, model)
+        t0 = time.perf_counter()
+        fresh = fresh_optimizer_state(manifest, model, optimizer) if layout is None else {}
+        verifycopy.prefault(fresh.values())
+        timings["allocate"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        verifycopy.verify(segment, manifest, into=fresh)
+        timings["verify"] = time.perf_counter() - t0
     except BaseException:
         segment.close()
         raise
-    return OpenedSnapshot(manifest, segment, reply.source or "local", layout)
+    return OpenedSnapshot(manifest, segment, reply.source or "local", layout, fresh, timings)
+
+
+def fresh_optimizer_state(manifest: Manifest, model: torch.nn.Module,
+                          optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
+    """New CPU tensors for the optimizer state entries that no live tensor would take (a fresh optimizer's).
+
+    Allocated only (torch.empty; open_verified faults their pages in before reading into them). What the
+    clone out of the segment made before: the optimizer's load_state_dict moves them to their parameters'
+    devices. DTensor shards are left to state.apply.
+    """
+    meta = manifest.meta
+    if optimizer is None or not isinstance(meta.get("optim"), dict) or "state" not in meta["optim"]:
+        return {}
+    named: list[str] = []
+    jsonsafe.decode(meta["optim"]["state"], lambda name: named.append(name) or name)
+    live = state.live_tensors(manifest, model, optimizer)
+    dtensors = set(meta.get("dtensors", ()))
+    entries = manifest.entry_map()
+    out = {}
+    for name in named:
+        entry = entries.get(name)
+        if entry is None or name in live or name in dtensors or entry.kind != "optim":
+            continue
+        out[name] = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
+    return out
 
 
 def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: torch.nn.Module,
@@ -178,7 +229,10 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
         applied, decoded = False, None
         try:
             view = _gathered_view(opened, replicas, model, optimizer)
-            decoded = state.apply(opened.manifest, view, model, optimizer, scheduler, extra, restore_rng)
+            t_apply = time.perf_counter()
+            decoded = state.apply(opened.manifest, view, model, optimizer, scheduler, extra, restore_rng,
+                                  owned=set(opened.fresh))
+            opened.timings["apply"] = time.perf_counter() - t_apply
             applied = True
         except Exception as exc:  # noqa: BLE001 - the training loop is never raised into
             log.error("rank %d: applying step %d failed: %s: %s", rank, step, type(exc).__name__, exc)
@@ -202,7 +256,8 @@ def restore(client: DaemonClient, job: str, rank: int, world_size: int, model: t
             log.debug("could not report the recovery: %s", exc)
         return RestoreResult(step, seconds, manifest.data_bytes, decoded, failures, opened.source, manifest.meta,
                              manifest.created_at or None, unusable=unusable, held=local,
-                             gathered=opened.layout is not None and replicas is not None)
+                             gathered=opened.layout is not None and replicas is not None,
+                             timings=dict(opened.timings))
     if local and not abstain:
         # Nothing is discarded here: a launch with the wrong model must not wipe good snapshots.
         log.error("rank %d: none of the held steps %s could be restored on every rank; starting from step 0",
@@ -221,7 +276,7 @@ def _open_checked(client: DaemonClient, job: str, rank: int, world_size: int, st
     """open_verified plus every check applying makes (state.check_apply); None when any fails."""
     opened = None
     try:
-        opened = open_verified(client, job, rank, world_size, step, model, timeout, replicas, run)
+        opened = open_verified(client, job, rank, world_size, step, model, timeout, replicas, run, optimizer)
         state.check_apply(opened.manifest, opened.view, model, optimizer, scheduler, extra, restore_rng)
         return opened
     except ConfigError:
@@ -290,16 +345,34 @@ def _ago(created_at: float) -> str:
 
 def _gathered_view(opened: OpenedSnapshot, replicas: Replicas | None, model: torch.nn.Module,
                    optimizer: torch.optim.Optimizer | None) -> Callable[[str], torch.Tensor]:
-    """`opened.view`, with the full tensors gathered from the replicas when the step is sharded.
+    """`opened.view`, with the live tensors already loaded (or, when the step is sharded, gathered from
+    the replicas) and the fresh optimizer state filled at verify.
 
-    The gather writes straight into the live parameters and optimizer state (state.apply's copy
-    onto itself is then free); `restore` has checked that the optimizer fits before.
+    The load or the gather writes straight into the live parameters and optimizer state (state.apply's
+    copy onto itself is then free); `restore` has checked that the optimizer fits before.
     """
     if opened.layout is None or replicas is None:
-        return opened.view
+        return loaded_view(opened, model, optimizer)
     into = state.live_tensors(opened.manifest, model, optimizer)
     full = gather.gather(opened.layout, opened.raw, replicas, into)
     return lambda name: full[name] if name in full else opened.view(name)
+
+
+def loaded_view(opened: OpenedSnapshot, model: torch.nn.Module,
+                optimizer: torch.optim.Optimizer | None) -> Callable[[str], torch.Tensor]:
+    """Read the live tensors' entries into them (verifycopy.load); a view returning those, the fresh
+    tensors, and segment views for the rest. Times the load as opened.timings["load"]."""
+    t0 = time.perf_counter()
+    targets = state.live_tensors(opened.manifest, model, optimizer)
+    loaded = verifycopy.load(opened.segment, opened.manifest, targets)
+    opened.timings["load"] = time.perf_counter() - t0
+    fresh = opened.fresh
+
+    def view(name: str) -> torch.Tensor:
+        if name in fresh:
+            return fresh[name]
+        return targets[name] if name in loaded else opened.view(name)
+    return view
 
 
 def _discard_above(client: DaemonClient, step: int) -> None:

@@ -1,8 +1,12 @@
 """Mappings of the daemon's shared-memory segments into a rank's address space.
 
-Segments are mapped once (MAP_POPULATE, so the page tables are built up front) and reused for
-every later snapshot that lands in the same segment. On CUDA the mapping is also registered as
-pinned host memory so device-to-host copies run asynchronously at full speed.
+Writable segments (the snapshot side) are mapped once (MAP_POPULATE, so the page tables are built
+up front) and reused for every later snapshot that lands in the same segment. On CUDA the mapping
+is also registered as pinned host memory so device-to-host copies run asynchronously at full speed.
+
+Read-only segments (restore, merge, resharding) are mapped without MAP_POPULATE: only the pages a
+view touches are faulted in, and the bulk of a restore reads the file with `readinto` (pread),
+which builds no page tables and leaves nothing shared in the reader's RSS.
 """
 
 from __future__ import annotations
@@ -77,15 +81,25 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 class MappedSegment:
-    """One segment file mapped into memory, with typed views onto its bytes."""
+    """One segment file mapped into memory, with typed views onto its bytes.
+
+    A read-only one also keeps the checked file open for `readinto` (pread), until `close`.
+    """
 
     def __init__(self, path: str, size: int, writable: bool, trust: SegmentTrust, register_cuda: bool = False):
         fd, st = open_segment(path, size, writable, trust)
+        self._fd: int | None = None
         try:
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=prot) if size else None
-        finally:
+            flags = mmap.MAP_SHARED | (_POPULATE if writable else 0)
+            self._mmap = mmap.mmap(fd, size, flags=flags, prot=prot) if size else None
+        except BaseException:
             os.close(fd)
+            raise
+        if writable:
+            os.close(fd)
+        else:
+            self._fd = fd
         self.path, self.size, self.inode = path, size, st.st_ino
         with warnings.catch_warnings():  # read-only mappings are only ever read
             warnings.simplefilter("ignore", UserWarning)
@@ -107,6 +121,23 @@ class MappedSegment:
     def memoryview(self) -> memoryview:
         return memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
 
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill `buf` (writable, bytes) with the segment's bytes from `offset` on (pread; releases the GIL).
+
+        SnapshotCorrupt when the range lies outside the segment or the file ends before it (truncated).
+        """
+        if self._fd is None:
+            raise ValueError(f"segment {self.path} is not open for reading (writable, or closed)")
+        if offset < 0 or offset + len(buf) > self.size:
+            raise SnapshotCorrupt(f"bytes [{offset}, {offset + len(buf)}) lie outside segment {self.path} ({self.size})")
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if n <= 0:
+                raise SnapshotCorrupt(f"segment {self.path} ends at byte {offset + done}, before its manifest's "
+                                      f"{offset + len(buf)} (truncated)")
+            done += n
+
     def close(self) -> None:
         if self._registered:
             _cuda_host_unregister(self.bytes)
@@ -118,6 +149,9 @@ class MappedSegment:
             except BufferError:  # a view is still alive somewhere; the mapping goes when it does
                 log.debug("segment %s still has live views; leaving it to the garbage collector", self.path)
             self._mmap = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class SegmentCache:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -321,6 +321,13 @@ def check_model(manifest: Manifest, model: torch.nn.Module) -> None:
 
 
 @dataclass
+class _Owned:
+    """A tensor the restore allocated for this state alone and filled verified: used as is, not cloned."""
+
+    tensor: torch.Tensor
+
+
+@dataclass
 class _Shard:
     """A stored local shard of a DTensor in the optimizer state, on its way back into a DTensor."""
 
@@ -464,6 +471,12 @@ def _into_live(saved: Any, live: Any, param: Any = None) -> Any:
     A DTensor shard goes into the live DTensor's local tensor, or becomes a DTensor laid out like
     `param` (the parameter this state belongs to) when the optimizer has no state yet.
     """
+    if isinstance(saved, _Owned):
+        if _fits(live, saved.tensor):
+            with torch.no_grad():
+                live.copy_(saved.tensor)
+            return live
+        return saved.tensor
     if isinstance(saved, _Shard):
         if is_dtensor(live) and _fits(local(live), saved.tensor):
             with torch.no_grad():
@@ -508,12 +521,13 @@ def _params_by_saved_id(groups: Any, optimizer: torch.optim.Optimizer) -> dict[A
 
 def apply(manifest: Manifest, view: Callable[[str], torch.Tensor], model: torch.nn.Module,
           optimizer: torch.optim.Optimizer | None, scheduler: Any | None, extra: Extra,
-          restore_rng: bool = True) -> dict[str, Any] | None:
+          restore_rng: bool = True, owned: Collection[str] = ()) -> dict[str, Any] | None:
     """Load a verified snapshot into the live objects; return the decoded `extra` (if any).
 
     `view(name)` returns a read-only tensor over an entry's bytes in the segment (or, for a sharded
     tensor, the full tensor gathered from the replicas): parameters and buffers are copied straight
-    into the model; everything else is cloned out of the segment.
+    into the model; everything else is cloned out of the segment, but for the optimizer state
+    entries named in `owned`, whose view is private memory filled for this apply and is kept as is.
     """
     check_model(manifest, model)
     meta = manifest.meta
@@ -528,7 +542,9 @@ def apply(manifest: Manifest, view: Callable[[str], torch.Tensor], model: torch.
         dtensors = set(meta.get("dtensors", ()))
 
         def optim_view(name: str) -> Any:
-            return _Shard(view(name), name) if name in dtensors else view(name)
+            if name in dtensors:
+                return _Shard(view(name), name)
+            return _Owned(view(name)) if name in owned else view(name)
 
         saved = jsonsafe.decode(meta["optim"]["state"], optim_view)
         groups = jsonsafe.decode(meta["optim"]["param_groups"], cloned)
