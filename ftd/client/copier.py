@@ -31,6 +31,17 @@ from ftd.manifest import Entry, Manifest, chunk_checksums, layout
 log = logging.getLogger(__name__)
 
 COPY_SLICE_BYTES = 64 << 20  # a stop request is honoured within one slice
+PREPARE_DEADLINE_SEGMENTS = 4  # a preparing Hello's deadline allows for this many segments pre-faulted
+
+
+@dataclass
+class Prepare:
+    """Ask the daemon for segments of `nbytes` ahead of the first snapshot, and map them (ftd-copy-<rank>)."""
+
+    nbytes: int
+    world_size: int
+    done: threading.Event = field(default_factory=threading.Event)
+    mapped: int = 0  # segments mapped ahead
 
 
 @dataclass
@@ -58,7 +69,7 @@ class CopyEngine:
         self.client, self.config, self.rank = client, config, rank
         self.on_done = on_done
         self.cache = SegmentCache(register_cuda=torch.cuda.is_available())
-        self._jobs: queue.Queue[CopyJob | None] = queue.Queue()
+        self._jobs: queue.Queue[CopyJob | Prepare | None] = queue.Queue()
         self._connected: bool | None = None
         self._stream: Any = None
         self._warned: set[str] = set()
@@ -69,6 +80,12 @@ class CopyEngine:
     def submit(self, job: CopyJob) -> None:
         job.step = job.captured.step if job.captured else -1
         self._jobs.put(job)
+
+    def prepare(self, nbytes: int, world_size: int) -> Prepare:
+        """Have the copy thread announce `nbytes` in a Hello and map the segments the daemon prepares."""
+        request = Prepare(nbytes, world_size)
+        self._jobs.put(request)
+        return request
 
     def close(self, timeout: float) -> None:
         self._jobs.put(None)
@@ -87,7 +104,10 @@ class CopyEngine:
                 job = self._jobs.get()
                 if job is None:
                     return
-                self._run_one(job)
+                if isinstance(job, Prepare):
+                    self._prepare(job)
+                else:
+                    self._run_one(job)
             except BaseException:  # noqa: BLE001 - the thread boundary; logged, and the thread goes on
                 self.errors += 1
                 log.exception("rank %d: the copy thread hit an unexpected error; it carries on", self.rank)
@@ -126,6 +146,27 @@ class CopyEngine:
             except Exception:  # noqa: BLE001
                 self.errors += 1
                 log.exception("rank %d: recording the outcome of step %d failed", self.rank, job.step)
+
+    def _prepare(self, request: Prepare) -> None:
+        """Hello with the expected size, then map (MAP_POPULATE, CUDA registration) every segment it lists.
+
+        A failure only means the first snapshot prepares its segment itself, as without an announcement:
+        logged at info, never raised; the connection state is left to the first snapshot.
+        """
+        try:
+            reply = self.client.hello(request.world_size, request.nbytes, PREPARE_DEADLINE_SEGMENTS)
+            self._set_connected(True, "")
+            trust = self.client.segment_trust()
+            for seg in reply.segments:
+                self.cache.get(seg.path, seg.capacity, trust)
+                request.mapped += 1
+        except FtdError as exc:
+            log.info("rank %d: segments not prepared ahead (%s); the first snapshot prepares its own", self.rank, exc)
+        except Exception:  # noqa: BLE001 - the thread boundary
+            self.errors += 1
+            log.exception("rank %d: preparing segments ahead failed unexpectedly", self.rank)
+        finally:
+            request.done.set()
 
     def _warn_once(self, reason: str, message: str, *args: Any) -> None:
         """Warn the first time a skip reason occurs; later ones are debug lines (the Snapshotter counts them)."""
