@@ -30,20 +30,22 @@ class PreparedSegment(_message.Message):
     def __init__(self, path: _Optional[str] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("job", "node", "shm_dir", "pid", "version", "segments")
+    __slots__ = ("job", "node", "shm_dir", "pid", "version", "segments", "more_segments")
     JOB_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SHM_DIR_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    MORE_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     job: str
     node: str
     shm_dir: str
     pid: int
     version: str
     segments: _containers.RepeatedCompositeFieldContainer[PreparedSegment]
-    def __init__(self, job: _Optional[str] = ..., node: _Optional[str] = ..., shm_dir: _Optional[str] = ..., pid: _Optional[int] = ..., version: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[PreparedSegment, _Mapping]]] = ...) -> None: ...
+    more_segments: bool
+    def __init__(self, job: _Optional[str] = ..., node: _Optional[str] = ..., shm_dir: _Optional[str] = ..., pid: _Optional[int] = ..., version: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[PreparedSegment, _Mapping]]] = ..., more_segments: _Optional[bool] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
     __slots__ = ("job", "rank", "step", "nbytes")

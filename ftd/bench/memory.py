@@ -44,11 +44,13 @@ from ftd.bench import common
 from ftd.bench.common import GIB, Compute, log
 
 MIB = 1 << 20
-VARIANTS = {
+VARIANTS: dict[str, dict[str, str]] = {  # extra daemon environment of each variant
     "prepared": {},
+    "prepared_early": {},  # the first snapshot after one iteration, before everything is prepared
     "unannounced": {},
     "spare": {"FTD_SPARE_SEGMENT": "1"},
 }
+EARLY_WARMUP = 1
 
 
 # ---- the trainer (a fresh process) ---------------------------------------------------------------
@@ -120,7 +122,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     for p in model.parameters():
         p.grad = torch.empty_like(p).uniform_(-1e-3, 1e-3)
     before = smaps()
-    if args.variant == "unannounced":
+    if args.variant == "unannounced":  # what every first snapshot was before announcing
         snapshotter_mod.Snapshotter._prepare_ahead = lambda self: None  # type: ignore[method-assign]
     t0 = time.perf_counter()
     snap = ftd.Snapshotter(model, opt, rank=0, world_size=1)
@@ -140,10 +142,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         took = time.perf_counter() - t
         return took, (snap.stats.stalls_s[-1] if len(snap.stats.stalls_s) > stalls else 0.0)
 
-    plain = [iteration()[0] for _ in range(args.warmup)]
+    plain = [iteration()[0] for _ in range(max(0, args.warmup - 1))]  # the first creates AdamW's state
+    sampler = Sampler().start()
+    plain.append(iteration()[0])  # sampled: the peak of an iteration without a copy in flight
+    peak_plain = sampler.peaks()
     at_first = smaps()
     first_at = time.perf_counter()
-    sampler = Sampler().start()
+    sampler.reset()
     shots = []
     for i in range(args.snapshots):
         step = args.warmup + 2 * i + 1
@@ -167,7 +172,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     rank = next((r for r in status.ranks if r.rank == 0), None)
     stats = snap.stats.to_json()
     snap.close()
-    baseline = statistics.median(plain)
+    baseline = statistics.median(plain[1:])
     for s in shots:
         s["iteration_slower_s"] = s["overlapped_iteration_s"] - baseline
     return {"variant": args.variant, "construct_s": construct_s,
@@ -175,11 +180,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             "prepared_before_first_snapshot": bool(prepared_at) and prepared_at[0] <= first_at,
             "first_snapshot_after_construction_s": first_at - t0,
             "segments_mapped_ahead": snap.prepared.mapped if snap.prepared is not None else 0,
-            "warmup_s": sum(plain[:args.warmup]), "plain_iteration_s": baseline, "snapshots": shots,
+            "warmup_s": first_at - t0 - construct_s, "plain_iteration_s": baseline, "snapshots": shots,
             "state_bytes": stats["last_bytes"], "sealed": stats["sealed"], "skipped": stats["skipped"],
             "daemon_rank_held_bytes": rank.held_bytes if rank else 0, "daemon_held_bytes": status.held_bytes,
             "sealed_steps": list(rank.sealed_steps) if rank else [],
-            "memory": {"before_snapshotter": before, "at_first_snapshot": at_first, "peak_while_saving": peaks}}
+            "memory": {"before_snapshotter": before, "peak_plain_iteration": peak_plain, "at_first_snapshot": at_first,
+                       "peak_while_saving": peaks}}
 
 
 # ---- the parent --------------------------------------------------------------------------------
@@ -198,7 +204,8 @@ def run_variant(args: argparse.Namespace, variant: str, ws: common.Workspace) ->
         daemon.start()
         cmd = [sys.executable, "-m", "ftd.bench.memory", "--child", "--variant", variant, "--out", str(out),
                "--gib", str(args.gib), "--layers", str(args.layers), "--snapshots", str(args.snapshots),
-               "--warmup", str(args.warmup), "--compute-s", str(args.compute_s)]
+               "--warmup", str(EARLY_WARMUP if variant == "prepared_early" else args.warmup),
+               "--compute-s", str(args.compute_s)]
         subprocess.run(cmd, env=env, check=True, timeout=900)
         doc = json.loads(out.read_text())
         doc["daemon_shm_blocks_bytes"] = sum(p.stat().st_blocks * 512 for p in shm.rglob("*.seg"))
@@ -223,7 +230,8 @@ def summarise(doc: dict[str, Any], segments: int) -> dict[str, Any]:
         "shm_held_over_state": doc["daemon_rank_held_bytes"] / state,
         "shm_blocks_over_state": doc["daemon_shm_blocks_bytes"] / state,
         "segments": doc["daemon_segments"],
-        **{f"trainer_{key}_growth_while_saving_bytes": mem["peak_while_saving"][key] - mem["at_first_snapshot"][key]
+        # growth while saving: the peak over the snapshots against the peak of an iteration without a copy
+        **{f"trainer_{key}_growth_while_saving_bytes": mem["peak_while_saving"][key] - mem["peak_plain_iteration"][key]
            for key in ("anon", "shmem", "private", "uss", "rss")},
         "trainer_shmem_mapped_ahead_bytes": mem["at_first_snapshot"]["shmem"] - mem["before_snapshotter"]["shmem"],
         "trainer_shmem_peak_over_state": mem["peak_while_saving"]["shmem"] / state,

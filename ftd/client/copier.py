@@ -31,12 +31,14 @@ from ftd.manifest import Entry, Manifest, chunk_checksums, layout
 log = logging.getLogger(__name__)
 
 COPY_SLICE_BYTES = 64 << 20  # a stop request is honoured within one slice
-PREPARE_DEADLINE_SEGMENTS = 4  # a preparing Hello's deadline allows for this many segments pre-faulted
 
 
 @dataclass
 class Prepare:
-    """Ask the daemon for segments of `nbytes` ahead of the first snapshot, and map them (ftd-copy-<rank>)."""
+    """Ask the daemon for segments of `nbytes` ahead of the first snapshot, and map them (ftd-copy-<rank>).
+
+    One segment per round; a round that leaves more to prepare queues the request again behind any
+    snapshot already waiting, so a snapshot waits for at most one segment's preparation."""
 
     nbytes: int
     world_size: int
@@ -105,7 +107,8 @@ class CopyEngine:
                 if job is None:
                     return
                 if isinstance(job, Prepare):
-                    self._prepare(job)
+                    if self._prepare(job):
+                        self._jobs.put(job)
                 else:
                     self._run_one(job)
             except BaseException:  # noqa: BLE001 - the thread boundary; logged, and the thread goes on
@@ -147,26 +150,31 @@ class CopyEngine:
                 self.errors += 1
                 log.exception("rank %d: recording the outcome of step %d failed", self.rank, job.step)
 
-    def _prepare(self, request: Prepare) -> None:
-        """Hello with the expected size, then map (MAP_POPULATE, CUDA registration) every segment it lists.
+    def _prepare(self, request: Prepare) -> bool:
+        """One round: Hello with the expected size, then map (MAP_POPULATE, CUDA registration) the segments it
+        lists that are not mapped yet. True when another round would prepare more.
 
-        A failure only means the first snapshot prepares its segment itself, as without an announcement:
-        logged at info, never raised; the connection state is left to the first snapshot.
+        A failure only means a snapshot prepares its segment itself, as without an announcement: logged at
+        info, never raised; the connection state is left to the first snapshot.
         """
+        more = False
         try:
-            reply = self.client.hello(request.world_size, request.nbytes, PREPARE_DEADLINE_SEGMENTS)
+            reply = self.client.hello(request.world_size, request.nbytes, 1)
             self._set_connected(True, "")
             trust = self.client.segment_trust()
             for seg in reply.segments:
-                self.cache.get(seg.path, seg.capacity, trust)
-                request.mapped += 1
+                if not self.cache.holds(seg.path, seg.capacity):
+                    self.cache.get(seg.path, seg.capacity, trust)
+                    request.mapped += 1
+            more = reply.more_segments
         except FtdError as exc:
-            log.info("rank %d: segments not prepared ahead (%s); the first snapshot prepares its own", self.rank, exc)
+            log.info("rank %d: segments not prepared ahead (%s); snapshots prepare their own", self.rank, exc)
         except Exception:  # noqa: BLE001 - the thread boundary
             self.errors += 1
             log.exception("rank %d: preparing segments ahead failed unexpectedly", self.rank)
-        finally:
+        if not more:
             request.done.set()
+        return more
 
     def _warn_once(self, reason: str, message: str, *args: Any) -> None:
         """Warn the first time a skip reason occurs; later ones are debug lines (the Snapshotter counts them)."""

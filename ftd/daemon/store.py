@@ -323,21 +323,22 @@ class SegmentStore:
             self._clients[rank] = (pid, started)
         return True
 
-    def prepare(self, job: str, rank: int, nbytes: int) -> list[tuple[str, int]]:
+    def prepare(self, job: str, rank: int, nbytes: int, at_most: int = MAX_RANK) -> tuple[list[tuple[str, int]], bool]:
         """Allocate and pre-fault the segments `rank` writes `nbytes`-byte snapshots into, ahead of its Begins.
 
         The size comes from the rank's Hello (its Snapshotter announces it at construction). Segments
-        are prepared one at a time (PREFAULTING, outside the lock) until the rank has
-        `segments_per_rank` of at least `nbytes`: free ones, sealed ones it will write over next, and
-        one being written; free ones too small are given back. A refusal (budget, host memory, a full
-        tmpfs) ends the preparation early: logged, and the next Begin allocates as it always did.
-        Returns (path, capacity) of the rank's free and reusable segments of at least `nbytes`.
+        are prepared one at a time (PREFAULTING, outside the lock), at most `at_most` in this call,
+        until the rank has `segments_per_rank` of at least `nbytes`: free ones, sealed ones it will
+        write over next, and one being written; free ones too small are given back. A refusal
+        (budget, host memory, a full tmpfs) ends the preparation: logged, and a Begin allocates as it
+        always did. Returns (path, capacity) of the rank's free and reusable segments of at least
+        `nbytes`, and whether another call would prepare more.
         """
         self._check(job, rank, 0)
         if nbytes <= 0:
             raise RequestRejected(f"expected bytes must be positive, got {nbytes}")
         capacity = -(-nbytes // SEGMENT_ROUNDING) * SEGMENT_ROUNDING
-        t0, prepared = time.perf_counter(), 0
+        t0, prepared, more = time.perf_counter(), 0, False
         while True:
             with self._lock:
                 self._reap()
@@ -345,6 +346,10 @@ class SegmentStore:
                 for slot in [s for s in slots if s.state is SlotState.FREE and (s.capacity < nbytes or not _intact(s))]:
                     self._delete(rank, slot)
                 if len(self._writable(rank, nbytes, in_flight=True)) >= self.config.segments_per_rank:
+                    more = False
+                    break
+                if prepared >= at_most:
+                    more = True
                     break
                 try:
                     slot = self._allocate(rank, capacity)
@@ -364,9 +369,9 @@ class SegmentStore:
         with self._lock:
             ready = [(str(s.path), s.capacity) for s in self._writable(rank, nbytes, in_flight=False)]
         if prepared:
-            log.info("rank %d: prepared %d segment(s) of %d bytes ahead of its first snapshot in %.2f s", rank,
+            log.info("rank %d: prepared %d segment(s) of %d bytes ahead of its snapshots in %.2f s", rank,
                      prepared, capacity, time.perf_counter() - t0)
-        return ready
+        return ready, more
 
     def _writable(self, rank: int, nbytes: int, in_flight: bool) -> list[Slot]:
         """The rank's segments of at least `nbytes` it writes into in turn: free, sealed and evictable (written

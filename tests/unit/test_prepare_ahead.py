@@ -38,13 +38,16 @@ def _faulted(path: Path) -> bool:
 
 def test_prepare_makes_the_rank_s_segments_before_its_first_begin(tmp_path):
     store = _store(tmp_path, keep=2)
-    ready = store.prepare(STORE_JOB, 0, 3 * MiB + 1)
+    ready, more = store.prepare(STORE_JOB, 0, 3 * MiB + 1, at_most=1)
+    assert len(ready) == 1 and more, "one segment per call when asked, and more to come"
+    ready, more = store.prepare(STORE_JOB, 0, 3 * MiB + 1)
     segs = _segs(store.root)
+    assert not more
     assert len(ready) == len(segs) == 2, "keep 2: two segments, one per step held"
     assert {p for p, _ in ready} == {str(p) for p in segs}
     assert all(c == 4 * MiB for _, c in ready) and all(_faulted(p) for p in segs), "allocated and pre-faulted"
     assert _metric(store, "ftd_segments_prepared_total") == 2
-    assert store.prepare(STORE_JOB, 0, 3 * MiB) == ready, "a second announcement prepares nothing more"
+    assert store.prepare(STORE_JOB, 0, 3 * MiB) == (ready, False), "another announcement prepares nothing more"
     lease = store.begin(STORE_JOB, 0, 1, 3 * MiB)
     assert lease.path in dict(ready) and lease.capacity == 4 * MiB, "the first Begin takes a prepared segment"
     store.abort(STORE_JOB, 0, 1, lease.lease, "test")
@@ -58,7 +61,7 @@ def test_prepare_gives_back_a_too_small_free_segment_and_counts_sealed_ones(tmp_
     store = _store(tmp_path, keep=2, spare_segment=True)
     for step in (1, 2, 3):
         _snapshot(store, step)  # 1 MiB segments: two sealed, one free
-    ready = store.prepare(STORE_JOB, 0, 2 * MiB)
+    ready, _ = store.prepare(STORE_JOB, 0, 2 * MiB)
     assert len(_segs(store.root)) == 5, "the free 1 MiB one replaced by three of 2 MiB beside the two sealed"
     assert len(ready) == 3 and all(c == 2 * MiB for _, c in ready)
     assert [s.state for s in store._slots[0]].count(SlotState.SEALED) == 2 and store.list_steps(STORE_JOB, 0) == [2, 3]
@@ -66,8 +69,8 @@ def test_prepare_gives_back_a_too_small_free_segment_and_counts_sealed_ones(tmp_
 
 def test_prepare_stops_at_the_budget_without_failing(tmp_path):
     store = _store(tmp_path, keep=2, memory_budget=str(3 * MiB))
-    ready = store.prepare(STORE_JOB, 0, 2 * MiB)
-    assert len(ready) == 1, "one 2 MiB segment fits a 3 MiB budget"
+    ready, more = store.prepare(STORE_JOB, 0, 2 * MiB)
+    assert len(ready) == 1 and not more, "one 2 MiB segment fits a 3 MiB budget, and no more will"
     assert _metric(store, "ftd_refused_snapshots_total", {"reason": "budget"}) == 1
     _snapshot(store, 1, nbytes=2 * MiB)  # the prepared one is used
 
