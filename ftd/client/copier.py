@@ -31,6 +31,9 @@ from ftd.manifest import Entry, Manifest, chunk_checksums, layout
 log = logging.getLogger(__name__)
 
 COPY_SLICE_BYTES = 64 << 20  # a stop request is honoured within one slice
+# A preparing Hello's deadline allows for this many pre-faults at Begin's rate: nothing waits on it
+# but a snapshot queued behind it, and one given up on leaves its segment to a later Begin unmapped.
+PREPARE_DEADLINE_SEGMENTS = 10
 
 
 @dataclass
@@ -159,7 +162,7 @@ class CopyEngine:
         """
         more = False
         try:
-            reply = self.client.hello(request.world_size, request.nbytes, 1)
+            reply = self.client.hello(request.world_size, request.nbytes, PREPARE_DEADLINE_SEGMENTS)
             self._set_connected(True, "")
             trust = self.client.segment_trust()
             for seg in reply.segments:
