@@ -180,6 +180,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             "prepared_before_first_snapshot": bool(prepared_at) and prepared_at[0] <= first_at,
             "first_snapshot_after_construction_s": first_at - t0,
             "segments_mapped_ahead": snap.prepared.mapped if snap.prepared is not None else 0,
+            "prepare_failure": snap.prepared.failure if snap.prepared is not None else "",
             "warmup_s": first_at - t0 - construct_s, "plain_iteration_s": baseline, "snapshots": shots,
             "state_bytes": stats["last_bytes"], "sealed": stats["sealed"], "skipped": stats["skipped"],
             "daemon_rank_held_bytes": rank.held_bytes if rank else 0, "daemon_held_bytes": status.held_bytes,

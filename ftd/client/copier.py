@@ -47,6 +47,7 @@ class Prepare:
     world_size: int
     done: threading.Event = field(default_factory=threading.Event)
     mapped: int = 0  # segments mapped ahead
+    failure: str = ""  # why the last round prepared nothing (empty: none failed)
 
 
 @dataclass
@@ -171,6 +172,7 @@ class CopyEngine:
                     request.mapped += 1
             more = reply.more_segments
         except FtdError as exc:
+            request.failure = f"{type(exc).__name__}: {exc}"
             log.info("rank %d: segments not prepared ahead (%s); snapshots prepare their own", self.rank, exc)
         except Exception:  # noqa: BLE001 - the thread boundary
             self.errors += 1
