@@ -15,6 +15,9 @@ manifests and source files are 0600. Stray entries are skipped (log + ftd_shm_en
 Retention keeps the newest `keep` steps of the current timeline (steps up to the one sealed last)
 and, separately, up to `keep` higher steps of an older timeline (a trainer that started over from
 step 0): those go only through `discard`/`discard_all`, never by retention or memory pressure.
+A rank writes into `segments_per_rank` segments in turn (max(keep, 2); keep + 1 with spare_segment):
+once that many of its steps below the one it begins are sealed, the oldest one's segment takes it.
+`prepare` makes them ahead of the rank's first Begin, at the size its Hello announced.
 """
 
 from __future__ import annotations

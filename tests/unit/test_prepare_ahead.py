@@ -151,3 +151,37 @@ def _train_one_large(model: nn.Module, opt: torch.optim.Optimizer) -> None:
     model(torch.randn(2, 256)).sum().backward()
     opt.step()
     opt.zero_grad()
+
+
+def test_without_preallocation_nothing_is_prepared_and_snapshots_still_seal(tmp_path):
+    from ftd.config import DaemonConfig
+    from ftd.daemon.server import Daemon
+    config = DaemonConfig.load(environ={}, job=JOB, socket=str(tmp_path / "p.sock"), shm_dir=str(tmp_path / "shm"),
+                               memory_reserve="0", metrics_port=0, preallocate=False)
+    daemon = Daemon(config).start()
+    model = nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters())
+    snap = snapkit.snapshotter(config.socket, model, opt, job=JOB)
+    try:
+        assert snap.prepared.done.wait(snapkit.WAIT_S) and snap.prepared.mapped == 0 and not snap.prepared.failure
+        assert not _segs(tmp_path / "shm")
+        model(torch.randn(2, 64)).sum().backward()
+        opt.step()
+        snapkit.snap(snap, 1)
+    finally:
+        snap.close()
+        daemon.stop(grace=0.5)
+
+
+def test_an_unreachable_daemon_ends_the_preparation_quietly(tmp_path):
+    model = nn.Linear(8, 8)
+    snap = snapkit.snapshotter(str(tmp_path / "nobody.sock"), model, torch.optim.SGD(model.parameters(), lr=0.1),
+                               job=JOB, rpc_timeout=1)
+    try:
+        assert snap.prepared.done.wait(snapkit.WAIT_S)
+        assert snap.prepared.mapped == 0 and "DaemonUnavailable" in snap.prepared.failure
+        snap.snapshot(1)  # never raises: skipped, counted
+        assert snap.wait(snapkit.WAIT_S) and snap.stats.skip_reasons["daemon_unavailable"] == 1
+        assert snap._engine.errors == 0
+    finally:
+        snap.close()
