@@ -354,6 +354,10 @@ class SegmentStore:
                 if prepared >= at_most:
                     more = True
                     break
+                why = self._refusal(rank, capacity)
+                if why is not None:  # not a refused snapshot: no ftd_refused_snapshots_total
+                    log.info("rank %d: no more segments of %d bytes prepared ahead: %s", rank, capacity, why[1])
+                    break
                 try:
                     slot = self._allocate(rank, capacity)
                 except OutOfMemory as exc:
