@@ -179,13 +179,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("heartbeat_interval", float, 0.5, "seconds between heartbeats to each group peer", (DAEMON,)),
     Setting("peer_timeout", float, 3.0, "seconds without a heartbeat before a peer is marked down", (DAEMON,)),
     Setting("rebuild_wait", float, 60.0, "seconds a replacement node waits for enough peers to rebuild", (DAEMON,)),
-    Setting("keep", int, 2, "sealed steps kept per rank", (DAEMON,)),
+    Setting("keep", int, 2, "sealed steps kept per rank; a new snapshot is written into the oldest one's segment "
+            "once `keep` are held (the newest always stays), so a rank holds max(keep, 2) segments", (DAEMON,)),
+    Setting("spare_segment", parse_bool, False, "hold one segment beyond `keep` so all `keep` steps stay sealed "
+            "while the next is written (keep + 1 segments per rank)", (DAEMON,)),
     Setting("lease_timeout", float, 600.0, "seconds a Begin may stay uncommitted before its segment is reclaimed", (DAEMON,)),
     Setting("shm_group", int, -1, "gid allowed to map segments (a trainer of another uid; -1: the daemon's user only)", (DAEMON,)),
     Setting("memory_budget", parse_size, 0, "most bytes of segments the daemon holds (0: no fixed budget)", (DAEMON,)),
     Setting("memory_reserve", parse_size, 1 << 30, "host memory that must stay available after a new segment", (DAEMON,)),
-    Setting("preallocate", parse_bool, True, "prepare all keep + 1 segments of a rank in the background after its "
-            "first snapshot", (DAEMON,)),
+    Setting("preallocate", parse_bool, True, "prepare a rank's segments ahead: at the size its Snapshotter "
+            "announces at start, or in the background after its first snapshot", (DAEMON,)),
     Setting("metrics_port", int, 9400, "port of the Prometheus endpoint /metrics (0: off); the daemon does not "
             "start when it cannot bind it", (DAEMON,)),
     Setting("metrics_address", str, "0.0.0.0", "address the Prometheus endpoint binds (127.0.0.1: this host only)",
@@ -289,6 +292,12 @@ class DaemonConfig:
     durable_every_seconds: float = 0.0
     durable_keep: int = 2
     durable_bandwidth: int = 0
+    spare_segment: bool = False
+
+    @property
+    def segments_per_rank(self) -> int:
+        """Segments a rank writes into in turn: its `keep` sealed steps' (at least two), one more with spare_segment."""
+        return self.keep + 1 if self.spare_segment else max(self.keep, 2)
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> DaemonConfig:

@@ -53,6 +53,8 @@ class DaemonMetrics:
                                      buckets=_SECONDS_BUCKETS, registry=r)
         self.newest_sealed_step = Gauge("ftd_newest_sealed_step", "Newest sealed step", ["rank"], registry=r)
         self.segments_adopted = Counter("ftd_segments_adopted", "Sealed segments re-adopted at start", registry=r)
+        self.segments_prepared = Counter("ftd_segments_prepared", "Segments allocated and pre-faulted ahead, at "
+                                         "the size a rank announced in Hello", registry=r)
         self.segments_dropped = Counter("ftd_segments_dropped", "Half-written segments dropped at start", registry=r)
         self.stale_timeline_steps = Gauge("ftd_stale_timeline_steps", "Higher steps of an older timeline kept "
                                           "after a fresh start (until restored or discarded)", ["rank"], registry=r)

@@ -8,30 +8,44 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HelloRequest(_message.Message):
-    __slots__ = ("job", "rank", "world_size", "pid")
+    __slots__ = ("job", "rank", "world_size", "pid", "expected_bytes")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_BYTES_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     world_size: int
     pid: int
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    expected_bytes: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., pid: _Optional[int] = ..., expected_bytes: _Optional[int] = ...) -> None: ...
+
+class PreparedSegment(_message.Message):
+    __slots__ = ("path", "capacity")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    capacity: int
+    def __init__(self, path: _Optional[str] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("job", "node", "shm_dir", "pid", "version")
+    __slots__ = ("job", "node", "shm_dir", "pid", "version", "segments", "more_segments")
     JOB_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     SHM_DIR_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    MORE_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     job: str
     node: str
     shm_dir: str
     pid: int
     version: str
-    def __init__(self, job: _Optional[str] = ..., node: _Optional[str] = ..., shm_dir: _Optional[str] = ..., pid: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    segments: _containers.RepeatedCompositeFieldContainer[PreparedSegment]
+    more_segments: bool
+    def __init__(self, job: _Optional[str] = ..., node: _Optional[str] = ..., shm_dir: _Optional[str] = ..., pid: _Optional[int] = ..., version: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[PreparedSegment, _Mapping]]] = ..., more_segments: _Optional[bool] = ...) -> None: ...
 
 class BeginRequest(_message.Message):
     __slots__ = ("job", "rank", "step", "nbytes")

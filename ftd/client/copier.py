@@ -31,6 +31,23 @@ from ftd.manifest import Entry, Manifest, chunk_checksums, layout
 log = logging.getLogger(__name__)
 
 COPY_SLICE_BYTES = 64 << 20  # a stop request is honoured within one slice
+# A preparing Hello's deadline allows for this many pre-faults at Begin's rate: nothing waits on it
+# but a snapshot queued behind it, and one given up on leaves its segment to a later Begin unmapped.
+PREPARE_DEADLINE_SEGMENTS = 10
+
+
+@dataclass
+class Prepare:
+    """Ask the daemon for segments of `nbytes` ahead of the first snapshot, and map them (ftd-copy-<rank>).
+
+    One segment per round; a round that leaves more to prepare queues the request again behind any
+    snapshot already waiting, so a snapshot waits for at most one segment's preparation."""
+
+    nbytes: int
+    world_size: int
+    done: threading.Event = field(default_factory=threading.Event)
+    mapped: int = 0  # segments mapped ahead
+    failure: str = ""  # why the last round prepared nothing (empty: none failed)
 
 
 class SkipStep(Exception):
@@ -68,7 +85,7 @@ class CopyEngine:
         self.client, self.config, self.rank = client, config, rank
         self.on_done = on_done
         self.cache = SegmentCache(register_cuda=torch.cuda.is_available())
-        self._jobs: queue.Queue[CopyJob | None] = queue.Queue()
+        self._jobs: queue.Queue[CopyJob | Prepare | None] = queue.Queue()
         self._connected: bool | None = None
         self._stream: Any = None
         self._warned: set[str] = set()
@@ -81,6 +98,12 @@ class CopyEngine:
         if job.captured is not None:
             job.step = job.captured.step
         self._jobs.put(job)
+
+    def prepare(self, nbytes: int, world_size: int) -> Prepare:
+        """Have the copy thread announce `nbytes` in a Hello and map the segments the daemon prepares."""
+        request = Prepare(nbytes, world_size)
+        self._jobs.put(request)
+        return request
 
     def close(self, timeout: float) -> None:
         self._jobs.put(None)
@@ -100,7 +123,11 @@ class CopyEngine:
                 job = self._jobs.get()
                 if job is None:
                     return
-                self._run_one(job)
+                if isinstance(job, Prepare):
+                    if self._prepare(job):
+                        self._jobs.put(job)
+                else:
+                    self._run_one(job)
             except BaseException:  # noqa: BLE001 - the thread boundary; logged, and the thread goes on
                 self.errors += 1
                 log.exception("rank %d: the copy thread hit an unexpected error; it carries on", self.rank)
@@ -141,6 +168,33 @@ class CopyEngine:
             except Exception:  # noqa: BLE001
                 self.errors += 1
                 log.exception("rank %d: recording the outcome of step %d failed", self.rank, job.step)
+
+    def _prepare(self, request: Prepare) -> bool:
+        """One round: Hello with the expected size, then map (MAP_POPULATE, CUDA registration) the segments it
+        lists that are not mapped yet. True when another round would prepare more.
+
+        A failure only means a snapshot prepares its segment itself, as without an announcement: logged at
+        info, never raised; the connection state is left to the first snapshot.
+        """
+        more = False
+        try:
+            reply = self.client.hello(request.world_size, request.nbytes, PREPARE_DEADLINE_SEGMENTS)
+            self._set_connected(True, "")
+            trust = self.client.segment_trust()
+            for seg in reply.segments:
+                if not self.cache.maps(seg.path, seg.capacity):
+                    self.cache.get(seg.path, seg.capacity, trust)
+                    request.mapped += 1
+            more = reply.more_segments
+        except FtdError as exc:
+            request.failure = f"{type(exc).__name__}: {exc}"
+            log.info("rank %d: segments not prepared ahead (%s); snapshots prepare their own", self.rank, exc)
+        except Exception:  # noqa: BLE001 - the thread boundary
+            self.errors += 1
+            log.exception("rank %d: preparing segments ahead failed unexpectedly", self.rank)
+        if not more:
+            request.done.set()
+        return more
 
     def _warn_once(self, reason: str, message: str, *args: Any) -> None:
         """Warn the first time a skip reason occurs; later ones are debug lines (the Snapshotter counts them)."""

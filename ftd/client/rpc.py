@@ -126,9 +126,12 @@ class DaemonClient:
         uids = frozenset({self.daemon_uid}) if self.daemon_uid is not None else frozenset({os.geteuid(), 0})
         return SegmentTrust(uids, os.path.join(self._shm_dir, f"ftd-{self.job}"))
 
-    def hello(self, world_size: int) -> pb.HelloReply:
+    def hello(self, world_size: int, expected_bytes: int = 0, segments: int = 0) -> pb.HelloReply:
+        """Introduce this rank. With `expected_bytes` the daemon prepares one more of the rank's segments at
+        that size before it replies and lists them (the deadline allows `segments` pre-faults, as Begin's)."""
         reply = self._rpc(self._stub.Hello, pb.HelloRequest(job=self.job, rank=self.rank, world_size=world_size,
-                                                            pid=os.getpid()))
+                                                            pid=os.getpid(), expected_bytes=expected_bytes),
+                          self.timeout + segments * expected_bytes / 200e6)
         self._shm_dir = reply.shm_dir
         return reply
 

@@ -162,6 +162,11 @@ class SegmentCache:
         self.max_open = max_open
         self._open: OrderedDict[str, MappedSegment] = OrderedDict()
 
+    def maps(self, path: str, capacity: int) -> bool:
+        """Whether a mapping of `path` with this capacity is open (the file may since have been replaced)."""
+        seg = self._open.get(path)
+        return seg is not None and seg.size == capacity
+
     def get(self, path: str, capacity: int, trust: SegmentTrust) -> MappedSegment:
         seg = self._open.get(path)
         if seg is not None:

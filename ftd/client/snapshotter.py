@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from ftd.client import jsonsafe
 from ftd.client import restore as restore_mod
-from ftd.client import memreshard, placement, reshard, sharding, state
+from ftd.client import expected, memreshard, placement, reshard, sharding, state
 from ftd.client.copier import CopyEngine, CopyJob, SkipStep
 from ftd.client.rpc import DaemonClient
 from ftd.client.sharding import Replicas
@@ -145,8 +145,22 @@ class Snapshotter:
                                    self.config.daemon_user, self.config.socket_dir_private)
         self._engine = CopyEngine(self.client, self.config, self.rank, self._on_done) if self.config.enabled else None
         self._hook = optimizer.register_step_pre_hook(self._before_step) if optimizer is not None else None
+        self.prepared = self._prepare_ahead()
         log.debug("rank %d/%d snapshotting into unix:%s (job %r)", self.rank, self.world_size, self.config.socket,
                   self.config.job)
+
+    def _prepare_ahead(self) -> Any:
+        """Announce the state's estimated size so the daemon prepares (and this rank maps) its segments
+        before the first snapshot (ftd.client.expected); the copier's Prepare, or None when not announced
+        (disabled, unknown size, or state sharded over replicas)."""
+        if self._engine is None or (self.replicas is not None and self.replicas.size > 1):
+            return None
+        try:
+            nbytes = expected.expected_bytes(self.model, self._state_optimizer)
+        except Exception as exc:  # noqa: BLE001 - only a head start is lost
+            log.info("rank %d: the state's size could not be estimated (%s); nothing prepared ahead", self.rank, exc)
+            return None
+        return self._engine.prepare(nbytes, self.world_size) if nbytes else None
 
     # ---- taking snapshots -------------------------------------------------------------------
 

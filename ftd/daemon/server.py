@@ -110,8 +110,13 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
                           f"this daemon serves job {self.config.job!r}, not {request.job!r}")
         log.info("rank %d of %d (pid %d) connected", request.rank, request.world_size, request.pid)
         self.store.note_client(request.rank, request.pid)
+        segments, more = [], False
+        if request.expected_bytes and self.config.preallocate:  # one segment per Hello: a Begin never waits long
+            segments, more = self._call(context, lambda: self.store.prepare(request.job, request.rank,
+                                                                            request.expected_bytes, at_most=1))
         return pb.HelloReply(job=self.config.job, node=self.config.node, shm_dir=self.config.shm_dir,
-                             pid=os.getpid(), version=__version__)
+                             pid=os.getpid(), version=__version__, more_segments=more,
+                             segments=[pb.PreparedSegment(path=p, capacity=c) for p, c in segments])
 
     def Begin(self, request: pb.BeginRequest, context: grpc.ServicerContext) -> pb.BeginReply:
         lease = self._call(context, lambda: self.store.begin(request.job, request.rank, request.step, request.nbytes))

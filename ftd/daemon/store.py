@@ -15,6 +15,9 @@ manifests and source files are 0600. Stray entries are skipped (log + ftd_shm_en
 Retention keeps the newest `keep` steps of the current timeline (steps up to the one sealed last)
 and, separately, up to `keep` higher steps of an older timeline (a trainer that started over from
 step 0): those go only through `discard`/`discard_all`, never by retention or memory pressure.
+A rank writes into `segments_per_rank` segments in turn (max(keep, 2); keep + 1 with spare_segment):
+once that many of its steps below the one it begins are sealed, the oldest one's segment takes it.
+`prepare` makes them ahead of the rank's first Begin, at the size its Hello announced.
 """
 
 from __future__ import annotations
@@ -323,6 +326,68 @@ class SegmentStore:
             self._clients[rank] = (pid, started)
         return True
 
+    def prepare(self, job: str, rank: int, nbytes: int, at_most: int = MAX_RANK) -> tuple[list[tuple[str, int]], bool]:
+        """Allocate and pre-fault the segments `rank` writes `nbytes`-byte snapshots into, ahead of its Begins.
+
+        The size comes from the rank's Hello (its Snapshotter announces it at construction). Segments
+        are prepared one at a time (PREFAULTING, outside the lock), at most `at_most` in this call,
+        until the rank has `segments_per_rank` of at least `nbytes`: free ones, sealed ones it will
+        write over next, and one being written; free ones too small are given back. A refusal
+        (budget, host memory, a full tmpfs) ends the preparation: logged, and a Begin allocates as it
+        always did. Returns (path, capacity) of the rank's free and reusable segments of at least
+        `nbytes`, and whether another call would prepare more.
+        """
+        self._check(job, rank, 0)
+        if nbytes <= 0:
+            raise RequestRejected(f"expected bytes must be positive, got {nbytes}")
+        capacity = -(-nbytes // SEGMENT_ROUNDING) * SEGMENT_ROUNDING
+        t0, prepared, more = time.perf_counter(), 0, False
+        while True:
+            with self._lock:
+                self._reap()
+                slots = self._slots.setdefault(rank, [])
+                for slot in [s for s in slots if s.state is SlotState.FREE and (s.capacity < nbytes or not _intact(s))]:
+                    self._delete(rank, slot)
+                if len(self._writable(rank, nbytes, in_flight=True)) >= self.config.segments_per_rank:
+                    more = False
+                    break
+                if prepared >= at_most:
+                    more = True
+                    break
+                why = self._refusal(rank, capacity)
+                if why is not None:  # not a refused snapshot: no ftd_refused_snapshots_total
+                    log.info("rank %d: no more segments of %d bytes prepared ahead: %s", rank, capacity, why[1])
+                    break
+                try:
+                    slot = self._allocate(rank, capacity)
+                except OutOfMemory as exc:
+                    log.warning("rank %d: segments of %d bytes not prepared ahead: %s", rank, capacity, exc)
+                    break
+                slot.prefault()
+            try:
+                self._fill(rank, slot)
+            except OutOfMemory as exc:
+                log.warning("rank %d: preparing a segment ahead failed: %s", rank, exc)
+                break
+            with self._lock:
+                slot.prefaulted()
+            prepared += 1
+            self.metrics.segments_prepared.inc()
+        with self._lock:
+            ready = [(str(s.path), s.capacity) for s in self._writable(rank, nbytes, in_flight=False)]
+        if prepared:
+            log.info("rank %d: prepared %d segment(s) of %d bytes ahead of its snapshots in %.2f s", rank,
+                     prepared, capacity, time.perf_counter() - t0)
+        return ready, more
+
+    def _writable(self, rank: int, nbytes: int, in_flight: bool) -> list[Slot]:
+        """The rank's segments of at least `nbytes` it writes into in turn: free, sealed and evictable (written
+        over next), and with `in_flight` those being prepared or written (lock held)."""
+        evictable = self._evictable(rank)
+        busy = (SlotState.NEW, SlotState.PREFAULTING, SlotState.WRITING) if in_flight else ()
+        return [s for s in self._slots.get(rank, []) if s.capacity >= nbytes
+                and (s.state is SlotState.FREE or s.state in busy or s in evictable)]
+
     def begin(self, job: str, rank: int, step: int, nbytes: int) -> Lease:
         """Reserve a segment of at least `nbytes` for (rank, step); supersedes an unfinished one.
 
@@ -339,7 +404,7 @@ class SegmentStore:
                     log.warning("rank %d: step %s was never committed; its segment is reused", rank, slot.step)
                     self.metrics.snapshots_aborted.labels("superseded").inc()
                     slot.release()
-            slot = self._free_slot(rank, nbytes)
+            slot = self._free_slot(rank, nbytes, step)
             lease = secrets.randbits(63) or 1
             self._newest_begin[rank] = lease
             now = time.monotonic()
@@ -649,7 +714,7 @@ class SegmentStore:
         manifest.verify(data)
         with self._lock:
             self._slots.setdefault(rank, [])
-            slot = self._free_slot(rank, max(1, len(data)))
+            slot = self._free_slot(rank, max(1, len(data)), step)
             slot.begin(step, 0, time.monotonic())  # FREE, or NEW: the copy touches the pages it needs
         try:
             self._copy_into(slot, data)
@@ -768,10 +833,12 @@ class SegmentStore:
                 f"(restore them, or `ftd rm` the job to give their memory back)") if stale else ""
         return OutOfMemory(why[1] + hint)
 
-    def _free_slot(self, rank: int, nbytes: int) -> Slot:
-        """A FREE (or, newly allocated, NEW) segment of at least `nbytes` for `rank`.
+    def _free_slot(self, rank: int, nbytes: int, step: int) -> Slot:
+        """A FREE (or, newly allocated, NEW) segment of at least `nbytes` for `rank` to write `step` into.
 
-        Decides admission first: a refusal evicts nothing.
+        Once the rank holds `segments_per_rank` sealed steps below `step`, the oldest one's segment is
+        taken (the newest ones stay; higher steps, which a fresh start leaves as an older timeline, are
+        never written over). Decides admission first: a refusal evicts nothing.
         """
         slots = self._slots[rank]
         for slot in [s for s in slots if s.state is SlotState.FREE and not _intact(s)]:
@@ -785,8 +852,10 @@ class SegmentStore:
         small = sum(s.capacity for s in free)  # too small for this state: given back once admitted
         evictable = self._evictable(rank)
         capacity = -(-nbytes // SEGMENT_ROUNDING) * SEGMENT_ROUNDING
-        # pinned steps and an older timeline's steps keep their own segments, beside this timeline's keep + 1
-        if len(evictable) <= self.config.keep:
+        # pinned steps and an older timeline's steps keep their own segments, beside this timeline's
+        # segments_per_rank: once that many are sealed below `step`, the oldest one's takes the new step
+        below = [s for s in evictable if s.step is not None and s.step < step]
+        if len(below) < self.config.segments_per_rank:
             why = self._refusal(rank, capacity, freed=small)
             if why is None:
                 for slot in free:
@@ -795,7 +864,9 @@ class SegmentStore:
             if len(evictable) < 2:
                 raise self._refuse(rank, why)
             log.warning("rank %d: memory is short (%s), evicting step %s early", rank, why[1], evictable[0].step)
-        victim = evictable[0]
+            victim = evictable[0]
+        else:
+            victim = below[0]
         if victim.capacity < nbytes:
             why = self._refusal(rank, capacity, freed=small + victim.capacity)
             if why is not None:
@@ -863,12 +934,12 @@ class SegmentStore:
                  slot.capacity, seconds)
 
     def _preallocate_later(self, rank: int, capacity: int) -> None:
-        """Prepare the rest of the rank's keep + 1 segments in the background (thread ftd-prealloc-<rank>)."""
+        """Prepare the rest of the rank's segments_per_rank segments in the background (thread ftd-prealloc-<rank>)."""
         def run() -> None:
             while True:
                 with self._lock:
                     slots = self._slots.get(rank, [])
-                    if len(slots) >= self.config.keep + 1:
+                    if len(slots) >= self.config.segments_per_rank:
                         return
                     try:
                         slot = self._allocate(rank, capacity)

@@ -17,7 +17,7 @@ MiB = 1 << 20
 
 
 def _config(tmp_path: Path, job: str = JOB, **overrides) -> DaemonConfig:
-    # preallocate=False: these tests count segments; test_preallocation_prepares_keep_plus_one covers it
+    # preallocate=False: these tests count segments; test_preallocation_prepares_segments_per_rank covers it
     values = dict(job=job, socket=str(tmp_path / "s.sock"), shm_dir=str(tmp_path / "shm"), memory_reserve="0",
                   preallocate=False)
     values.update(overrides)

@@ -104,20 +104,27 @@ def test_bad_begin_arguments_refused(tmp_path, rank, step, nbytes):
 # ---- retention --------------------------------------------------------------------------------
 
 
-def test_keep_two_retention_reuses_segment_files(tmp_path):
-    store = _store(tmp_path, keep=2)
+@pytest.mark.parametrize("spare, segments", [(False, 2), (True, 3)])
+def test_keep_two_retention_reuses_segment_files(tmp_path, spare, segments):
+    """keep=2 holds two segments: the next step is written over the older one (spare_segment: keep + 1)."""
+    store = _store(tmp_path, keep=2, spare_segment=spare)
     files_seen: set[Path] = set()
     for step in range(1, 11):
+        if step > 2:
+            lease = store.begin(JOB, 0, step, 4096)
+            assert store.list_steps(JOB, 0) == ([step - 2, step - 1] if spare else [step - 1]), \
+                "while a step is written the newest sealed one always stays"
+            store.abort(JOB, 0, step, lease.lease, "test")
         held = _snapshot(store, step)
         assert held == list(range(max(1, step - 1), step + 1))
         assert store.list_steps(JOB, 0) == held
         segs = _segs(store)
         files_seen.update(segs)
-        assert len(segs) == min(step, 3)  # keep + one to write into
+        assert len(segs) == min(step, segments)
         assert len(_manifests(store)) == len(held)  # a manifest exactly while sealed
-    # steady state: nothing new was allocated after the first three
-    assert len(files_seen) == 3
-    assert store.held_bytes() == 3 * SEGMENT_ROUNDING
+    # steady state: nothing new was allocated after the first ones
+    assert len(files_seen) == segments
+    assert store.held_bytes() == segments * SEGMENT_ROUNDING
     for step in (9, 10):
         assert Manifest.from_json(store.open(JOB, 0, step)[2]).step == step
     with pytest.raises(NotFound):
@@ -149,7 +156,7 @@ def test_growing_state_gets_a_bigger_segment(tmp_path):
     assert lease.capacity == 4 * MiB
     store.commit(JOB, 0, 4, lease.lease, _manifest(4, lease.path).to_json())
     assert store.list_steps(JOB, 0) == [3, 4]
-    assert len(_segs(store)) == 3  # the small free segment was given back, not kept beside the new one
+    assert len(_segs(store)) == 2  # step 2's too-small segment was given back, not kept beside the new one
 
 
 # ---- superseding ------------------------------------------------------------------------------
@@ -336,7 +343,7 @@ def test_adopt_after_restart(tmp_path):
     # the adopted store carries on: retention and reuse work as before
     assert _snapshot(again, 3) == [1, 2, 3]
     assert _snapshot(again, 4) == [2, 3, 4]
-    assert len(_segs(again)) == 4
+    assert len(_segs(again)) == 3  # keep 3: step 4 went into step 1's segment (segments_per_rank)
 
 
 def test_adopt_drops_corrupt_and_foreign_manifests(tmp_path):
@@ -415,7 +422,7 @@ def test_a_fresh_start_keeps_the_higher_steps_of_the_older_timeline(tmp_path):
 
 
 def test_truncated_free_segment_is_replaced(tmp_path):
-    store = _store(tmp_path, keep=2)
+    store = _store(tmp_path, keep=2, spare_segment=True)  # a free segment stays beside the two sealed
     for step in (1, 2, 3):
         _snapshot(store, step)
     sealed_paths = {store.open(JOB, 0, s)[0] for s in (2, 3)}
@@ -437,15 +444,16 @@ def test_open_reports_missing_manifest_as_not_found(tmp_path):
         store.open(JOB, 0, 1)
 
 
-def test_preallocation_prepares_keep_plus_one(tmp_path):
-    store = _store(tmp_path, preallocate=True, keep=2)
+@pytest.mark.parametrize("keep, spare, segments", [(2, False, 2), (2, True, 3), (3, False, 3)])
+def test_preallocation_prepares_segments_per_rank(tmp_path, keep, spare, segments):
+    store = _store(tmp_path, preallocate=True, keep=keep, spare_segment=spare)
     lease = store.begin(JOB, 0, 1, 3 << 20)
     deadline = time.monotonic() + 10
-    while len(list((tmp_path / "shm").rglob("*.seg"))) < 3 or store.held_bytes() < 3 * lease.capacity:
-        assert time.monotonic() < deadline, "the background thread did not prepare keep + 1 segments"
+    while len(list((tmp_path / "shm").rglob("*.seg"))) < segments or store.held_bytes() < segments * lease.capacity:
+        assert time.monotonic() < deadline, f"the background thread did not prepare {segments} segments"
         time.sleep(0.01)
     time.sleep(0.2)
-    assert len(list((tmp_path / "shm").rglob("*.seg"))) == 3, "never more than keep + 1 segments per rank"
+    assert len(list((tmp_path / "shm").rglob("*.seg"))) == segments, "never more than segments_per_rank"
     for seg in (tmp_path / "shm").rglob("*.seg"):
         assert seg.stat().st_size == lease.capacity
         assert seg.stat().st_blocks * 512 >= lease.capacity, f"{seg.name} was not pre-faulted"

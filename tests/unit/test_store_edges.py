@@ -119,7 +119,8 @@ def test_concurrent_begins_never_overshoot_the_host_memory_reserve(tmp_path, dev
 
 
 def test_a_full_tmpfs_reuses_the_oldest_segment_and_snapshots_continue(tmp_path, small_tmpfs):
-    store = _store(tmp_path, keep=2)  # shm_dir is tmp_path/shm: the 3 MiB tmpfs, room for 2 segments
+    # shm_dir is tmp_path/shm: the 3 MiB tmpfs, room for 2 segments; spare_segment asks for a third
+    store = _store(tmp_path, keep=2, spare_segment=True)
     assert _snapshot(store, 1) == [1]
     assert _snapshot(store, 2) == [1, 2]
     for step in range(3, 8):

@@ -198,9 +198,9 @@ def test_install_sealed_copies_without_the_lock_and_nobody_takes_its_segment(tmp
 
 
 def test_a_corrupt_payload_reserves_and_evicts_nothing(tmp_path):
-    store = _store(tmp_path, keep=2)
+    store = _store(tmp_path, keep=2, spare_segment=True)
     for step in (1, 2, 3):
-        _snapshot(store, step)  # keep 2: one segment is left free
+        _snapshot(store, step)  # keep 2 and a spare segment: one segment is left free
     assert _states(store, 0) == [SlotState.FREE, SlotState.SEALED, SlotState.SEALED]
     manifest_json, data = _payload(0, 9)
     bad = bytearray(data)
