@@ -58,7 +58,8 @@ def check_inventory(inv: pb.Inventory, membership: Membership, job: str, node: i
             or len(inv.parity) > MAX_INVENTORY_PARITY:
         raise BadInventory(f"inventory of node {node} is too long ({len(inv.ranks)} ranks, {len(inv.steps)} steps, "
                            f"{len(inv.parity)} parity chunks)")
-    if not -1 <= inv.protected_step <= MAX_STEP or not -1 <= inv.encoding_step <= MAX_STEP:
+    if any(not -1 <= v <= MAX_STEP for v in (inv.protected_step, inv.encoding_step, inv.target_step,
+                                              inv.candidate_step, inv.newest_step)):
         raise BadInventory(f"inventory of node {node}: step out of range")
     if any(r < 0 for r in inv.ranks) or len(set(inv.ranks)) != len(inv.ranks):
         raise BadInventory(f"inventory of node {node}: negative or repeated ranks")
@@ -162,13 +163,35 @@ class PeerTable:
     _peers: dict[int, PeerState] = field(default_factory=dict)
     _outside: dict[int, tuple[int, int]] = field(default_factory=dict)  # node -> (protected, encoding)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _nudged: threading.Event = field(default_factory=threading.Event)
+    _listeners: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for node in self.membership.group.members:
             if node != self.membership.me:
                 self._peers[node] = PeerState(node)
 
+    def on_seen(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (quick, never raising) after each group peer's inventory arrives."""
+        self._listeners.append(listener)
+
+    def nudge(self) -> None:
+        """Ask the heartbeat loop to beat now rather than at its next interval (this node's
+        inventory changed in a way the group waits for: a target, a candidate, new parity)."""
+        self._nudged.set()
+
+    def wait_nudge(self, timeout: float) -> None:
+        """Sleep until `timeout` passes or `nudge()` is called."""
+        self._nudged.wait(timeout)
+        self._nudged.clear()
+
     def seen(self, inventory: pb.Inventory) -> None:
+        self._seen(inventory)
+        if inventory.node in self._peers:
+            for listener in self._listeners:
+                listener()
+
+    def _seen(self, inventory: pb.Inventory) -> None:
         with self._lock:
             state = self._peers.get(inventory.node)
             if state is None:
@@ -331,10 +354,11 @@ class HeartbeatLoop:
                 if message != last:
                     log.error("heartbeat failed (the thread goes on): %s", message, exc_info=True)
                 last = message
-            self._stop.wait(self.interval)
+            self.table.wait_nudge(self.interval)
 
     def stop(self) -> None:
         self._stop.set()
+        self.table.nudge()
         if self._thread.is_alive():
             self._thread.join(5)
         for channel in self._channels.values():
