@@ -14,7 +14,8 @@ metrics (never its logs):
   step and of the newest one; absent from daemons that predate it, then null) and, for every
   daemon, the lag in steps times the measured step period;
 
-each as median / p90 / max over the samples after the node's first protected step. The bound
+each as median / p90 / max over the samples after `--warmup` seconds of steps (and after the node's
+first protected step). The bound
 it is held against is one encode (mean ftd_ec_encode_seconds over the run) plus one heartbeat
 interval. Also: encodes and protections per node (ftd_ec_encode_seconds_count,
 ftd_seal_to_protected_seconds_count: with one agreed step per round each encode protects a step),
@@ -109,14 +110,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                             stderr=err, start_new_session=True))
             err.close()
         rows: list[dict[str, Any]] = []
-        t0 = time.monotonic()
         while any(w.poll() is None for w in writers):
-            t = time.monotonic() - t0
+            t = time.time() - start  # seconds since the writers' first step
             for node in nodes:
                 m = scrape(node)
-                if m is not None:
+                if m is not None and t >= 0:
                     rows.append({"t": round(t, 3), **sample(node, m)})
-            time.sleep(max(0.0, args.poll - (time.monotonic() - t0 - t)))
+            time.sleep(max(0.0, args.poll - (time.time() - start - t)))
         doc["writers"] = []
         for w in writers:
             out, _ = w.communicate(timeout=60)
@@ -141,7 +141,7 @@ def summarize(args: argparse.Namespace, rows: list[dict[str, Any]], finals: dict
     seconds = statistics.median(w.get("seconds", args.seconds) for w in writers)
     steps = statistics.median(w.get("steps", 0) for w in writers)
     period = seconds / steps if steps else args.period
-    live = [r for r in rows if r["protected"] >= 0 and r["sealed"] >= 0]
+    live = [r for r in rows if r["protected"] >= 0 and r["sealed"] >= 0 and r["t"] >= args.warmup]
     lag_steps = [float(max(0, r["sealed"] - r["protected"])) for r in live]
     gauge = [r["lag_s"] for r in live if r["lag_s"] is not None and r["lag_s"] >= 0]
     per_node: dict[int, dict[str, Any]] = {}
@@ -204,6 +204,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--heartbeat", type=float, default=0.2, help="FTD_HEARTBEAT_INTERVAL (the demo cluster's)")
     ap.add_argument("--start-delay", type=float, default=8.0, help="seconds until the writers' common first step")
+    ap.add_argument("--warmup", type=float, default=3.0, help="seconds of steps left out of the lag figures "
+                    "(daemons and writers settling)")
     ap.add_argument("--poll", type=float, default=0.1, help="seconds between metric scrapes")
     ap.add_argument("--label", default="", help="appended to the results file name (e.g. before)")
     ap.add_argument("--out-dir", default="bench/results")
