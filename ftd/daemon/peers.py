@@ -1,11 +1,12 @@
 """Peer membership, heartbeats and the peer gRPC service (proto/ftd/v1/peer.proto).
 
 `Membership` says who is in the cluster and in this node's EC group; `PeerTable` remembers the
-newest inventory and liveness of every group peer; `HeartbeatLoop` exchanges inventories on a
-fixed interval and marks a peer down when it misses `peer_timeout` (logged and exported; it
-destroys nothing). Every call and every reply is signed with the cluster token over its exact
-bytes (ftd/daemon/auth.py), and every inventory is validated (`check_inventory`) before it is
-believed: a process without the token answering on a peer's address is ignored.
+newest inventory and liveness of every group peer (and wakes whoever listens when one arrives);
+`HeartbeatLoop` exchanges inventories on a fixed interval, or at once when nudged, and marks a
+peer down when it misses `peer_timeout` (logged and exported; it destroys nothing). Every call
+and every reply is signed with the cluster token over its exact bytes (ftd/daemon/auth.py), and
+every inventory is validated (`check_inventory`) before it is believed: a process without the
+token answering on a peer's address is ignored.
 
 Nodes of *other* groups get a slim heartbeat too (protected and encoding step only): a restore
 needs one step that every rank holds, and after a node loss its group can only give back the
@@ -181,7 +182,7 @@ class PeerTable:
         self._nudged.set()
 
     def wait_nudge(self, timeout: float) -> None:
-        """Sleep until `timeout` passes or `nudge()` is called."""
+        """Sleep until `timeout` passes or `nudge()` is called (then clear the nudge)."""
         self._nudged.wait(timeout)
         self._nudged.clear()
 
@@ -290,7 +291,7 @@ class PeerServer:
 
 class HeartbeatLoop:
     """Thread `ftd-heartbeat`: sends this node's inventory to every group peer (a slim one to every
-    other node) each interval."""
+    other node) each interval, and at once when `PeerTable.nudge()` is called."""
 
     def __init__(self, membership: Membership, table: PeerTable, token: str, job: str, interval: float,
                  inventory: Callable[[], pb.Inventory]):
@@ -310,14 +311,15 @@ class HeartbeatLoop:
         self._thread.start()
         return self
 
-    def beat_once(self) -> None:
+    def beat_once(self, group_only: bool = False) -> None:
+        """One heartbeat to every peer (`group_only`: to group peers only, as a nudged beat is)."""
         inventory = self.inventory()
         full, outside = pb.HeartbeatRequest(inventory=inventory), pb.HeartbeatRequest(inventory=slim(inventory))
         group = self.membership.group.members
         timeout = max(0.5, self.interval * 2)
         # All peers at once: one that accepts and never answers costs one timeout, not one per peer.
         pending = {node: call.start(full if node in group else outside, pb.HeartbeatReply, node, timeout)
-                   for node, call in self._calls.items()}
+                   for node, call in self._calls.items() if node in group or not group_only}
         for node, finish in pending.items():
             try:
                 reply = finish()
@@ -343,9 +345,14 @@ class HeartbeatLoop:
 
     def _run(self) -> None:
         last = ""
+        next_full = 0.0
         while not self._stop.is_set():
+            now = time.monotonic()
+            full = now >= next_full  # nudged beats in between go to the group only
+            if full:
+                next_full = now + self.interval
             try:
-                self.beat_once()
+                self.beat_once(group_only=not full)
                 last = ""
             except Exception as exc:  # noqa: BLE001 - the heartbeat thread must outlive any one beat
                 self.errors += 1
@@ -354,7 +361,7 @@ class HeartbeatLoop:
                 if message != last:
                     log.error("heartbeat failed (the thread goes on): %s", message, exc_info=True)
                 last = message
-            self.table.wait_nudge(self.interval)
+            self.table.wait_nudge(max(0.0, next_full - time.monotonic()))
 
     def stop(self) -> None:
         self._stop.set()
