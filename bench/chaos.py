@@ -3,7 +3,9 @@
     python bench/chaos.py [--kills 50] [--nodes 3] [--ec 2+1] [--steps N] [--step-sleep 0.02] [--seed S]
 
 The run itself is ftd.demo.chaos (also `ftd demo --chaos N`); this script adds the flags and writes
-bench/results/chaos-<date>.json. Exit status 0 only when every recovery ended bit-exact, nothing hung
+bench/results/chaos-<date>.json, with the protection lag (each node's newest sealed step against its
+protected step, in steps and seconds, sampled from the daemons' metrics between kills and during
+recoveries) in "lag" and the samples in "lag_samples". Exit status 0 only when every recovery ended bit-exact, nothing hung
 and training finished.
 """
 
@@ -40,6 +42,8 @@ def main() -> int:
     ap.add_argument("--finish-timeout", type=float, default=900.0)
     ap.add_argument("--lost-threshold", type=int, default=50,
                     help="a kill after which training restarts more than this many steps back counts as progress lost")
+    ap.add_argument("--lag-poll", type=float, default=0.5,
+                    help="seconds between samples of every daemon's protection lag (from its metrics)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
@@ -48,7 +52,7 @@ def main() -> int:
                         train_seed=args.train_seed, seed=args.seed, weights=weights,  # type: ignore[arg-type]
                         min_wait=args.min_wait, max_wait=args.max_wait, recovery_lines=args.recovery_lines,
                         recovery_timeout=args.recovery_timeout, finish_timeout=args.finish_timeout,
-                        lost_threshold=args.lost_threshold)
+                        lost_threshold=args.lost_threshold, lag_poll=args.lag_poll)
     result = run_chaos(opts)
     print()
     print(result.table())

@@ -91,6 +91,17 @@ class DaemonMetrics:
                                           buckets=_SECONDS_BUCKETS, registry=r)
         self.seal_to_protected = Histogram("ftd_seal_to_protected_seconds", "From the local seal of a step to "
                                            "its protection across the group", buckets=_SECONDS_BUCKETS, registry=r)
+        self.protection_lag_steps = Gauge("ftd_protection_lag_steps", "Newest sealed step minus the newest "
+                                          "protected step (-1: nothing protected yet)", registry=r)
+        self.protection_lag_steps.set(-1)
+        self.protection_lag_seconds = Gauge("ftd_protection_lag_seconds", "Seconds between the local seals of the "
+                                            "newest protected step and the newest sealed step (-1: nothing "
+                                            "protected yet)", registry=r)
+        self.protection_lag_seconds.set(-1)
+        self.protection_targets = Counter("ftd_protection_targets", "Steps this node announced to its group as the "
+                                          "next to protect, by why: first, protected (the previous one was), "
+                                          "mismatch (members held different steps), stalled",
+                                          ["reason"], registry=r)
         self.rebuilds = Counter("ftd_rebuilds", "Rebuild checks of this node by outcome: rebuilt, nothing (no "
                                 "protected step in the group), unrecoverable (more than m nodes lost), failed",
                                 ["outcome"], registry=r)

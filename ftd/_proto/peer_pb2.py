@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x66td/v1/peer.proto\x12\x06\x66td.v1\",\n\x08StepData\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x12\n\nblob_bytes\x18\x02 \x01(\x04\"L\n\nParityHeld\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x10\n\x08rotation\x18\x02 \x01(\x05\x12\t\n\x01j\x18\x03 \x01(\x05\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x04\"\xd2\x01\n\tInventory\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\x05\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\x1f\n\x05steps\x18\x04 \x03(\x0b\x32\x10.ftd.v1.StepData\x12\"\n\x06parity\x18\x05 \x03(\x0b\x32\x12.ftd.v1.ParityHeld\x12\x16\n\x0eprotected_step\x18\x06 \x01(\x03\x12\x12\n\nrebuilding\x18\x07 \x01(\x08\x12\r\n\x05ranks\x18\x08 \x03(\x05\x12\x15\n\rencoding_step\x18\t \x01(\x03\"8\n\x10HeartbeatRequest\x12$\n\tinventory\x18\x01 \x01(\x0b\x32\x11.ftd.v1.Inventory\"6\n\x0eHeartbeatReply\x12$\n\tinventory\x18\x01 \x01(\x0b\x32\x11.ftd.v1.Inventory2E\n\x04Peer\x12=\n\tHeartbeat\x12\x18.ftd.v1.HeartbeatRequest\x1a\x16.ftd.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x66td/v1/peer.proto\x12\x06\x66td.v1\",\n\x08StepData\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x12\n\nblob_bytes\x18\x02 \x01(\x04\"L\n\nParityHeld\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x10\n\x08rotation\x18\x02 \x01(\x05\x12\t\n\x01j\x18\x03 \x01(\x05\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\x04\"\x94\x02\n\tInventory\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\x05\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12\x1f\n\x05steps\x18\x04 \x03(\x0b\x32\x10.ftd.v1.StepData\x12\"\n\x06parity\x18\x05 \x03(\x0b\x32\x12.ftd.v1.ParityHeld\x12\x16\n\x0eprotected_step\x18\x06 \x01(\x03\x12\x12\n\nrebuilding\x18\x07 \x01(\x08\x12\r\n\x05ranks\x18\x08 \x03(\x05\x12\x15\n\rencoding_step\x18\t \x01(\x03\x12\x13\n\x0btarget_step\x18\n \x01(\x03\x12\x16\n\x0e\x63\x61ndidate_step\x18\x0b \x01(\x03\x12\x13\n\x0bnewest_step\x18\x0c \x01(\x03\"8\n\x10HeartbeatRequest\x12$\n\tinventory\x18\x01 \x01(\x0b\x32\x11.ftd.v1.Inventory\"6\n\x0eHeartbeatReply\x12$\n\tinventory\x18\x01 \x01(\x0b\x32\x11.ftd.v1.Inventory2E\n\x04Peer\x12=\n\tHeartbeat\x12\x18.ftd.v1.HeartbeatRequest\x1a\x16.ftd.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,11 +37,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PARITYHELD']._serialized_start=75
   _globals['_PARITYHELD']._serialized_end=151
   _globals['_INVENTORY']._serialized_start=154
-  _globals['_INVENTORY']._serialized_end=364
-  _globals['_HEARTBEATREQUEST']._serialized_start=366
-  _globals['_HEARTBEATREQUEST']._serialized_end=422
-  _globals['_HEARTBEATREPLY']._serialized_start=424
-  _globals['_HEARTBEATREPLY']._serialized_end=478
-  _globals['_PEER']._serialized_start=480
-  _globals['_PEER']._serialized_end=549
+  _globals['_INVENTORY']._serialized_end=430
+  _globals['_HEARTBEATREQUEST']._serialized_start=432
+  _globals['_HEARTBEATREQUEST']._serialized_end=488
+  _globals['_HEARTBEATREPLY']._serialized_start=490
+  _globals['_HEARTBEATREPLY']._serialized_end=544
+  _globals['_PEER']._serialized_start=546
+  _globals['_PEER']._serialized_end=615
 # @@protoc_insertion_point(module_scope)

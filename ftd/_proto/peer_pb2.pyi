@@ -28,7 +28,7 @@ class ParityHeld(_message.Message):
     def __init__(self, step: _Optional[int] = ..., rotation: _Optional[int] = ..., j: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class Inventory(_message.Message):
-    __slots__ = ("job", "node", "incarnation", "steps", "parity", "protected_step", "rebuilding", "ranks", "encoding_step")
+    __slots__ = ("job", "node", "incarnation", "steps", "parity", "protected_step", "rebuilding", "ranks", "encoding_step", "target_step", "candidate_step", "newest_step")
     JOB_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,9 @@ class Inventory(_message.Message):
     REBUILDING_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_STEP_FIELD_NUMBER: _ClassVar[int]
+    TARGET_STEP_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_STEP_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_STEP_FIELD_NUMBER: _ClassVar[int]
     job: str
     node: int
     incarnation: int
@@ -47,7 +50,10 @@ class Inventory(_message.Message):
     rebuilding: bool
     ranks: _containers.RepeatedScalarFieldContainer[int]
     encoding_step: int
-    def __init__(self, job: _Optional[str] = ..., node: _Optional[int] = ..., incarnation: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepData, _Mapping]]] = ..., parity: _Optional[_Iterable[_Union[ParityHeld, _Mapping]]] = ..., protected_step: _Optional[int] = ..., rebuilding: _Optional[bool] = ..., ranks: _Optional[_Iterable[int]] = ..., encoding_step: _Optional[int] = ...) -> None: ...
+    target_step: int
+    candidate_step: int
+    newest_step: int
+    def __init__(self, job: _Optional[str] = ..., node: _Optional[int] = ..., incarnation: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[StepData, _Mapping]]] = ..., parity: _Optional[_Iterable[_Union[ParityHeld, _Mapping]]] = ..., protected_step: _Optional[int] = ..., rebuilding: _Optional[bool] = ..., ranks: _Optional[_Iterable[int]] = ..., encoding_step: _Optional[int] = ..., target_step: _Optional[int] = ..., candidate_step: _Optional[int] = ..., newest_step: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("inventory",)

@@ -1,11 +1,12 @@
 """Peer membership, heartbeats and the peer gRPC service (proto/ftd/v1/peer.proto).
 
 `Membership` says who is in the cluster and in this node's EC group; `PeerTable` remembers the
-newest inventory and liveness of every group peer; `HeartbeatLoop` exchanges inventories on a
-fixed interval and marks a peer down when it misses `peer_timeout` (logged and exported; it
-destroys nothing). Every call and every reply is signed with the cluster token over its exact
-bytes (ftd/daemon/auth.py), and every inventory is validated (`check_inventory`) before it is
-believed: a process without the token answering on a peer's address is ignored.
+newest inventory and liveness of every group peer (and wakes whoever listens when one arrives);
+`HeartbeatLoop` exchanges inventories on a fixed interval, or at once when nudged, and marks a
+peer down when it misses `peer_timeout` (logged and exported; it destroys nothing). Every call
+and every reply is signed with the cluster token over its exact bytes (ftd/daemon/auth.py), and
+every inventory is validated (`check_inventory`) before it is believed: a process without the
+token answering on a peer's address is ignored.
 
 Nodes of *other* groups get a slim heartbeat too (protected and encoding step only): a restore
 needs one step that every rank holds, and after a node loss its group can only give back the
@@ -58,7 +59,8 @@ def check_inventory(inv: pb.Inventory, membership: Membership, job: str, node: i
             or len(inv.parity) > MAX_INVENTORY_PARITY:
         raise BadInventory(f"inventory of node {node} is too long ({len(inv.ranks)} ranks, {len(inv.steps)} steps, "
                            f"{len(inv.parity)} parity chunks)")
-    if not -1 <= inv.protected_step <= MAX_STEP or not -1 <= inv.encoding_step <= MAX_STEP:
+    if any(not -1 <= v <= MAX_STEP for v in (inv.protected_step, inv.encoding_step, inv.target_step,
+                                              inv.candidate_step, inv.newest_step)):
         raise BadInventory(f"inventory of node {node}: step out of range")
     if any(r < 0 for r in inv.ranks) or len(set(inv.ranks)) != len(inv.ranks):
         raise BadInventory(f"inventory of node {node}: negative or repeated ranks")
@@ -162,13 +164,35 @@ class PeerTable:
     _peers: dict[int, PeerState] = field(default_factory=dict)
     _outside: dict[int, tuple[int, int]] = field(default_factory=dict)  # node -> (protected, encoding)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _nudged: threading.Event = field(default_factory=threading.Event)
+    _listeners: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for node in self.membership.group.members:
             if node != self.membership.me:
                 self._peers[node] = PeerState(node)
 
+    def on_seen(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (quick, never raising) after each group peer's inventory arrives."""
+        self._listeners.append(listener)
+
+    def nudge(self) -> None:
+        """Ask the heartbeat loop to beat now rather than at its next interval (this node's
+        inventory changed in a way the group waits for: a target, a candidate, new parity)."""
+        self._nudged.set()
+
+    def wait_nudge(self, timeout: float) -> None:
+        """Sleep until `timeout` passes or `nudge()` is called (then clear the nudge)."""
+        self._nudged.wait(timeout)
+        self._nudged.clear()
+
     def seen(self, inventory: pb.Inventory) -> None:
+        self._seen(inventory)
+        if inventory.node in self._peers:
+            for listener in self._listeners:
+                listener()
+
+    def _seen(self, inventory: pb.Inventory) -> None:
         with self._lock:
             state = self._peers.get(inventory.node)
             if state is None:
@@ -267,7 +291,7 @@ class PeerServer:
 
 class HeartbeatLoop:
     """Thread `ftd-heartbeat`: sends this node's inventory to every group peer (a slim one to every
-    other node) each interval."""
+    other node) each interval, and at once when `PeerTable.nudge()` is called."""
 
     def __init__(self, membership: Membership, table: PeerTable, token: str, job: str, interval: float,
                  inventory: Callable[[], pb.Inventory]):
@@ -287,14 +311,15 @@ class HeartbeatLoop:
         self._thread.start()
         return self
 
-    def beat_once(self) -> None:
+    def beat_once(self, group_only: bool = False) -> None:
+        """One heartbeat to every peer (`group_only`: to group peers only, as a nudged beat is)."""
         inventory = self.inventory()
         full, outside = pb.HeartbeatRequest(inventory=inventory), pb.HeartbeatRequest(inventory=slim(inventory))
         group = self.membership.group.members
         timeout = max(0.5, self.interval * 2)
         # All peers at once: one that accepts and never answers costs one timeout, not one per peer.
         pending = {node: call.start(full if node in group else outside, pb.HeartbeatReply, node, timeout)
-                   for node, call in self._calls.items()}
+                   for node, call in self._calls.items() if node in group or not group_only}
         for node, finish in pending.items():
             try:
                 reply = finish()
@@ -320,9 +345,14 @@ class HeartbeatLoop:
 
     def _run(self) -> None:
         last = ""
+        next_full = 0.0
         while not self._stop.is_set():
+            now = time.monotonic()
+            full = now >= next_full  # nudged beats in between go to the group only
+            if full:
+                next_full = now + self.interval
             try:
-                self.beat_once()
+                self.beat_once(group_only=not full)
                 last = ""
             except Exception as exc:  # noqa: BLE001 - the heartbeat thread must outlive any one beat
                 self.errors += 1
@@ -331,10 +361,11 @@ class HeartbeatLoop:
                 if message != last:
                     log.error("heartbeat failed (the thread goes on): %s", message, exc_info=True)
                 last = message
-            self._stop.wait(self.interval)
+            self.table.wait_nudge(max(0.0, next_full - time.monotonic()))
 
     def stop(self) -> None:
         self._stop.set()
+        self.table.nudge()
         if self._thread.is_alive():
             self._thread.join(5)
         for channel in self._channels.values():

@@ -2,7 +2,15 @@
 
 Each node coordinates one rotation per step (the one whose first parity node it is; the encoding
 itself is ftd.daemon.encoder). A step is *protected* once every rotation's parity nodes report
-their parity in their heartbeat inventory. The newest protected step and the step being encoded
+their parity in their heartbeat inventory, so every rotation must encode the same step: one
+member, the *announcer* (the lowest-numbered member that is up and not rebuilding), names a
+target, the newest step any member sealed; every member pins its first held step at or above it
+(its *candidate*), and once every inventory shows the same target and candidate, every node
+encodes its rotation of that step. When the target is protected the announcer names the next one;
+when candidates differ (a member had already evicted the target) it names a newer one, aiming
+further ahead each time; when nothing moves for a peer timeout it names it again. Changes to the
+target, a candidate or parity wake the heartbeat (`PeerTable.nudge`), and peers' inventories wake
+this loop, so one round takes about one encode plus a few round trips. The newest protected step and the step being encoded
 stay pinned in the store (pin owner "protection"), so eviction never breaks a protected step; so
 do the steps other groups protect or encode (see ftd.daemon.peers), so one step stays restorable
 on every rank of the job whichever group loses a node. A node that starts empty first tries to
@@ -36,6 +44,10 @@ from ftd.metrics import DaemonMetrics
 log = logging.getLogger(__name__)
 
 PIN_OWNER = "protection"
+MAX_LEAD = 8
+"""At most this many steps ahead of the newest seal the announcer aims (steps faster than heartbeats)."""
+LEAD_PROBE_EVERY = 8
+"""After this many targets protected in a row the announcer aims one step closer again."""
 
 
 def parity_steps_to_keep(protected: int, on_disk: set[int]) -> set[int]:
@@ -55,6 +67,8 @@ class ProtectionView:
     protected_step: int
     rebuilding: bool
     encoding_step: int | None
+    target_step: int = -1
+    candidate_step: int = -1
 
 
 class Protector:
@@ -74,6 +88,11 @@ class Protector:
         self._rebuilding = store.is_empty()  # until the rebuild check has run, an empty node holds nothing
         self._encoding: int | None = None
         self._last_encoded = -1
+        self._target = -1      # the group's next step to protect, as this node follows it
+        self._candidate = -1   # this node's first held step >= the target (pinned)
+        self._announced_at = 0.0  # announcer only: when it named its target (monotonic)
+        self._lead = 0            # announcer only: steps ahead of the newest seal it aims
+        self._agreed_in_a_row = 0  # announcer only: targets protected since the last mismatch
         self._outside_pins: set[int] = set()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -83,7 +102,7 @@ class Protector:
 
     def view(self) -> ProtectionView:
         with self._lock:
-            return ProtectionView(self._protected, self._rebuilding, self._encoding)
+            return ProtectionView(self._protected, self._rebuilding, self._encoding, self._target, self._candidate)
 
     @property
     def protected_step(self) -> int:
@@ -117,9 +136,12 @@ class Protector:
         parity = [pb.ParityHeld(step=s, rotation=r, j=j, chunk_bytes=n) for s, r, j, n in self.parity.held()]
         ranks = [r.rank for r in self.store.summary()]
         encoding = state.encoding_step
+        newest = self.store.newest_sealed_step() if self.ready.is_set() else None
         return pb.Inventory(job=self.job, node=self.me, incarnation=self.incarnation, steps=steps,
                             parity=parity, protected_step=state.protected_step, rebuilding=state.rebuilding,
-                            ranks=ranks, encoding_step=-1 if encoding is None else encoding)
+                            ranks=ranks, encoding_step=-1 if encoding is None else encoding,
+                            target_step=state.target_step, candidate_step=state.candidate_step,
+                            newest_step=-1 if newest is None else newest)
 
     def accept_record(self, record: RotationRecord) -> None:
         """Keep a rotation record of this group (from a coordinator, or a rebuild)."""
@@ -130,6 +152,7 @@ class Protector:
             j = record.parity.index(self.position)
             if self.parity.seal(record.step, record.rotation, j):
                 log.debug("holding parity %d of step %d rotation %d", j, record.step, record.rotation)
+                self.table.nudge()  # the announcer learns the step is protected at once
 
     def notify_sealed(self) -> None:
         """A rank sealed a step: look for a step to encode now rather than at the next pass."""
@@ -139,6 +162,7 @@ class Protector:
 
     def start(self) -> Protector:
         self._update_pins()  # a restarted daemon keeps the protected step it re-adopted
+        self.table.on_seen(self._wake.set)  # a peer's new inventory may settle the target
         self._thread.start()
         return self
 
@@ -195,15 +219,21 @@ class Protector:
         invs = self.table.inventories()
         invs[self.me] = self.inventory()
         self._update_protected(invs)
-        if len(invs) < self.group.size:
+        self._export_lag(newest)
+        if len(invs) < self.group.size or any(inv.rebuilding for inv in invs.values()):
             return
-        common = set.intersection(*({s.step for s in inv.steps} for inv in invs.values()))
-        protected = self.protected_step
-        candidates = [s for s in common if s > self._last_encoded and s > protected
-                      and (newest is None or s <= newest)]
-        if not candidates:
+        announcer = min(invs, key=self.group.position)
+        if announcer == self.me:
+            self._announce(invs)
+        self._follow(invs[announcer].target_step if announcer != self.me else self._target, newest)
+        invs[self.me] = self.inventory()
+        state = self.view()
+        step = state.candidate_step
+        if step < 0 or step <= self._last_encoded or step <= state.protected_step:
             return
-        step = max(candidates)
+        if any(inv.target_step != state.target_step or inv.candidate_step != step
+               or not any(s.step == step for s in inv.steps) for inv in invs.values()):
+            return  # not agreed yet: a member has not seen the target, or holds another step
         self._set(encoding=step)
         self._update_pins()
         try:
@@ -211,6 +241,70 @@ class Protector:
                                        for n, inv in invs.items()})
         finally:
             self._set(last_encoded=step, encoding=None)
+            self.table.nudge()
+
+    def _announce(self, invs: dict[int, pb.Inventory]) -> None:
+        """As the announcer, name the group's next target when there is none, it is protected, the
+        members' candidates for it differ, or nothing moved for a peer timeout."""
+        newest = max(inv.newest_step for inv in invs.values())
+        if newest < 0:
+            return
+        target, protected, now = self._target, self.protected_step, time.monotonic()
+        following = [inv for inv in invs.values() if inv.target_step == target]
+        candidates = {inv.candidate_step for inv in following}
+        if target < 0:
+            reason = "first"
+        elif protected >= target:
+            reason = "protected"
+            self._agreed_in_a_row += 1
+            if self._agreed_in_a_row % LEAD_PROBE_EVERY == 0:
+                self._lead = max(0, self._lead - 1)  # now and then, try aiming closer
+        elif len(following) == len(invs) and -1 not in candidates and len(candidates) > 1:
+            reason, self._agreed_in_a_row = "mismatch", 0
+            self._lead = min(self._lead + 1, MAX_LEAD)
+        elif now - self._announced_at > self.table.peer_timeout and all(inv.encoding_step < 0 for inv in invs.values()):
+            reason, self._lead = "stalled", 0  # e.g. training stopped below a target aimed ahead
+        else:
+            return
+        chosen = max(newest + self._lead, protected + 1)
+        self._announced_at = now
+        if chosen != target:
+            log.debug("group %d: next step to protect is %d (%s)", self.group.index, chosen, reason)
+            self.metrics.protection_targets.labels(reason).inc()
+            self._set(target=chosen, candidate=-1)
+            self._update_pins()
+            self.table.nudge()
+
+    def _follow(self, target: int, newest: int | None) -> None:
+        """Take the announcer's target; pin this node's candidate for it: its first held step at or
+        above the target (not above its newest seal: higher numbers are an older timeline's)."""
+        state = self.view()
+        if target != state.target_step:
+            self._set(target=target, candidate=-1)
+            self._update_pins()
+            state = self.view()
+        if target < 0 or newest is None:
+            return
+        held = [s for s in self.complete_steps() if target <= s <= newest]
+        if state.candidate_step >= 0 and state.candidate_step in held:
+            return
+        candidate = min(held, default=-1)
+        if candidate != state.candidate_step:
+            self._set(candidate=candidate)
+            self._update_pins()
+            self.table.nudge()
+
+    def _export_lag(self, newest: int | None) -> None:
+        """ftd_protection_lag_steps / _seconds: how far the protected step trails the newest seal."""
+        protected = self.protected_step
+        if newest is None or protected < 0:
+            self.metrics.protection_lag_steps.set(-1)
+            self.metrics.protection_lag_seconds.set(-1)
+            return
+        self.metrics.protection_lag_steps.set(max(0, newest - protected))
+        t_newest, t_protected = self.store.sealed_at(newest), self.store.sealed_at(protected)
+        if t_newest is not None and t_protected is not None:
+            self.metrics.protection_lag_seconds.set(max(0.0, t_newest - t_protected))
 
     def _follow_timeline(self) -> int | None:
         """Notice training going back below the protected step; return the newest sealed step.
@@ -226,7 +320,7 @@ class Protector:
             return newest
         log.warning("training went back to step %d, below the protected step %d (a restore to an older step or "
                     "a fresh start): protecting the new timeline from now on", newest, state.protected_step)
-        self._set(protected=-1, last_encoded=-1)
+        self._set(protected=-1, last_encoded=-1, target=-1, candidate=-1)
         self.metrics.protected_step.set(-1)
         self.metrics.group_protected.set(0)
         self.parity.drop_except({s for s in self.parity.steps() if s <= newest})
@@ -258,7 +352,7 @@ class Protector:
     def _update_pins(self) -> None:
         self._outside_pins = self._other_groups_steps()
         state = self.view()
-        pins = {state.protected_step, *self._outside_pins}
+        pins = {state.protected_step, state.candidate_step, *self._outside_pins}
         if state.encoding_step is not None:
             pins.add(state.encoding_step)
         pins = {p for p in pins if p >= 0}

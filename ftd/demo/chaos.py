@@ -15,6 +15,11 @@ After each kill the run waits until every rank has written new losses (a recover
 end and every (rank, step) loss ever recorded and the final parameters are compared bit for bit
 with a reference run without ftd.
 
+Protection lag (how far each node's protected step trails its newest sealed step) is sampled from
+every daemon's metrics (ftd_newest_sealed_step, ftd_newest_protected_step,
+ftd_protection_lag_seconds) every `lag_poll` seconds: "steady" samples are taken in the pauses
+between a recovery and the next kill, "recovering" ones while a kill is being recovered from.
+
 Facts come from structured sources, never from log text: each rank's restores from the trainers'
 results files (ftd.demo.results), and each restarted or replacement daemon's rebuild outcome and
 re-adopted segments from a scrape of its metrics once the group has recovered (a SIGKILL resets a
@@ -33,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ftd.demo import results
-from ftd.demo.cluster import (LocalNode, LossTail, RendezvousStore, all_losses, compare, make_nodes,
+from ftd.demo.cluster import (LocalNode, LossTail, Metrics, RendezvousStore, all_losses, compare, make_nodes,
                               reference_run, stamp)
 from ftd.errors import FtdError
 
@@ -59,6 +64,7 @@ class ChaosOptions:
     reference_timeout: float = 1800.0
     lost_threshold: int = 50
     max_restarts: int = 100000
+    lag_poll: float = 0.5
     workdir: Path | None = None
 
     def train_args(self) -> list[str]:
@@ -109,6 +115,8 @@ class ChaosResult:
     wall_s: float = 0.0
     reference_s: float = 0.0
     workdir: str = ""
+    lag: dict[str, Any] = field(default_factory=dict)  # protection lag figures (LagSampler.summary)
+    lag_samples: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def recoveries(self) -> list[Kill]:
@@ -151,8 +159,71 @@ class ChaosResult:
                   f"training finished   {self.finished}",
                   f"errors              {self.errors or 'none'}",
                   f"wall time           {self.wall_s:.1f} s (reference {self.reference_s:.1f} s)",
+                  *_lag_lines(self.lag),
                   "=" * 64]
         return "\n".join(lines)
+
+
+def _quantiles(xs: list[float]) -> dict[str, float | int | None]:
+    if not xs:
+        return {"median": None, "p90": None, "max": None, "samples": 0}
+    ordered = sorted(xs)
+    return {"median": statistics.median(ordered), "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+            "max": ordered[-1], "samples": len(ordered)}
+
+
+def _lag_lines(lag: dict[str, Any]) -> list[str]:
+    lines = []
+    for phase in ("steady", "recovering"):
+        steps, secs = lag.get(phase, {}).get("steps", {}), lag.get(phase, {}).get("seconds", {})
+        if not steps or steps.get("median") is None:
+            continue
+        sec = "-" if secs.get("median") is None else f"{secs['median']:.2f} / {secs['p90']:.2f} / {secs['max']:.2f} s"
+        lines.append(f"protection lag {phase:<10} {steps['median']:.0f} / {steps['p90']:.0f} / {steps['max']:.0f} "
+                     f"steps, {sec} (median / p90 / max of {steps['samples']} samples)")
+    return lines
+
+
+class LagSampler:
+    """Samples every node's protection lag from its daemon's metrics (a node that does not answer is skipped)."""
+
+    def __init__(self, nodes: list[LocalNode], poll: float):
+        self.nodes, self.poll = nodes, poll
+        self.samples: list[dict[str, Any]] = []
+        self._t0 = time.monotonic()
+        self._last = 0.0
+
+    def maybe_sample(self, phase: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self.poll:
+            return
+        self._last = now
+        for node in self.nodes:
+            try:
+                m = Metrics.scrape(int(node.env["FTD_METRICS_PORT"]), timeout=2)
+            except (OSError, ValueError):  # down, restarting, or a scrape cut short
+                continue
+            sealed = max(m.by_label("ftd_newest_sealed_step", "rank").values(), default=-1)
+            protected = m.value("ftd_newest_protected_step")
+            if sealed < 0 or protected < 0:
+                continue
+            self.samples.append({"t": round(now - self._t0, 2), "node": node.index, "phase": phase,
+                                 "sealed": int(sealed), "protected": int(protected),
+                                 "lag_s": m.value("ftd_protection_lag_seconds")})
+
+    def sleep(self, seconds: float, phase: str = "steady") -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.maybe_sample(phase)
+            time.sleep(min(0.05, left))
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for phase in ("steady", "recovering"):
+            rows = [r for r in self.samples if r["phase"] == phase]
+            out[phase] = {"steps": _quantiles([float(max(0, r["sealed"] - r["protected"])) for r in rows]),
+                          "seconds": _quantiles([r["lag_s"] for r in rows if r["lag_s"] >= 0])}
+        return out
 
 
 def _say(msg: str) -> None:
@@ -168,6 +239,7 @@ class _Job:
         self.store = RendezvousStore()
         self.agents: list[Any] = []
         self.tail = LossTail([n.losses for n in self.nodes])
+        self.lag = LagSampler(self.nodes, opts.lag_poll)
         self.train = [*opts.train_args(), "--step-sleep", str(opts.step_sleep)]
 
     def start(self) -> None:
@@ -247,10 +319,11 @@ def run_chaos(opts: ChaosOptions, say: Callable[[str], None] = _say) -> ChaosRes
     t_chaos = time.monotonic()
     try:
         job.start()
-        _wait(lambda: job.every_rank_wrote(opts.recovery_lines), job, opts.recovery_timeout, "training did not start")
+        _wait(lambda: job.every_rank_wrote(opts.recovery_lines), job, opts.recovery_timeout, "training did not start",
+              phase="start")
         say(f"training running (step {tail.max_step}) after {time.monotonic() - t_chaos:.1f} s")
         for n in range(1, opts.kills + 1):
-            time.sleep(rng.uniform(opts.min_wait, opts.max_wait))
+            job.lag.sleep(rng.uniform(opts.min_wait, opts.max_wait))
             tail.poll()
             if job.done() or tail.frontier() >= opts.steps - 10:
                 say(f"training (nearly) finished at step {tail.max_step}; stopping after {n - 1} kills")
@@ -282,7 +355,7 @@ def run_chaos(opts: ChaosOptions, say: Callable[[str], None] = _say) -> ChaosRes
             tail.mark()  # the next kill's frontier counts only steps written after this recovery
         if not result.hangs:
             say("chaos over; letting training finish ...")
-            if _wait(job.done, job, opts.finish_timeout, None):
+            if _wait(job.done, job, opts.finish_timeout, None, phase="steady"):
                 result.finished = True
                 say("training finished")
             else:
@@ -293,6 +366,7 @@ def run_chaos(opts: ChaosOptions, say: Callable[[str], None] = _say) -> ChaosRes
         say(f"ERROR: {exc}")
     finally:
         job.close()
+    result.lag, result.lag_samples = job.lag.summary(), job.lag.samples
 
     tail.poll()
     got = all_losses([n.losses for n in job.nodes])
@@ -324,11 +398,14 @@ def _daemon_facts(node: LocalNode, kill: Kill) -> None:
     kill.segments_adopted = int(scrape.value("ftd_segments_adopted_total"))
 
 
-def _wait(ready: Callable[[], bool], job: _Job, timeout: float, error: str | None) -> bool:
-    """Poll until `ready()`; False on timeout (FtdError with `error` if given). FtdError if an agent fails."""
+def _wait(ready: Callable[[], bool], job: _Job, timeout: float, error: str | None,
+          phase: str = "recovering") -> bool:
+    """Poll until `ready()`, sampling the lag as `phase`; False on timeout (FtdError with `error` if given).
+    FtdError if an agent fails."""
     deadline = time.monotonic() + timeout
     while True:
         job.tail.poll()
+        job.lag.maybe_sample(phase)
         if ready():
             return True
         if (failed := job.failed_agent()) is not None:
