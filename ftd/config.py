@@ -176,6 +176,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ec", str, "4+2", "erasure-coding shape k+m of each group", (DAEMON,)),
     Setting("codec", str, "auto", "erasure codec: auto, isal or reedsolo", (DAEMON,)),
     Setting("cluster_token", str, "", "shared secret every peer must know (required with peers)", (DAEMON,)),
+    Setting("bulk_encrypt", parse_bool, True, "encrypt the bulk data plane (CurveZMQ). false: peers still "
+            "authenticate (ZMQ PLAIN, a password derived from cluster_token) but snapshot bytes travel in clear and "
+            "an on-path observer sees the password: only for a trusted fabric (a private, isolated network); every "
+            "node must agree", (DAEMON,)),
     Setting("heartbeat_interval", float, 0.5, "seconds between heartbeats to each group peer", (DAEMON,)),
     Setting("peer_timeout", float, 3.0, "seconds without a heartbeat before a peer is marked down", (DAEMON,)),
     Setting("rebuild_wait", float, 60.0, "seconds a replacement node waits for enough peers to rebuild", (DAEMON,)),
@@ -280,6 +284,7 @@ class DaemonConfig:
     ec: str = "4+2"
     codec: str = "auto"
     cluster_token: str = ""
+    bulk_encrypt: bool = True
     heartbeat_interval: float = 0.5
     peer_timeout: float = 3.0
     rebuild_wait: float = 60.0

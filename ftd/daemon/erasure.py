@@ -59,7 +59,8 @@ class ErasureCoding:
         if transport is None:
             transport = ZmqTransport(data_addr, membership.data_endpoint, curve_keys(config.cluster_token),
                                      max_chunk=knobs.get().bulk_max_chunk,
-                                     on_error=lambda: metrics.thread_errors.labels("ftd-bulk-server").inc())
+                                     on_error=lambda: metrics.thread_errors.labels("ftd-bulk-server").inc(),
+                                     encrypt=config.bulk_encrypt)
         self.transport = transport
         self.links = Links(me, transport.connect, metrics)
         self.service = BulkService(me, group, membership.position, store, self.parity, self.table, metrics,

@@ -16,6 +16,7 @@ local link, and seals the lost ranks' segments in its own store as ADOPTED.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,15 +25,15 @@ from dataclasses import dataclass
 from ftd import knobs
 from ftd._proto import peer_pb2 as pb
 from ftd.codec import Codec, decode_striped
-from ftd.daemon.blob import parse_header
+from ftd.daemon.blob import MAX_HEADER_BYTES, BlobPart, parse_header
 from ftd.daemon.bulkmsg import DataChunk, ParityChunk, Record, read_sized
 from ftd.daemon.groups import Group, rotations
 from ftd.daemon.links import PeerLink
 from ftd.daemon.parity import ParityStore, RotationRecord, stripe_checksums
 from ftd.daemon.peers import PeerTable
 from ftd.daemon.slots import Source
-from ftd.daemon.store import SegmentStore
-from ftd.errors import FtdError
+from ftd.daemon.store import PendingInstall, SegmentStore
+from ftd.errors import FtdError, ManifestError, SnapshotCorrupt
 from ftd.metrics import DaemonMetrics
 
 log = logging.getLogger(__name__)
@@ -196,60 +197,38 @@ class Rebuilder:
                     f"pieces it needs; memory cannot recover node {self.me}'s snapshots")
             plans.append((record, mine, holders))
         size = records[0].chunk_bytes
-        blob = bytearray(size * g.k)
+        # The rotation holding chunk 0 (the blob header) first: the header says where every rank's
+        # segment lies, so the data is decoded straight into the reserved segments.
+        plans.sort(key=lambda plan: 0 if plan[1] < plan[0].k and plan[0].data[plan[1]][1] == 0 else 1)
         log.info("rebuilding node %d step %d from %d peers: %d rotations of %d bytes", self.me, step, len(invs),
                  len(plans), size)
         with ThreadPoolExecutor(g.k + g.m, thread_name_prefix="ftd-rebuild") as pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="ftd-prefetch") as prefetch:
-            done = self._decode_all(step, plans, size, blob, pool, prefetch)
-        self.p.metrics.ec_decode_bytes.inc(done)
-        data = self._install(step, blob, size * len(plans), t0)
+            job = _Decode(self, step, plans, size, pool, prefetch)
+            pending = job.reserve_segments()
+            try:
+                job.run(pending)
+                self.p.metrics.ec_decode_bytes.inc(job.done)
+                data = self._install(step, pending, size * len(plans), t0)
+            finally:
+                for part in pending.values():
+                    part.release()
         return Rebuilt(step, tuple(records), data)
 
-    def _decode_all(self, step: int, plans: list[tuple[RotationRecord, int, dict[int, int]]], size: int,
-                    blob: bytearray, pool: ThreadPoolExecutor, prefetch: ThreadPoolExecutor) -> int:
-        """Decode this node's chunk of every rotation into `blob` (data) or its parity files; return bytes."""
-        total = size * len(plans)
-        done, next_report = 0, 0.1
-        for record, mine, holders in plans:
-            if mine < record.k:
-                chunk_no = record.data[mine][1]
-                target = memoryview(blob)[chunk_no * size:(chunk_no + 1) * size]
-            else:
-                target = memoryview(self.p.parity.create(step, record.rotation, mine - record.k, size))
-            batch = knobs.get().rebuild_batch_bytes
-            starts = list(range(0, size, batch))
-            pending = prefetch.submit(self._fetch, pool, step, record, holders, 0, min(batch, size))
-            for i, start in enumerate(starts):
-                n = min(batch, size - start)
-                present = pending.result()
-                if i + 1 < len(starts):  # pull the next batch while this one decodes
-                    nxt = starts[i + 1]
-                    pending = prefetch.submit(self._fetch, pool, step, record, holders, nxt,
-                                              min(batch, size - nxt))
-                decode_striped(self.p.codec, present, [mine], record.stripe_bytes, out={mine: target[start:start + n]})
-                done += n
-                self.p.metrics.rebuild_progress.set(done / total)
-                if done / total >= next_report:
-                    log.info("rebuild of node %d: %3.0f%% (%d of %d bytes)", self.me, 100 * done / total, done, total)
-                    next_report += 0.1
-        return done
-
-    def _install(self, step: int, blob: bytearray, total: int, t0: float) -> int:
-        """Seal the rebuilt ranks' segments (the caller adopts the records); the bytes of rank data."""
-        _, node, parts = parse_header(blob, len(blob))
-        if node != self.me:
-            raise FtdError(f"rebuilt blob belongs to node {node}, not {self.me}")
-        for part in parts:
-            self.p.store.install_sealed(part.rank, step, part.manifest_json,
-                                        memoryview(blob)[part.offset:part.offset + part.nbytes], source=self.source)
+    def _install(self, step: int, pending: dict[BlobPart, PendingInstall], total: int, t0: float) -> int:
+        """Verify every decoded segment against its manifest and seal it; the bytes of rank data."""
+        for part, segment in pending.items():
+            try:
+                segment.seal(part.manifest_json, self.source)
+            except (ManifestError, SnapshotCorrupt) as exc:
+                raise FtdError(f"rebuilt rank {part.rank} of step {step} does not match its manifest: {exc}") from exc
         seconds = time.perf_counter() - t0
         if self.source is Source.REBUILT:
             self.p.metrics.rebuild_seconds.observe(seconds)
-        data = sum(part.nbytes for part in parts)
+        data = sum(part.nbytes for part in pending)
         log.info("rebuilt node %d step %d from peers in %.2f s (%d bytes, %.2f GB/s decoded; %d bytes of rank data, "
                  "%.2f GB/s); %d rank(s) restored", self.me, step, seconds, total, total / max(seconds, 1e-9) / 1e9,
-                 data, data / max(seconds, 1e-9) / 1e9, len(parts))
+                 data, data / max(seconds, 1e-9) / 1e9, len(pending))
         return data
 
     def _fetch(self, pool: ThreadPoolExecutor, step: int, record: RotationRecord, holders: dict[int, int],
@@ -293,3 +272,115 @@ class Rebuilder:
             self.p.metrics.checksum_failures.labels(kind).inc()
             return index, None
         return index, buf
+
+
+class _Decode:
+    """One step's decoding: every batch of every rotation, the next batch pulled while one decodes.
+
+    Data chunks are decoded straight into the ranks' reserved segments (the blob's header and
+    padding are decoded into a scratch batch and dropped); parity chunks into their parity files.
+    """
+
+    def __init__(self, rebuilder: Rebuilder, step: int, plans: list[tuple[RotationRecord, int, dict[int, int]]],
+                 size: int, pool: ThreadPoolExecutor, prefetch: ThreadPoolExecutor):
+        self.r, self.step, self.plans, self.size, self.pool, self.prefetch = rebuilder, step, plans, size, pool, prefetch
+        stripe = plans[0][0].stripe_bytes if plans else 1  # pieces are checked stripe by stripe
+        self.batch = max(1, knobs.get().rebuild_batch_bytes // stripe) * stripe
+        self.done = 0
+        self.parts: list[tuple[BlobPart, PendingInstall]] = []
+
+    def _decode_into(self, plan: tuple[RotationRecord, int, dict[int, int]], start: int, n: int,
+                     out: memoryview | bytearray, present: dict[int, bytearray] | None = None) -> None:
+        record, mine, holders = plan
+        if present is None:
+            present = self.r._fetch(self.pool, self.step, record, holders, start, n)
+        decode_striped(self.r.p.codec, present, [mine], record.stripe_bytes, out={mine: out})
+
+    def reserve_segments(self) -> dict[BlobPart, PendingInstall]:
+        """Decode the blob header (the start of chunk 0), check it and reserve a segment per rank."""
+        first = self.plans[0]
+        record, mine, _ = first
+        if not (mine < record.k and record.data[mine][1] == 0):
+            raise FtdError(f"no rotation of step {self.step} holds chunk 0 of node {self.r.me}'s blob")
+        n = min(self.batch, self.size)
+        head = bytearray(n)
+        self._decode_into(first, 0, n, head)
+        if len(head) >= 8:
+            (length,) = struct.unpack_from("<Q", head, 0)
+            want = -(-(8 + length) // record.stripe_bytes) * record.stripe_bytes
+            if n < want <= min(self.size, 8 + MAX_HEADER_BYTES + record.stripe_bytes):
+                head = bytearray(want)  # a header longer than one batch (many ranks)
+                for s in range(0, want, self.batch):
+                    self._decode_into(first, s, min(self.batch, want - s), memoryview(head)[s:s + self.batch])
+        try:
+            _, node, parts = parse_header(head, self.size * self.r.group.k)
+        except ManifestError as exc:
+            raise FtdError(f"rebuilt blob header of step {self.step} is unusable: {exc}") from exc
+        if node != self.r.me:
+            raise FtdError(f"rebuilt blob belongs to node {node}, not {self.r.me}")
+        pending: dict[BlobPart, PendingInstall] = {}
+        try:
+            for part in parts:
+                pending[part] = self.r.p.store.reserve_install(part.rank, self.step, part.nbytes)
+        except BaseException:
+            for segment in pending.values():
+                segment.release()
+            raise
+        self.parts = [(part, segment) for part, segment in pending.items()]
+        return pending
+
+    def _jobs(self) -> list[tuple[int, int, int]]:
+        return [(i, start, min(self.batch, self.size - start)) for i in range(len(self.plans))
+                for start in range(0, self.size, self.batch)]
+
+    def run(self, pending: dict[BlobPart, PendingInstall]) -> None:
+        views = {part: segment.view() for part, segment in pending.items()}
+        scratch = bytearray(self.batch)
+        jobs = self._jobs()
+        total = self.size * len(self.plans)
+        next_report = 0.1
+
+        def fetch(job: tuple[int, int, int]) -> dict[int, bytearray]:
+            record, _, holders = self.plans[job[0]]
+            return self.r._fetch(self.pool, self.step, record, holders, job[1], job[2])
+
+        try:
+            future = self.prefetch.submit(fetch, jobs[0])
+            for j, (i, start, n) in enumerate(jobs):
+                present = future.result()
+                if j + 1 < len(jobs):  # pull the next batch while this one decodes
+                    future = self.prefetch.submit(fetch, jobs[j + 1])
+                plan = self.plans[i]
+                record, mine, _ = plan
+                if mine >= record.k:
+                    target = self.r.p.parity.create(self.step, record.rotation, mine - record.k, self.size)
+                    with memoryview(target) as view:
+                        self._decode_into(plan, start, n, view[start:start + n], present)
+                else:
+                    self._scatter(plan, start, n, present, views, scratch)
+                self.done += n
+                self.r.p.metrics.rebuild_progress.set(self.done / total)
+                if self.done / total >= next_report:
+                    log.info("rebuild of node %d: %3.0f%% (%d of %d bytes)", self.r.me, 100 * self.done / total,
+                             self.done, total)
+                    next_report += 0.1
+        finally:
+            for view in views.values():
+                view.release()
+
+    def _scatter(self, plan: tuple[RotationRecord, int, dict[int, int]], start: int, n: int,
+                 present: dict[int, bytearray], views: dict[BlobPart, memoryview], scratch: bytearray) -> None:
+        """Decode blob bytes [base, base + n) into the segments they belong to."""
+        record, mine, _ = plan
+        base = record.data[mine][1] * self.size + start
+        inside = [p for p in views if p.offset <= base and base + n <= p.offset + p.nbytes]
+        if inside:  # the whole batch lies in one rank's segment: decode in place
+            part = inside[0]
+            self._decode_into(plan, start, n, views[part][base - part.offset:base - part.offset + n], present)
+            return
+        out = memoryview(scratch)[:n]
+        self._decode_into(plan, start, n, out, present)
+        for part, view in views.items():
+            lo, hi = max(base, part.offset), min(base + n, part.offset + part.nbytes)
+            if lo < hi:
+                view[lo - part.offset:hi - part.offset] = out[lo - base:hi - base]

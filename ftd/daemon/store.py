@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import secrets
 import stat
@@ -712,19 +713,31 @@ class SegmentStore:
         manifest = Manifest.from_json(manifest_json)
         manifest.validate(len(data))
         manifest.verify(data)
+        pending = self.reserve_install(rank, step, len(data))
+        try:
+            self._copy_into(pending.slot, data)
+            pending.seal(manifest_json, source, verified=True)
+        finally:
+            pending.release()
+
+    def reserve_install(self, rank: int, step: int, nbytes: int) -> PendingInstall:
+        """A segment of `nbytes` reserved for (rank, step), to be written in place (a rebuild decodes into
+        it) and then sealed with `PendingInstall.seal`, which verifies it first; `release` frees it
+        unless it was sealed. Admission is decided here, like a Begin's."""
         with self._lock:
             self._slots.setdefault(rank, [])
-            slot = self._free_slot(rank, max(1, len(data)), step)
-            slot.begin(step, 0, time.monotonic())  # FREE, or NEW: the copy touches the pages it needs
+            slot = self._free_slot(rank, max(1, nbytes), step)
+            slot.begin(step, 0, time.monotonic())  # FREE, or NEW: the writes touch the pages they need
+        return PendingInstall(self, rank, step, nbytes, slot)
+
+    def _seal_installed(self, rank: int, step: int, slot: Slot, manifest: Manifest, manifest_json: bytes,
+                        source: Source) -> None:
         try:
-            self._copy_into(slot, data)
             _write_source(slot.source_path, source)  # before the manifest: sealed on disk means its source is there
             _write_private(slot.manifest_path, manifest_json)
         except BaseException:
             _unlink_file(slot.manifest_path)
             _unlink_file(slot.source_path)
-            with self._lock:
-                slot.release()
             raise
         with self._lock:
             slot.seal(manifest_json, self._stamp(slot.manifest_path), source)
@@ -732,7 +745,7 @@ class SegmentStore:
             self._track_age(rank)
             self._retain(rank)
             self._update_gauges(rank)
-        log.info("installed rank %d step %d (%d bytes, from %s)", rank, step, len(data), source.value)
+        log.info("installed rank %d step %d (%d bytes, from %s)", rank, step, manifest.data_bytes, source.value)
 
     def _copy_into(self, slot: Slot, data: memoryview) -> None:
         """Write `data` at the start of the segment (install_sealed's copy; the lock is not held)."""
@@ -1143,3 +1156,52 @@ def _read_source(path: Path) -> Source:
     except ValueError:  # UnicodeDecodeError too
         raise ValueError(f"{path.name} holds {raw[:MAX_SOURCE_BYTES]!r}, not one of "
                          f"{', '.join(s.value for s in Source)}") from None
+
+
+class PendingInstall:
+    """A segment reserved by `SegmentStore.reserve_install`: written in place, then sealed or released."""
+
+    def __init__(self, store: SegmentStore, rank: int, step: int, nbytes: int, slot: Slot):
+        self._store, self.rank, self.step, self.nbytes, self.slot = store, rank, step, nbytes, slot
+        self._map: mmap.mmap | None = None
+        self._done = False
+
+    def view(self) -> memoryview:
+        """The segment's first `nbytes` bytes, writable (mapped once)."""
+        if self._map is None:
+            fd = os.open(self.slot.path, os.O_RDWR | _NOFOLLOW | _CLOEXEC)
+            try:
+                self._map = mmap.mmap(fd, max(1, self.nbytes))
+            finally:
+                os.close(fd)
+        return memoryview(self._map)[:self.nbytes]
+
+    def seal(self, manifest_json: bytes, source: Source, verified: bool = False) -> None:
+        """Verify what was written against `manifest_json` (ManifestError when it does not match), then seal."""
+        manifest = Manifest.from_json(manifest_json)
+        if not verified:
+            manifest.validate(self.nbytes)
+            view = self.view()
+            try:
+                manifest.verify(view)
+            finally:
+                view.release()
+        self._unmap()
+        self._store._seal_installed(self.rank, self.step, self.slot, manifest, manifest_json, source)
+        self._done = True
+
+    def _unmap(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a view still exported: the map goes with the last view
+                pass
+            self._map = None
+
+    def release(self) -> None:
+        """Free the segment unless it was sealed (idempotent)."""
+        self._unmap()
+        if not self._done:
+            self._done = True
+            with self._store._lock:
+                self.slot.release()

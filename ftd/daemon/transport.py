@@ -96,6 +96,8 @@ class CurveKeys:
     server_secret: bytes = field(repr=False)
     client_public: bytes
     client_secret: bytes = field(repr=False)
+    plain_password: bytes = field(default=b"", repr=False)
+    """The client's password of the unencrypted mode (ZMQ PLAIN), derived from the token too."""
 
 
 def curve_keys(cluster_token: str) -> CurveKeys:
@@ -109,7 +111,8 @@ def curve_keys(cluster_token: str) -> CurveKeys:
 
     server_public, server_secret = pair(b"ftd-curve-server")
     client_public, client_secret = pair(b"ftd-curve-client")
-    return CurveKeys(server_public, server_secret, client_public, client_secret)
+    password = hashlib.sha256(b"ftd-plain-client\0" + cluster_token.encode()).hexdigest().encode()
+    return CurveKeys(server_public, server_secret, client_public, client_secret, password)
 
 
 # --- request validation (server side) -------------------------------------------------------------
@@ -166,11 +169,13 @@ class BulkServer:
     `bind` is a ZeroMQ endpoint such as "tcp://0.0.0.0:7001"; port 0 picks a free port (see
     `.port`). The reader and writer run on the server thread, one request at a time; whatever
     they raise goes back to the client as an ERR reply. `curve=False` turns encryption and
-    authentication off and exists only for benchmarks.
+    authentication off and exists only for benchmarks. `encrypt=False` (with `curve`) keeps the
+    authentication but not the encryption: ZMQ PLAIN with a password derived from the token, checked
+    by the same ZAP handler (`bulk_encrypt` = false, for trusted fabrics: docs/ARCHITECTURE.md §8.4).
     """
 
     def __init__(self, bind: str, keys: CurveKeys, reader: Reader, writer: Writer,
-                 max_chunk: int = DEFAULT_MAX_CHUNK, *, curve: bool = True,
+                 max_chunk: int = DEFAULT_MAX_CHUNK, *, curve: bool = True, encrypt: bool = True,
                  on_error: Callable[[], None] | None = None):
         """`on_error` is called (on the server thread) for every unexpected exception the thread survives."""
         if max_chunk <= 0:
@@ -180,6 +185,10 @@ class BulkServer:
         self._on_error = on_error
         self._reader, self._writer = reader, writer
         self._client_key = z85.decode(keys.client_public)
+        self._password = keys.plain_password
+        self._plain = curve and not encrypt
+        if self._plain and not self._password:
+            raise ConfigError("the unencrypted bulk mode needs keys with a plain_password (curve_keys)")
         self._stop = threading.Event()
         self.served = 0  # requests answered OK
         self.refused = 0  # requests answered ERR
@@ -199,7 +208,10 @@ class BulkServer:
             sock.sndhwm = sock.rcvhwm = HWM
             sock.router_mandatory = 1  # unroutable replies raise instead of vanishing silently
             sock.maxmsgsize = max_chunk + MAX_HEADER_BYTES  # a larger frame disconnects its sender
-            if curve:
+            if self._plain:
+                sock.plain_server = True
+                sock.zap_domain = ZAP_DOMAIN
+            elif curve:
                 sock.curve_server = True
                 sock.curve_secretkey = keys.server_secret
                 sock.curve_publickey = keys.server_public
@@ -214,7 +226,10 @@ class BulkServer:
         self.port = int(self.endpoint.rsplit(":", 1)[1])
         self._thread = threading.Thread(target=self._serve, name=THREAD_NAME, daemon=True)
         self._thread.start()
-        if curve:
+        if self._plain:
+            log.warning("bulk server on %s authenticated but NOT encrypted (bulk_encrypt=false: trusted fabrics "
+                        "only; max_chunk %d)", self.endpoint, max_chunk)
+        elif curve:
             log.info("bulk server on %s (CurveZMQ, max_chunk %d)", self.endpoint, max_chunk)
         else:
             log.warning("bulk server on %s WITHOUT encryption or authentication (benchmarks only)", self.endpoint)
@@ -281,15 +296,20 @@ class BulkServer:
                 self._handle(frames)
 
     def _authenticate(self, msg: list[bytes]) -> None:
-        """Answer one ZAP request (RFC 27): admit only the client key derived from the token."""
+        """Answer one ZAP request (RFC 27): admit only the client key (CURVE) or password (PLAIN) derived
+        from the token, and only the mechanism this server was made for."""
         if len(msg) < 6:
             log.warning("malformed ZAP request (%d frames)", len(msg))
             self._zap.send_multipart([b"1.0", msg[1] if len(msg) > 1 else b"", b"500", b"malformed", b"", b""])
             return
         version, request_id, _domain, address, _identity, mechanism = msg[:6]
         credentials = msg[6:]
-        admitted = (version == b"1.0" and mechanism == b"CURVE" and len(credentials) == 1
-                    and hmac.compare_digest(credentials[0], self._client_key))
+        if self._plain:
+            admitted = (version == b"1.0" and mechanism == b"PLAIN" and len(credentials) == 2
+                        and hmac.compare_digest(credentials[1], self._password))
+        else:
+            admitted = (version == b"1.0" and mechanism == b"CURVE" and len(credentials) == 1
+                        and hmac.compare_digest(credentials[0], self._client_key))
         if admitted:
             reply = [b"1.0", request_id, b"200", b"OK", b"ftd-peer", b""]
         else:
@@ -298,9 +318,9 @@ class BulkServer:
             first = address not in self._denied_from and len(self._denied_from) < 1024
             self._denied_from.add(address)
             log.log(logging.WARNING if first else logging.DEBUG,
-                    "refused a bulk connection from %s (%s): unknown client key",
+                    "refused a bulk connection from %s (%s): unknown client credentials",
                     address.decode(errors="replace"), mechanism.decode(errors="replace"))
-            reply = [b"1.0", request_id, b"400", b"unknown client key", b"", b""]
+            reply = [b"1.0", request_id, b"400", b"unknown client credentials", b"", b""]
         self._zap.send_multipart(reply)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
@@ -377,11 +397,11 @@ class BulkClient:
     """
 
     def __init__(self, endpoint: str, keys: CurveKeys, *, max_chunk: int = DEFAULT_MAX_CHUNK,
-                 curve: bool = True, context: zmq.Context | None = None):
+                 curve: bool = True, encrypt: bool = True, context: zmq.Context | None = None):
         if max_chunk <= 0:
             raise ConfigError(f"max_chunk must be positive, got {max_chunk}")
         self.endpoint, self.max_chunk = endpoint, max_chunk
-        self._keys, self._curve = keys, curve
+        self._keys, self._curve, self._plain = keys, curve, curve and not encrypt
         self._own_ctx = context is None
         self._ctx = context if context is not None else zmq.Context()
         self._lock = threading.Lock()
@@ -449,7 +469,10 @@ class BulkClient:
         try:
             sock.linger = 0
             sock.sndhwm = sock.rcvhwm = HWM
-            if self._curve:
+            if self._plain:
+                sock.plain_username = b"ftd-peer"
+                sock.plain_password = self._keys.plain_password
+            elif self._curve:
                 sock.curve_serverkey = self._keys.server_public
                 sock.curve_publickey = self._keys.client_public
                 sock.curve_secretkey = self._keys.client_secret
@@ -549,19 +572,23 @@ def _drain(sock: zmq.Socket) -> None:
 
 class ZmqTransport:
     """The production `BulkTransport` (ftd.daemon.bulk): a CurveZMQ server on this node's data
-    endpoint and a DEALER client per peer. `endpoints` maps node -> ZeroMQ endpoint."""
+    endpoint and a DEALER client per peer. `endpoints` maps node -> ZeroMQ endpoint. `encrypt=False`:
+    authenticated (ZMQ PLAIN) but not encrypted, for trusted fabrics; every node must agree."""
 
     def __init__(self, bind: str, endpoints: Callable[[int], str], keys: CurveKeys, *,
-                 max_chunk: int = DEFAULT_MAX_CHUNK, on_error: Callable[[], None] | None = None):
+                 max_chunk: int = DEFAULT_MAX_CHUNK, on_error: Callable[[], None] | None = None,
+                 encrypt: bool = True):
         self.bind, self.endpoints, self.keys, self.max_chunk = bind, endpoints, keys, max_chunk
+        self.encrypt = encrypt
         self._on_error = on_error
         self.server: BulkServer | None = None
 
     def serve(self, reader: Reader, writer: Writer) -> None:
-        self.server = BulkServer(self.bind, self.keys, reader, writer, self.max_chunk, on_error=self._on_error)
+        self.server = BulkServer(self.bind, self.keys, reader, writer, self.max_chunk, encrypt=self.encrypt,
+                                 on_error=self._on_error)
 
     def connect(self, node: int) -> BulkClient:
-        return BulkClient(self.endpoints(node), self.keys, max_chunk=self.max_chunk)
+        return BulkClient(self.endpoints(node), self.keys, max_chunk=self.max_chunk, encrypt=self.encrypt)
 
     def close(self) -> None:
         if self.server is not None:

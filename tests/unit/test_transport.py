@@ -262,6 +262,31 @@ def test_plaintext_mode_round_trip(keys: CurveKeys, memory: Memory) -> None:
         assert into == memory.regions["src"][1:1 + len(into)]
 
 
+def test_unencrypted_mode_authenticates_by_the_token_derived_password(keys: CurveKeys, memory: Memory) -> None:
+    with BulkServer("tcp://127.0.0.1:0", keys, memory.read, memory.write, max_chunk=CHUNK, encrypt=False) as srv:
+        endpoint = f"tcp://127.0.0.1:{srv.port}"
+        with BulkClient(endpoint, keys, max_chunk=CHUNK, encrypt=False) as c:
+            into = bytearray(3 * MiB)
+            c.get_range({"name": "src"}, 1, len(into), into, timeout=2)
+            assert memoryview(into) == memoryview(memory.regions["src"])[1:1 + len(into)]
+        reads = memory.reads
+        stranger = curve_keys("a-stranger-without-the-token")
+        for other, encrypt in ((stranger, False), (keys, True)):  # wrong password; CURVE against a PLAIN server
+            with BulkClient(endpoint, other, max_chunk=CHUNK, encrypt=encrypt) as c:
+                with pytest.raises(PeerUnavailable):
+                    c.get({"name": "src"}, 0, 16, timeout=0.5)
+        assert srv.denied >= 1
+        assert memory.reads == reads
+
+
+def test_a_plain_client_is_refused_by_an_encrypting_server(keys: CurveKeys, server: BulkServer,
+                                                           memory: Memory) -> None:
+    with BulkClient(f"tcp://127.0.0.1:{server.port}", keys, encrypt=False) as c:
+        with pytest.raises(PeerUnavailable):
+            c.get({"name": "src"}, 0, 16, timeout=0.5)
+    assert memory.reads == 0
+
+
 # --- timeouts, stale replies, lifecycle ----------------------------------------------------------
 
 
