@@ -557,15 +557,22 @@ def measure_rebuild(nodes: list[Node], step: int, timeout: float, chunk_bytes: i
         f"xxh3-128 {before['data_xxh3_128']}")
     log(f"node {node.index} loses everything (daemon SIGKILLed, {node.shm} wiped); starting a replacement")
     node.lose_everything()
+    survivors = [n for n in nodes if n is not node]
+    cpu_before = daemon_cpu_s(survivors)
     t0 = time.time()
     node.start_daemon()
     t_answers = time.time()
+    watch = PeakMemory(node.daemon.proc.pid) if node.daemon is not None and node.daemon.proc is not None else None
     client = client_for(node, timeout=timeout)
     try:
         steps = client.list_steps(rank=0, timeout=timeout)
     finally:
         client.close()
     t_listed = time.time()
+    peak = watch.stop() if watch is not None else {}
+    cpu_after = daemon_cpu_s(survivors)
+    rebuild_cpu = (sum(cpu_after[i] - cpu_before.get(i, 0.0) for i in cpu_after)
+                   + daemon_cpu_s([node]).get(node.index, 0.0))
     log(f"replacement answered Status after {t_answers - t0:.2f} s; List returned {steps} after {t_listed - t0:.2f} s")
     m = scrape(node)  # a fresh daemon: its counters describe only its own rebuild
     t_scraped = time.time()
@@ -596,7 +603,7 @@ def measure_rebuild(nodes: list[Node], step: int, timeout: float, chunk_bytes: i
         "node_data_gbps": before["data_bytes"] / rebuild_s / 1e9 if rebuild_s > 0 else float("inf"),
         "end_to_end_gbps": before["data_bytes"] / (t_listed - t0) / 1e9,
         "before": before, "after": after, "identical": identical, "file_identical": file_identical,
-        "rebuilt_line_t": t_scraped,
+        "rebuilt_line_t": t_scraped, "cpu_s": rebuild_cpu, **peak,
         # start -> List, less the rebuild itself: start, peers' inventories (and List's reply)
         "wait_before_rebuild_s": max(0.0, (t_listed - t0) - rebuild_s),
     }
@@ -612,6 +619,7 @@ def run_cluster(args: argparse.Namespace, gib: float, shape: ECShape) -> dict[st
     result: dict[str, Any] = {"workdir": str(tmp)}
     try:
         nodes = make_nodes(tmp, args.nodes, str(shape), FTD_KEEP=str(args.keep),
+                           FTD_BULK_ENCRYPT="1" if args.bulk_encrypt else "0",
                            FTD_PREALLOCATE="1" if args.preallocate else "0", FTD_CODEC=args.codec)
         result["daemon_env"] = {k: v for k, v in nodes[0].env.items() if k.startswith("FTD_")
                                 and k not in ("FTD_CLUSTER_TOKEN", "FTD_NODE", "FTD_SOCKET", "FTD_SHM_DIR")}
@@ -622,7 +630,11 @@ def run_cluster(args: argparse.Namespace, gib: float, shape: ECShape) -> dict[st
             node.start_daemon()
         log(f"daemons answer after {time.perf_counter() - t0:.1f} s: pids "
             f"{[n.daemon.proc.pid for n in nodes if n.daemon and n.daemon.proc]}")
+        cpu_before = daemon_cpu_s(nodes)
         prot = measure_protection(nodes, gib, args.timeout, args.rpc_timeout, shape)
+        cpu_after = daemon_cpu_s(nodes)
+        prot["daemon_cpu_s"] = sum(cpu_after[i] - cpu_before.get(i, 0.0) for i in cpu_after)
+        prot["protected_bytes"] = sum(prot["snapshot_bytes"].values())
         result["protection"] = prot
         log(f"every node reports step {STEP} protected {prot['protected_after_last_seal_s']:.2f} s after the last seal")
 
@@ -693,6 +705,74 @@ def run_cluster(args: argparse.Namespace, gib: float, shape: ECShape) -> dict[st
         left = [n.shm for n in nodes if n.shm.exists()]
         if left:
             log(f"WARNING: shm directories left behind: {left}")
+
+
+def daemon_cpu_s(nodes: list[Node]) -> dict[int, float]:
+    """User + system CPU seconds each live daemon process has used since it started."""
+    out: dict[int, float] = {}
+    for node in nodes:
+        if node.daemon is not None and node.daemon.proc is not None and node.daemon.proc.poll() is None:
+            try:
+                t = psutil.Process(node.daemon.proc.pid).cpu_times()
+                out[node.index] = t.user + t.system
+            except psutil.Error:
+                pass
+    return out
+
+
+class PeakMemory:
+    """Samples a process's RssAnon / RssShmem (/proc/<pid>/status) every 10 ms; `stop` gives the peaks and VmHWM."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_anon, self.peak_shmem = pid, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "RssShmem", "VmHWM"):
+                    out[key] = int(value.split()[0]) * 1024
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            try:
+                st = self._read()
+            except OSError:
+                return
+            self.peak_anon = max(self.peak_anon, st.get("RssAnon", 0))
+            self.peak_shmem = max(self.peak_shmem, st.get("RssShmem", 0))
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join(1.0)
+        try:
+            hwm = self._read().get("VmHWM", 0)
+        except OSError:
+            hwm = 0
+        return {"peak_rss_anon": self.peak_anon, "peak_rss_shmem": self.peak_shmem, "vm_hwm": hwm}
+
+
+def single_stream(gib: float, encrypt: bool) -> dict[str, Any] | None:
+    """One bulk stream's GET rate over loopback (bench/transport_bench.py, 8 MiB pieces), in this run."""
+    out = Path(tempfile.mkdtemp(prefix="ftd-ec-stream-")) / "t.json"
+    try:
+        subprocess.run([sys.executable, str(Path(__file__).with_name("transport_bench.py")), "--gib", f"{gib:g}",
+                        "--chunks", "8", "--repeats", "2", "--json", str(out)], check=True,
+                        stdout=subprocess.DEVNULL, timeout=600)
+        rows = json.loads(out.read_text())["rows"]
+    except (subprocess.SubprocessError, OSError, ValueError, KeyError) as exc:
+        log(f"single-stream transport measurement failed: {exc}")
+        return None
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+    label = "CurveZMQ" if encrypt else "plaintext"
+    get = [r for r in rows if r["transport"] == label and r["op"] == "GET"]
+    return {"transport": label, "gbps": get[0]["median_gbps"], "memcpy_gbps": rows[0]["median_gbps"]} if get else None
 
 
 def _busy_core_seconds() -> float:
@@ -772,6 +852,9 @@ def summarize(doc: dict[str, Any]) -> list[Row]:
     stp = list(p.get("seal_to_protected_s", {}).values())
     if stp:
         rows.append(Row("local seal -> protected, each daemon's clock (min / max) [m]", f"{min(stp):.2f} / {max(stp):.2f} s"))
+    if p.get("daemon_cpu_s"):
+        rows.append(Row("CPU-seconds per GB protected (all daemons: seal, encode, transport, checksums)",
+                        f"{p['daemon_cpu_s'] / (p['protected_bytes'] / 1e9):.2f} core-s/GB"))
     mem = c["memory"]
     seg_x = [v["segments_x"] for v in mem.values()]
     par_x = [v["parity_x"] for v in mem.values()]
@@ -806,6 +889,19 @@ def summarize(doc: dict[str, Any]) -> list[Row]:
                         f"{rb['node_data_gbps']:.2f} GB/s", f">= {TARGET_REBUILD_GBPS} GB/s",
                         rb["node_data_gbps"] >= TARGET_REBUILD_GBPS))
         rows.append(Row("  ... end to end (snapshot bytes / daemon start -> List)", f"{rb['end_to_end_gbps']:.2f} GB/s"))
+        stream = doc.get("single_stream")
+        if stream:
+            ratio = rb["node_data_gbps"] / stream["gbps"]
+            rows.append(Row(f"  ... against one {stream['transport']} stream in this run ({stream['gbps']:.2f} GB/s)",
+                            f"{ratio:.2f}x", ">= 0.5x", ratio >= 0.5))
+        if rb.get("vm_hwm"):
+            data = rb["node_data_bytes"]
+            rows.append(Row("replacement daemon's peak memory during rebuild / node data (VmHWM; private RssAnon)",
+                            f"{rb['vm_hwm'] / data:.2f}x ({rb['peak_rss_anon'] / GIB:.3f} GiB private)", "<= 1.1x",
+                            rb["vm_hwm"] / data <= 1.1))
+        if rb.get("cpu_s"):
+            rows.append(Row("CPU-seconds per GB rebuilt (all daemons, start -> List)",
+                            f"{rb['cpu_s'] / (rb['node_data_bytes'] / 1e9):.2f} core-s/GB"))
         rows.append(Row("rebuilt segment byte-identical (xxh3-128 of data bytes + manifest)",
                         "yes" if rb["identical"] else "NO", "yes", rb["identical"]))
     w = doc["memory_watch"]
@@ -835,6 +931,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gib", type=float, default=1.0, help="GiB of parameters snapshotted per node")
     p.add_argument("--codec", default="auto", help="daemons' codec: auto, isal or reedsolo")
     p.add_argument("--keep", type=int, default=1, help="FTD_KEEP of the daemons")
+    p.add_argument("--bulk-encrypt", type=int, choices=(0, 1), default=1,
+                   help="FTD_BULK_ENCRYPT of the daemons (0: authenticated, unencrypted bulk plane)")
     p.add_argument("--preallocate", action="store_true", help="FTD_PREALLOCATE=1 (keep + 1 segments per node)")
     p.add_argument("--codec-mib", type=int, default=256, help="MiB per chunk in the codec measurement")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per codec row")
@@ -860,8 +958,8 @@ def main(argv: list[str] | None = None) -> int:
     k, m = group.k, group.m
     notes: list[str] = [
         f"daemons run with FTD_KEEP={args.keep} and FTD_PREALLOCATE={int(args.preallocate)} to keep memory down: "
-        f"a node then holds 1 segment after one snapshot; with the defaults (keep 2, preallocate) it holds "
-        f"keep + 1 = 3 segments, i.e. segments/snapshot ~3x; the EC overhead alone is parity/snapshot (m/k)",
+        f"a node then holds 1 segment after one snapshot; with the defaults (keep 2) it holds "
+        f"max(keep, 2) = 2 segments, i.e. segments/snapshot ~2x (FTD_SPARE_SEGMENT=1: keep + 1); the EC overhead alone is parity/snapshot (m/k)",
         f"snapshot processes run with FTD_RPC_TIMEOUT={args.rpc_timeout:g} (the tests use 5, the default is 10): "
         f"the daemon pre-faults a new segment inside the Begin RPC, and with 1 GiB per node on this 2-core machine "
         f"that took 6-11 s in trial runs, so a 5 s deadline skipped the snapshot as 'daemon_unavailable'",
@@ -887,6 +985,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.skip_codecs:
             doc["codecs"] = measure_codecs(k, m, args.codec_mib, args.repeats, args.cpu)
+        doc["single_stream"] = single_stream(min(gib, 1.0), args.bulk_encrypt)
         doc["cluster"] = run_cluster(args, gib, shape)
     finally:
         doc["memory_watch"] = watch.stop()
