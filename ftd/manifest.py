@@ -180,9 +180,10 @@ class Manifest:
                "entries": [e.to_json() for e in self.entries], "meta": self.meta}
         if self.metrics:  # absent when none: a manifest without metrics reads as it always did
             doc["metrics"] = dict(self.metrics)
-        # The canonical form (what the digest covers) is written out once, the digest spliced in last.
-        canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
-        return b"%s,\"%s\":\"%s\"}" % (canonical[:-1], DIGEST_KEY.encode(), xxhash.xxh3_64_hexdigest(canonical).encode())
+        # The body is written once, in its own key order (meta's dicts come back in the order they were
+        # captured), and the digest covers that text; it is spliced in last (see _spliced_digest_matches).
+        body = json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
+        return b"%s,\"%s\":\"%s\"}" % (body[:-1], DIGEST_KEY.encode(), xxhash.xxh3_64_hexdigest(body).encode())
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
@@ -285,15 +286,16 @@ def check_metrics(metrics: Any) -> dict[str, float]:
 
 
 def manifest_digest(doc: dict[str, Any]) -> str:
-    """xxh3-64 (hex) of the canonical JSON of `doc` (sorted keys, no spaces), DIGEST_KEY left out."""
+    """xxh3-64 (hex) of the canonical JSON of `doc` (sorted keys, no spaces), DIGEST_KEY left out: the digest
+    of manifests written before the body text itself was digested, and of hand-made ones (still accepted)."""
     body = {k: v for k, v in doc.items() if k != DIGEST_KEY}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
     return xxhash.xxh3_64_hexdigest(canonical)
 
 
 def _spliced_digest_matches(raw: bytes | str, digest: str) -> bool:
-    """The digest covers `raw` itself: raw is a canonical body with the digest spliced in last (as `to_json`
-    writes it), so the canonical form need not be made again. Anything else takes the full check."""
+    """The digest covers `raw` itself: raw is a body with the digest spliced in last (as `to_json` writes it).
+    Anything else (an older, canonical digest) takes the full check."""
     if not isinstance(raw, (bytes, bytearray)):
         return False
     tail = b',"%s":"%s"}' % (DIGEST_KEY.encode(), digest.encode())

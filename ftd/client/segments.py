@@ -121,6 +121,15 @@ class MappedSegment:
     def memoryview(self) -> memoryview:
         return memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
 
+    def check_size(self) -> None:
+        """SnapshotCorrupt when the file is now shorter than the mapping (truncated after it was opened):
+        reading the missing pages through the mapping would kill the process with SIGBUS."""
+        if self._fd is None:
+            return
+        size = os.fstat(self._fd).st_size
+        if size < self.size:
+            raise SnapshotCorrupt(f"segment {self.path} is truncated: {size} bytes, its mapping {self.size}")
+
     def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill `buf` (writable, bytes) with the segment's bytes from `offset` on (pread; releases the GIL).
 

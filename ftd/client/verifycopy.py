@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import xxhash
 from torch.autograd.graph import increment_version
@@ -132,6 +133,9 @@ class _Pass:
         self.segment, self.manifest, self.dests, self.after_copy = segment, manifest, dests, after_copy
         self.failed = threading.Event()
         self.local = threading.local()
+        segment.check_size()
+        mapped = segment.memoryview()
+        self.src = np.frombuffer(mapped, dtype=np.uint8) if len(mapped) else np.empty(0, np.uint8)
 
     def _staging(self) -> memoryview:
         buf = getattr(self.local, "buf", None)
@@ -148,12 +152,13 @@ class _Pass:
         done = 0
         while done < c.nbytes:
             n = min(PIECE_BYTES, c.nbytes - done)
-            if dest is not None:
+            src = self.src[base + done:base + done + n]
+            if dest is not None:  # copy, then hash the copy while it is hot in cache
                 piece = dest[c.start + done:c.start + done + n]
-            else:
-                piece = self._staging()[:n]
-            self.segment.readinto(base + done, piece)
-            digest.update(piece)
+                np.copyto(np.frombuffer(piece, dtype=np.uint8), src)
+                digest.update(piece)
+            else:  # hash the mapping itself: its pages are faulted in on the way, nothing is copied
+                digest.update(src)
             done += n
         if digest.intdigest() != c.entry.checksums[c.index]:
             self.failed.set()

@@ -114,12 +114,15 @@ def test_manifest_written_once_still_verifies_and_refuses_edits():
     edited = raw.replace(b'"step":3', b'"step":4', 1)
     with pytest.raises(ManifestError):
         Manifest.from_json(edited)
-    # a manifest in another key order (as older writers made) is checked the full way and accepted
+    # meta's key order survives (extra, scheduler and optimizer state come back as they were captured)
+    assert list(Manifest.from_json(raw).meta) == ["step", "note"]
+    # a manifest digested the older way (canonical JSON), in any layout, is checked the full way and accepted
     doc = json.loads(raw)
-    reordered = json.dumps({DIGEST_KEY: doc[DIGEST_KEY], **{k: v for k, v in doc.items() if k != DIGEST_KEY}},
-                           indent=1).encode()
-    assert Manifest.from_json(reordered).step == 3
-    assert manifest_digest(json.loads(reordered)) == doc[DIGEST_KEY]
+    body = {k: v for k, v in doc.items() if k != DIGEST_KEY}
+    older = json.dumps({DIGEST_KEY: manifest_digest(body), **body}, indent=1).encode()
+    assert Manifest.from_json(older).step == 3
+    with pytest.raises(ManifestError):
+        Manifest.from_json(older.replace(b'"step": 3', b'"step": 5', 1))
 
 
 @pytest.mark.parametrize("text", [
