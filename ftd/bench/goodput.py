@@ -80,6 +80,8 @@ def baseline_losses(inp: Inputs, mtbf_s: float, interval_s: float | None = None)
 def ftd_losses(inp: Inputs, mtbf_s: float) -> dict[str, float]:
     """ftd's lost fractions of wall time: overhead, lost work, recovery."""
     overhead = max(inp.ftd_overhead, inp.ftd_stall_s / inp.step_s)
+    if math.isinf(mtbf_s):
+        return {"overhead": overhead, "lost_work": 0.0, "recovery": 0.0}
     total = inp.mix_node + inp.mix_rank
     node, rank = inp.mix_node / total, inp.mix_rank / total
     inside = 1.0 - inp.beyond_ec
