@@ -59,8 +59,8 @@ node encodes one rotation per step, so a delta is that rotation's figure):
   people to read). A replacement daemon's counters describe only itself. shutdown[] no
   longer has "problems" (the log lines after SIGTERM); its returncode says whether it was clean.
 
-Daemons run with FTD_KEEP=1 and FTD_PREALLOCATE=0 (one segment per node instead of keep + 1 = 3
-pre-faulted ones) to keep the run's memory down; `--keep` and `--preallocate` change that.
+Daemons run with FTD_KEEP=1 and FTD_PREALLOCATE=0 (one segment per node instead of the default
+max(keep, 2) = 2 pre-faulted ones) to keep the run's memory down; `--keep` and `--preallocate` change that.
 The run checks free RAM and /dev/shm first and shrinks `--gib` (saying so) when they are short.
 Prints progress, then tables; writes bench/results/ec-<date>.json. Daemons, snapshot
 processes, shm directories and temporary files are removed at the end, also on error.
@@ -184,7 +184,7 @@ def plan_resources(args: argparse.Namespace, k: int, m: int, notes: list[str]) -
     avail_gib = vm.available / GIB
     cap = min(RAM_CAP_GIB, avail_gib - 1.5)
     shm_free = shm.free / GIB if shm else float("inf")
-    segs = 1 if not args.preallocate else args.keep + 1
+    segs = 1 if not args.preallocate else max(args.keep, 2)
     log(f"RAM: {vm.total / GIB:.1f} GiB total, {avail_gib:.1f} GiB available (cap for this run {cap:.1f} GiB); "
         f"/dev/shm free {shm_free:.1f} GiB")
     gib = args.gib
@@ -933,7 +933,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", type=int, default=1, help="FTD_KEEP of the daemons")
     p.add_argument("--bulk-encrypt", type=int, choices=(0, 1), default=1,
                    help="FTD_BULK_ENCRYPT of the daemons (0: authenticated, unencrypted bulk plane)")
-    p.add_argument("--preallocate", action="store_true", help="FTD_PREALLOCATE=1 (keep + 1 segments per node)")
+    p.add_argument("--preallocate", action="store_true", help="FTD_PREALLOCATE=1 (max(keep, 2) segments per node)")
     p.add_argument("--codec-mib", type=int, default=256, help="MiB per chunk in the codec measurement")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per codec row")
     p.add_argument("--cpu", type=int, default=0, help="CPU the codec measurement is pinned to")

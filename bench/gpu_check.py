@@ -370,7 +370,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4, help="number of square nn.Linear layers")
     p.add_argument("--batch", type=int, default=8192, help="rows of the random input per forward/backward")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions of each measurement")
-    p.add_argument("--warmup", type=int, default=4, help="iterations first (keep=2 -> 3 segments)")
+    p.add_argument("--warmup", type=int, default=4, help="iterations first (keep=2 -> 2 segments)")
     p.add_argument("--max-seconds", type=int, default=240, help="give up (cleanly) after this long")
     return p.parse_args(argv)
 

@@ -165,7 +165,7 @@ def train_iteration(compute: Compute, opt: torch.optim.Optimizer, snap: Any | No
 def measure_stall_with_compute(snap: Any, opt: torch.optim.Optimizer, compute: Compute, warmup: int,
                                repeats: int, res: Results, step: int) -> int:
     """Warm-up (segments get allocated), then iterations without and with snapshots; returns the next step."""
-    log(f"warm-up: {warmup} iterations (first snapshots allocate and pre-fault keep+1 segments)")
+    log(f"warm-up: {warmup} iterations (first snapshots map the segments prepared ahead)")
     snap.snapshot(step)
     step += 1
     for _ in range(warmup):
@@ -369,7 +369,7 @@ def summarize(r: dict[str, Any]) -> list[Row]:
         Row("stall per snapshot, with compute: median", ms(stall)),
         Row("stall per snapshot, with compute: min / max",
             f"{ms(min(r['stall_compute_s']))} / {ms(max(r['stall_compute_s']))}"),
-        Row("stall, warm-up snapshots (first keep+1 allocate segments)",
+        Row("stall, warm-up snapshots (segments prepared ahead)",
             " / ".join(f"{s * 1e3:.0f}" for s in r["warmup_stalls_s"]) + " ms"),
         Row("stall, no compute between snapshot and step: median", ms(median(r["stall_nocompute_s"]))),
         Row("  ... as % of torch.save to /dev/shm (worst case)",
@@ -511,7 +511,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gib", type=float, default=1.0, help="size of params + AdamW state, GiB")
     p.add_argument("--layers", type=int, default=4, help="number of square nn.Linear layers")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions of each measurement")
-    p.add_argument("--warmup", type=int, default=4, help="untimed training iterations first (keep=2 -> 3 segments)")
+    p.add_argument("--warmup", type=int, default=4, help="untimed training iterations first (keep=2 -> 2 segments)")
     p.add_argument("--compute-s", type=float, default=0.4, help="seconds of simulated forward/backward per step")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--disk-dir", default=None, help="directory on disk for the torch.save file (default: $TMPDIR)")

@@ -102,7 +102,7 @@ def run_method(key: str, nbytes: int, args: Any, model: torch.nn.Module, opt: to
         with watch:
             m = make_method(key, model, opt, sub, ws.tmp / fmt_size(nbytes), args.device, env=env)
             t0 = time.perf_counter()
-            for w in range(2 if key == "ftd" else 1):  # first saves allocate (ftd: keep + 1 segments), spawn ...
+            for w in range(2 if key == "ftd" else 1):  # first saves allocate (ftd: its max(keep, 2) segments), spawn ...
                 m.wait(m.save(w))
             res["warmup_s"] = time.perf_counter() - t0
             step = 10

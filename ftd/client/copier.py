@@ -1,9 +1,11 @@
 """The copy engine: one named background thread per rank that moves a captured step into shm.
 
-For each job: encode the captured step (`prepare`: what `snapshot()` left to this thread) -> Begin (get a segment) -> copy every tensor (CPU: chunked `copy_`; CUDA: a side
-stream into the registered mapping) -> signal `copied` (the optimizer may now run) -> checksum
-the segment -> Commit. Nothing here raises into the training loop: every failure becomes a
-skipped snapshot with a reason.
+For each job: encode the frozen step (`prepare`: what `snapshot()` left to this thread) -> Begin
+(get a segment) -> copy every tensor (CPU: chunked `copy_`; CUDA: a side stream into the
+registered mapping) -> signal `copied` (the optimizer may now run) -> checksum the segment ->
+Commit. A `Prepare` request (queued at construction) maps the segments the daemon prepares ahead
+of the first Begin. Nothing here raises into the training loop: every failure becomes a skipped
+snapshot with a reason.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Verification (manifest bounds, job id, world size, checksums of every byte, shapes and dtypes
 against the model, the sharding layout against the replica group) happens before anything is
-written into the live objects (ftd.client.verifycopy: the segment is read with pread on several
-threads, each piece checksummed while hot in cache; a fresh optimizer's state is read straight
-into the tensors allocated for it, and the live tensors are read into after the agreement and
-checked again where the bytes landed), and the ranks agree on the outcome through torch.distributed
+written into the live objects (ftd.client.verifycopy: every chunk is hashed on several threads
+through the read-only mapping; a fresh optimizer's state is copied into the tensors allocated for
+it and hashed there, and the live tensors are copied into after the agreement and checked again
+where the bytes landed), and the ranks agree on the outcome through torch.distributed
 (all-gather of held steps, all-gather of layouts within the replica group, all-reduce of
 "verified") so every rank loads the same step or none does. A sharded step is then gathered
 from the replicas (ftd.client.gather) and loaded like any other.

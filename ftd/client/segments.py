@@ -5,8 +5,7 @@ up front) and reused for every later snapshot that lands in the same segment. On
 is also registered as pinned host memory so device-to-host copies run asynchronously at full speed.
 
 Read-only segments (restore, merge, resharding) are mapped without MAP_POPULATE: only the pages a
-view touches are faulted in, and the bulk of a restore reads the file with `readinto` (pread),
-which builds no page tables and leaves nothing shared in the reader's RSS.
+view touches are faulted in (a restore touches each once, ftd.client.verifycopy).
 """
 
 from __future__ import annotations
@@ -83,7 +82,7 @@ def torch_dtype(name: str) -> torch.dtype:
 class MappedSegment:
     """One segment file mapped into memory, with typed views onto its bytes.
 
-    A read-only one also keeps the checked file open for `readinto` (pread), until `close`.
+    A read-only one also keeps the checked file open until `close`, for `check_size`.
     """
 
     def __init__(self, path: str, size: int, writable: bool, trust: SegmentTrust, register_cuda: bool = False):
@@ -129,23 +128,6 @@ class MappedSegment:
         size = os.fstat(self._fd).st_size
         if size < self.size:
             raise SnapshotCorrupt(f"segment {self.path} is truncated: {size} bytes, its mapping {self.size}")
-
-    def readinto(self, offset: int, buf: memoryview) -> None:
-        """Fill `buf` (writable, bytes) with the segment's bytes from `offset` on (pread; releases the GIL).
-
-        SnapshotCorrupt when the range lies outside the segment or the file ends before it (truncated).
-        """
-        if self._fd is None:
-            raise ValueError(f"segment {self.path} is not open for reading (writable, or closed)")
-        if offset < 0 or offset + len(buf) > self.size:
-            raise SnapshotCorrupt(f"bytes [{offset}, {offset + len(buf)}) lie outside segment {self.path} ({self.size})")
-        done = 0
-        while done < len(buf):
-            n = os.preadv(self._fd, [buf[done:]], offset + done)
-            if n <= 0:
-                raise SnapshotCorrupt(f"segment {self.path} ends at byte {offset + done}, before its manifest's "
-                                      f"{offset + len(buf)} (truncated)")
-            done += n
 
     def close(self) -> None:
         if self._registered:

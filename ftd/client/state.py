@@ -87,14 +87,11 @@ class Frozen:
 
     step: int
     model: list[tuple[str, Any]]  # state-dict order: Parameters live, buffers cloned, extra states frozen
-    optim_state: Any = None  # optimizer.state_dict()["state"]: live per-parameter dicts of live tensors
+    optim_state: Any = None  # optimizer.state_dict()["state"]: live per-parameter dicts of live tensors (None: no optimizer)
     optim_groups: Any = None  # its param_groups, frozen
-    scheduler: Any = None
-    extra: Any = None
+    scheduler: Any = None  # its state_dict(), frozen (None: no scheduler)
+    extra: Any = None  # dict(extra), frozen (None: no extra)
     rng: dict[str, Any] = field(default_factory=dict)
-    has_optimizer: bool = False
-    has_scheduler: bool = False
-    has_extra: bool = False
 
 
 def freeze(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -111,13 +108,11 @@ def freeze(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     frozen = Frozen(step, items, rng=rng_state())
     if optimizer is not None:
         sd = optimizer.state_dict()
-        frozen.has_optimizer = True
         frozen.optim_state, frozen.optim_groups = sd["state"], jsonsafe.freeze(sd["param_groups"])
     if scheduler is not None:
-        frozen.has_scheduler, frozen.scheduler = True, jsonsafe.freeze(scheduler.state_dict())
+        frozen.scheduler = jsonsafe.freeze(scheduler.state_dict())
     if extra is not None:
-        values = extra() if callable(extra) else extra
-        frozen.has_extra, frozen.extra = True, jsonsafe.freeze(dict(values))
+        frozen.extra = jsonsafe.freeze(dict(extra() if callable(extra) else extra))
     return frozen
 
 
@@ -140,7 +135,7 @@ def encode(frozen: Frozen, model: torch.nn.Module, optimizer: torch.optim.Optimi
         else:
             cap.meta.setdefault("model_extra", {})[name] = jsonsafe.encode(value, f"model/{name}", owned("buffer"))
     cap.meta["model_keys"] = keys
-    if frozen.has_optimizer and optimizer is not None:
+    if frozen.optim_state is not None and optimizer is not None:
         named = optim_fqns(model, optimizer)
 
         def live_optim(name: str, t: torch.Tensor) -> None:
@@ -150,10 +145,10 @@ def encode(frozen: Frozen, model: torch.nn.Module, optimizer: torch.optim.Optimi
             "state": jsonsafe.encode(frozen.optim_state, "optim/state", live_optim),
             "param_groups": jsonsafe.encode(frozen.optim_groups, "optim/groups", owned("optim")),
         }
-    if frozen.has_scheduler:
+    if frozen.scheduler is not None:
         cap.meta["scheduler"] = jsonsafe.encode(frozen.scheduler, "sched", owned("extra"))
     cap.meta["rng"] = encode_rng(frozen.rng, owned("rng"))
-    if frozen.has_extra:
+    if frozen.extra is not None:
         cap.meta["extra"] = jsonsafe.encode(frozen.extra, "extra", owned("extra"))
     if cap.dtensors:
         cap.meta["dtensors"] = sorted(cap.dtensors)

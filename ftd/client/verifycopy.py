@@ -1,20 +1,20 @@
 """Verified reads of a sealed segment: each piece is checksummed while it is hot in cache, on several threads.
 
-A restore reads a snapshot's bytes out of the segment file with pread (MappedSegment.readinto),
-never through page tables, in two passes:
+A restore reads a snapshot's bytes through the segment's read-only mapping (its pages faulted in
+on the way; the file's size is checked first, so a truncated file is SnapshotCorrupt, not SIGBUS),
+in two passes:
 
-* `verify` (before the ranks agree, nothing live written): every chunk of every entry is read and
-  its xxh3-64 compared with the manifest's. An entry bound for private memory the restore
-  allocated itself (`into`: a fresh optimizer's state) is read straight into it: its verify is
-  its copy. Every other entry is read into a staging buffer of PIECE_BYTES per thread, so the
-  memory a restore adds is bounded.
+* `verify` (before the ranks agree, nothing live written): every chunk of every entry is hashed
+  and its xxh3-64 compared with the manifest's. An entry bound for private memory the restore
+  allocated itself (`into`: a fresh optimizer's state) is copied into it and hashed there: its
+  verify is its copy. Every other entry is hashed in the mapping itself; nothing is staged.
 * `load` (after the agreement): live destinations (parameters, an existing optimizer state) get
-  their bytes read straight in and checksummed again where they landed, so bytes that changed
+  their bytes copied straight in and checksummed again where they landed, so bytes that changed
   between the passes are caught too (SnapshotCorrupt: an apply failure, which restore handles).
 
-pread and xxh3 of large buffers release the GIL, so the chunks are spread over `threads` workers.
-A chunk is hashed piece by piece (streaming xxh3 gives the one-shot digest), each piece right after
-it is read; any chunk_bytes works with the same bounded staging.
+NumPy's copy and xxh3 of large buffers release the GIL, so the chunks are spread over `threads`
+workers. A chunk is handled in pieces of PIECE_BYTES (streaming xxh3 gives the one-shot digest),
+each piece hashed right after it is copied, while it is hot in cache.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ftd.manifest import Entry, Manifest
 
 log = logging.getLogger(__name__)
 
-PIECE_BYTES = 1 << 20  # read and hashed at once: stays in a core's cache between the two
+PIECE_BYTES = 1 << 20  # copied and hashed at once: stays in a core's cache between the two
 MAX_THREADS = 8
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _libc: ctypes.CDLL | None | bool = None
@@ -132,16 +132,9 @@ class _Pass:
                  after_copy: bool):
         self.segment, self.manifest, self.dests, self.after_copy = segment, manifest, dests, after_copy
         self.failed = threading.Event()
-        self.local = threading.local()
         segment.check_size()
         mapped = segment.memoryview()
         self.src = np.frombuffer(mapped, dtype=np.uint8) if len(mapped) else np.empty(0, np.uint8)
-
-    def _staging(self) -> memoryview:
-        buf = getattr(self.local, "buf", None)
-        if buf is None:
-            buf = self.local.buf = memoryview(bytearray(min(PIECE_BYTES, self.manifest.chunk_bytes)))
-        return buf
 
     def chunk(self, c: _Chunk) -> None:
         if self.failed.is_set():

@@ -10,10 +10,12 @@ encodes its rotation of that step. When the target is protected the announcer na
 when candidates differ (a member had already evicted the target) it names a newer one, aiming
 further ahead each time; when nothing moves for a peer timeout it names it again. Changes to the
 target, a candidate or parity wake the heartbeat (`PeerTable.nudge`), and peers' inventories wake
-this loop, so one round takes about one encode plus a few round trips. The newest protected step and the step being encoded
-stay pinned in the store (pin owner "protection"), so eviction never breaks a protected step; so
-do the steps other groups protect or encode (see ftd.daemon.peers), so one step stays restorable
-on every rank of the job whichever group loses a node. A node that starts empty first tries to
+this loop, so one round takes about one encode plus a few round trips.
+
+The newest protected step and the step being encoded stay pinned in the store (pin owner
+"protection"), so eviction never breaks a protected step; so do the steps other groups protect
+or encode (see ftd.daemon.peers), so one step stays restorable on every rank of the job
+whichever group loses a node. A node that starts empty first tries to
 rebuild its memory from the group (ftd.daemon.rebuild).
 
 Threads: the loop runs on `ftd-protect` and is the only writer of the protection state

@@ -287,7 +287,6 @@ class _Decode:
         stripe = plans[0][0].stripe_bytes if plans else 1  # pieces are checked stripe by stripe
         self.batch = max(1, knobs.get().rebuild_batch_bytes // stripe) * stripe
         self.done = 0
-        self.parts: list[tuple[BlobPart, PendingInstall]] = []
 
     def _decode_into(self, plan: tuple[RotationRecord, int, dict[int, int]], start: int, n: int,
                      out: memoryview | bytearray, present: dict[int, bytearray] | None = None) -> None:
@@ -326,7 +325,6 @@ class _Decode:
             for segment in pending.values():
                 segment.release()
             raise
-        self.parts = [(part, segment) for part, segment in pending.items()]
         return pending
 
     def _jobs(self) -> list[tuple[int, int, int]]:

@@ -365,13 +365,8 @@ class SegmentStore:
                     log.warning("rank %d: segments of %d bytes not prepared ahead: %s", rank, capacity, exc)
                     break
                 slot.prefault()
-            try:
-                self._fill(rank, slot)
-            except OutOfMemory as exc:
-                log.warning("rank %d: preparing a segment ahead failed: %s", rank, exc)
+            if not self._fill_ahead(rank, slot):
                 break
-            with self._lock:
-                slot.prefaulted()
             prepared += 1
             self.metrics.segments_prepared.inc()
         with self._lock:
@@ -946,6 +941,18 @@ class SegmentStore:
         log.info("rank %d: allocated segment %s (%d bytes, pre-faulted in %.2f s)", rank, slot.path.name,
                  slot.capacity, seconds)
 
+    def _fill_ahead(self, rank: int, slot: Slot) -> bool:
+        """Pre-fault `slot`, allocated (PREFAULTING) ahead of its Begin, outside the lock; False when that
+        failed (logged; `_fill` has deleted the slot)."""
+        try:
+            self._fill(rank, slot)
+        except OutOfMemory as exc:
+            log.warning("rank %d: preparing a segment ahead failed: %s", rank, exc)
+            return False
+        with self._lock:
+            slot.prefaulted()
+        return True
+
     def _preallocate_later(self, rank: int, capacity: int) -> None:
         """Prepare the rest of the rank's segments_per_rank segments in the background (thread ftd-prealloc-<rank>)."""
         def run() -> None:
@@ -960,13 +967,8 @@ class SegmentStore:
                         log.debug("rank %d: no segment prepared ahead: %s", rank, exc)
                         return
                     slot.prefault()
-                try:
-                    self._fill(rank, slot)
-                except OutOfMemory as exc:
-                    log.warning("rank %d: preparing a segment ahead failed: %s", rank, exc)
+                if not self._fill_ahead(rank, slot):
                     return
-                with self._lock:
-                    slot.prefaulted()
 
         threading.Thread(target=run, name=f"ftd-prealloc-{rank}", daemon=True).start()
 
