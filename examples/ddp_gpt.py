@@ -67,7 +67,7 @@ def main(make_opt=make_optimizer) -> None:  # type: ignore[no-untyped-def]
     sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.schedule_steps,
                                                 cycle_momentum=False)
 
-    snap = ftd.Snapshotter(model, optimizer, scheduler=sched)  # ftd
+    snap = ftd.Snapshotter(model, optimizer, scheduler=sched, ddp=ddp)  # ftd: ddp= keeps its buckets (bit-exact)
     start = snap.restore()  # ftd: 0 on a fresh start
 
     for step in range(start, args.steps):

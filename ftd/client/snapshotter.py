@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ftd.client import ddp as ddp_mod
 from ftd.client import jsonsafe
 from ftd.client import restore as restore_mod
 from ftd.client import expected, memreshard, placement, reshard, sharding, state
@@ -114,12 +115,17 @@ class Snapshotter:
     `replica_group=` names a ProcessGroup of ranks that do (hybrid layouts). Each of its dp ranks
     then snapshots ~1/dp of them. A ZeroRedundancyOptimizer's partition is never sharded, nor are
     DTensor (FSDP) shards unless `replica_group` is given. Every rank must use the same setting.
+
+    `ddp=` is the DistributedDataParallel wrapping `model` (found by itself when `model` is one): its
+    gradient buckets are recorded with each snapshot and rebuilt on restore, so a resumed run
+    all-reduces as the uninterrupted one did and stays bit for bit (ftd.client.ddp).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  scheduler: Any | None = None, extra: state.Extra = None, rank: int | None = None,
                  world_size: int | None = None, replica_group: dist.ProcessGroup | None = None,
-                 reshard_extra: reshard.ReshardExtra | None = None, **settings: Any):
+                 reshard_extra: reshard.ReshardExtra | None = None,
+                 ddp: torch.nn.parallel.DistributedDataParallel | None = None, **settings: Any):
         self.config = ClientConfig.load(**settings)
         if not math.isfinite(self.config.daemon_wait) or self.config.daemon_wait < 0:
             raise ConfigError(f"daemon_wait must be a finite number of seconds >= 0, got {self.config.daemon_wait}")
@@ -132,6 +138,8 @@ class Snapshotter:
         self._shard_dtensors = replica_group is not None
         self._copies = self.replicas or _ddp_replicas(model, self.rank, self.world_size)
         self._reshard_extra = reshard_extra
+        wrapper = ddp_mod.find(model, ddp)
+        self._buckets = ddp_mod.BucketKeeper(wrapper) if wrapper is not None else None
         self.stats = SnapshotStats()
         self._lock = self.stats.lock  # guards _inflight and the stats the copy and training threads update
         self._inflight: CopyJob | None = None
@@ -183,6 +191,7 @@ class Snapshotter:
     def _snapshot(self, step: int, metrics: Mapping[str, Any] | None = None) -> None:
         if self._engine is None or self._closed:
             return
+        buckets = self._buckets.buckets() if self._buckets is not None else None  # before any skip: a collective
         with self._lock:
             self.stats.requested += 1
         try:
@@ -210,7 +219,7 @@ class Snapshotter:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream())
         job = CopyJob(None, self.world_size, self._pending_stall, cuda_ready=ready, step=step,
-                      prepare=lambda: self._encode(frozen, outer, recorded))
+                      prepare=lambda: self._encode(frozen, outer, recorded, buckets))
         self._pending_stall = -1.0
         with self._lock:
             self._inflight = self._unmeasured = job
@@ -218,12 +227,15 @@ class Snapshotter:
         if self.optimizer is None:  # nothing tells us when the state changes next: copy now
             self._wait_copied(job, "snapshot without optimizer")
 
-    def _encode(self, frozen: state.Frozen, outer: Any, recorded: dict[str, float]) -> state.Captured:
+    def _encode(self, frozen: state.Frozen, outer: Any, recorded: dict[str, float],
+                buckets: list[list[int]] | None = None) -> state.Captured:
         """On the copy thread, before the copy: entries, meta, shards and placements of a frozen step."""
         try:
             captured = state.encode(frozen, self.model, self._state_optimizer)
             if outer is not None:
                 captured.meta["outer_param_groups"] = jsonsafe.encode(outer, "outer_groups", _refuse_tensor)
+            if buckets is not None:
+                captured.meta[ddp_mod.META_KEY] = buckets
             if self.replicas is not None and self.replicas.size > 1:
                 sharding.shard(captured, self.replicas, self._shardable(captured))
             placement.assign(captured, self._copies, self._replicated)
@@ -359,6 +371,8 @@ class Snapshotter:
             self.stats.restore_old_world = max(old_world, 0)
             self.stats.restore_moved = moved
         self.restored_extra = result.extra
+        if self._buckets is not None and result.step and result.meta is not None:
+            self._buckets.apply(result.meta.get(ddp_mod.META_KEY))
         if drawn and result.step:
             raise ConfigError(
                 f"restore() loaded step {result.step}, but the torch RNG was drawn from between creating the "

@@ -76,11 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         fully_shard(model, mesh=mesh)
     elif world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)
-        # A fresh DDP's first backward uses its initial bucket order; one throwaway pass makes a
-        # resumed run reduce in the same order as an uninterrupted one (DISTRIBUTED.md rule 4).
-        x, _ = batch(0, rank, 2, args.context, args.seed)
-        net(x).sum().backward()
-        model.zero_grad(set_to_none=True)
     if args.zero and world > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -91,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = warmup_cosine(optimizer, warmup=max(1, args.steps // 10), total=args.steps)
     data_position = {"step": 0}
     snap = None if args.no_ftd else ftd.Snapshotter(model, optimizer, scheduler=scheduler, extra=data_position,
-                                                    shard_replicated=args.shard_replicated or None)
+                                                    shard_replicated=args.shard_replicated or None,
+                                                    ddp=net if net is not model else None)
     start = snap.restore() if snap else 0
     if start:
         log.info("rank %d resumed at step %d (data position %s)", rank, start, data_position)
