@@ -112,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         "goodput = 1 - overhead - (lost work + recovery) / MTBF, each a fraction of wall time",
         f"failure-kind mix: node {inp.mix_node:g}, rank {inp.mix_rank:g} (assumption); daemon-only crashes do not "
         "stop training under ftd and are no failure for the baseline, so they are left out",
-        "ftd snapshots every step; overhead = max(measured loop overhead, stall / step time)",
-        "ftd lost work: rank crash half a step (restores the newest local snapshot); node loss the protection lag",
+        "ftd snapshots every n steps, n from Young/Daly with the cost of one snapshot = max(loop overhead "
+        "measured at a snapshot every step x step time, stall), at least every step; overhead = that cost / "
+        "interval. The overhead was measured on CPU, where the copy competes with compute for 2 cores; on a GPU "
+        "the copy is a DMA beside the step and the cost is lower",
+        "ftd lost work: rank crash half an interval (restores the newest local snapshot); node loss half an "
+        "interval plus the protection lag",
         "ftd recovery per kind: chaos-run medians at 3 nodes (torchrun restart + rendezvous + restore included); "
         "recovery at 16k-131k GPUs is assumed not to grow with the cluster",
         f"a fraction {inp.beyond_ec:g} of failures exceeds EC redundancy and falls back to the durable tier, "

@@ -6,10 +6,12 @@ recoverable state plus the recovery time. With whole-job MTBF M (seconds):
 
     goodput = 1 - overhead - (lost_work + recovery) / M
 
-ftd snapshots every step: overhead is the measured per-step loop overhead (or the stall, if larger);
-a rank crash loses about half a step and restores from local memory; a node loss loses the protection
-lag (work beyond the last erasure-coded step) and is rebuilt from peers; a fraction of failures exceeds
-the EC redundancy and falls back to the durable tier (costed like the baseline). The baseline
+ftd snapshots every n steps, n chosen like the baseline's interval (Young/Daly with the cost of one
+snapshot, the measured per-step loop overhead times the step time, or the stall if larger; at least
+every step): the overhead is that cost over the interval; a rank crash loses half an interval and
+restores from local memory; a node loss loses half an interval plus the protection lag (work beyond
+the last erasure-coded snapshot) and is rebuilt from peers; a fraction of failures exceeds the EC
+redundancy and falls back to the durable tier (costed like the baseline). The baseline
 checkpoints every tau = sqrt(2 M C) (Young/Daly) with C its stall per save; a failure loses tau/2 plus
 the time a save takes to complete, and pays restart + load.
 
@@ -77,21 +79,38 @@ def baseline_losses(inp: Inputs, mtbf_s: float, interval_s: float | None = None)
             "recovery": (inp.restart_s + inp.base_load_s) / mtbf_s}
 
 
-def ftd_losses(inp: Inputs, mtbf_s: float) -> dict[str, float]:
-    """ftd's lost fractions of wall time: overhead, lost work, recovery."""
-    overhead = max(inp.ftd_overhead, inp.ftd_stall_s / inp.step_s)
+def ftd_snapshot_cost_s(inp: Inputs) -> float:
+    """Loop time one ftd snapshot costs: the per-step overhead measured at a snapshot every step, or the stall."""
+    return max(inp.ftd_overhead * inp.step_s, inp.ftd_stall_s)
+
+
+def ftd_interval_steps(inp: Inputs, mtbf_s: float) -> int:
+    """Whole steps between ftd snapshots that lose the least (Young/Daly rounded either way, at least 1)."""
     if math.isinf(mtbf_s):
-        return {"overhead": overhead, "lost_work": 0.0, "recovery": 0.0}
+        return 1
+    tau = young_daly_interval(mtbf_s, ftd_snapshot_cost_s(inp)) / inp.step_s
+    candidates = {max(1, math.floor(tau)), max(1, math.ceil(tau))}
+    return max(candidates, key=lambda n: goodput(ftd_losses(inp, mtbf_s, n)))
+
+
+def ftd_losses(inp: Inputs, mtbf_s: float, every: int | None = None) -> dict[str, float]:
+    """ftd's lost fractions of wall time with a snapshot `every` steps (None: the best interval)."""
+    if every is None:
+        every = ftd_interval_steps(inp, mtbf_s)
+    interval = every * inp.step_s
+    overhead = ftd_snapshot_cost_s(inp) / interval
+    if math.isinf(mtbf_s):
+        return {"overhead": overhead, "lost_work": 0.0, "recovery": 0.0, "interval_s": interval}
     total = inp.mix_node + inp.mix_rank
     node, rank = inp.mix_node / total, inp.mix_rank / total
     inside = 1.0 - inp.beyond_ec
-    lost = inside * (node * inp.ftd_lag_s + rank * inp.step_s / 2.0)
+    lost = inside * (node * (inp.ftd_lag_s + interval / 2.0) + rank * interval / 2.0)
     rec = inside * (node * inp.ftd_recovery_node_s + rank * inp.ftd_recovery_rank_s)
     # beyond EC: the durable tier, costed like the baseline at its own Young/Daly interval
     b = baseline_losses(inp, mtbf_s)
     lost += inp.beyond_ec * (b["interval_s"] / 2.0 + inp.base_done_s)
     rec += inp.beyond_ec * (inp.restart_s + inp.base_load_s)
-    return {"overhead": overhead, "lost_work": lost / mtbf_s, "recovery": rec / mtbf_s}
+    return {"overhead": overhead, "lost_work": lost / mtbf_s, "recovery": rec / mtbf_s, "interval_s": interval}
 
 
 def goodput(losses: dict[str, float]) -> float:
@@ -106,7 +125,7 @@ def row(inp: Inputs, gpus: int, mtbf_h: float) -> dict[str, Any]:
     hours = lambda d: {k: 24.0 * d[k] for k in ("overhead", "lost_work", "recovery")}  # noqa: E731
     return {"gpus": gpus, "mtbf_h": mtbf_h, "failures_per_day": 24.0 / mtbf_h,
             "ftd_goodput": goodput(f), "baseline_goodput": goodput(b),
-            "baseline_interval_s": b["interval_s"], "ftd_hours_lost": hours(f), "baseline_hours_lost": hours(b)}
+            "baseline_interval_s": b["interval_s"], "ftd_interval_s": f["interval_s"], "ftd_hours_lost": hours(f), "baseline_hours_lost": hours(b)}
 
 
 # ---- inputs from bench/results -----------------------------------------------------------------
@@ -181,15 +200,15 @@ def markdown(inp: Inputs, rows: list[dict[str, Any]], sens: list[dict[str, Any]]
         out.append(f"| {s.name} | {s.value:.4g} | {s.unit} | {s.source} |")
     out += ["", f"MTBFs: {MTBF_SOURCE}.", "", "## Goodput", "",
             "| GPUs | MTBF | failures/day | ftd goodput | baseline goodput | ftd h lost/day (overhead / lost work / "
-            "recovery) | baseline h lost/day (overhead / lost work / recovery) | baseline interval |",
-            "|---|---|---|---|---|---|---|---|"]
+            "recovery) | baseline h lost/day (overhead / lost work / recovery) | ftd interval | baseline interval |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fh, bh = r["ftd_hours_lost"], r["baseline_hours_lost"]
         out.append(f"| {r['gpus']:,} | {r['mtbf_h'] * 60:.0f} min | {r['failures_per_day']:.1f} | "
                    f"{r['ftd_goodput']:.2%} | {r['baseline_goodput']:.2%} | "
                    f"{sum(fh.values()):.2f} ({fh['overhead']:.2f} / {fh['lost_work']:.3f} / {fh['recovery']:.3f}) | "
                    f"{sum(bh.values()):.2f} ({bh['overhead']:.3f} / {bh['lost_work']:.3f} / {bh['recovery']:.3f}) | "
-                   f"{r['baseline_interval_s']:.0f} s |")
+                   f"{r['ftd_interval_s']:.0f} s | {r['baseline_interval_s']:.0f} s |")
     out += ["", "Sensitivity (MTBF x0.5 / x2): " + "; ".join(
         f"{s['gpus']:,} GPUs ftd {s['ftd_lo']:.2%}/{s['ftd_hi']:.2%}, baseline {s['base_lo']:.2%}/{s['base_hi']:.2%}"
         for s in sens), "", "## Assumptions", ""] + [f"- {n}" for n in notes]
@@ -204,7 +223,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     g = [r["gpus"] for r in rows]
-    ax.plot(g, [r["ftd_goodput"] for r in rows], "o-", label="ftd (snapshot every step)")
+    ax.plot(g, [r["ftd_goodput"] for r in rows], "o-", label="ftd, Young/Daly interval")
     ax.plot(g, [r["baseline_goodput"] for r in rows], "s-", label="dcp.async_save, Young/Daly interval")
     ax.set_xscale("log")
     ax.set_xlabel("GPUs (published whole-job MTBF)")

@@ -27,3 +27,23 @@ def test_goodput_falls_as_mtbf_falls():
     for a, b in zip(rows, rows[1:]):
         assert b["ftd_goodput"] < a["ftd_goodput"]
         assert b["baseline_goodput"] < a["baseline_goodput"]
+
+
+def test_ftd_interval_minimises_ftd_loss_and_is_at_least_one_step():
+    inp = gp.Inputs(ftd_overhead=0.05, step_s=0.5)
+    m = 3600.0
+    best_n = gp.ftd_interval_steps(inp, m)
+    best = gp.goodput(gp.ftd_losses(inp, m, best_n))
+    assert best_n > 1 and gp.goodput(gp.ftd_losses(inp, m)) == best
+    for n in {1, max(1, best_n // 2), best_n - 1, best_n + 1, 2 * best_n} - {best_n}:
+        assert gp.goodput(gp.ftd_losses(inp, m, n)) <= best
+    free = gp.Inputs(ftd_overhead=0.0, ftd_stall_s=0.0, step_s=1.0)
+    assert gp.ftd_interval_steps(free, m) == 1  # free snapshots: every step
+
+
+def test_ftd_overhead_is_the_snapshot_cost_over_the_interval():
+    inp = gp.Inputs(ftd_overhead=0.04, ftd_stall_s=0.01, step_s=2.0)
+    f = gp.ftd_losses(inp, 3600.0, 10)
+    assert math.isclose(f["overhead"], 0.04 * 2.0 / 20.0) and f["interval_s"] == 20.0
+    stalled = gp.Inputs(ftd_overhead=0.0, ftd_stall_s=0.5, step_s=1.0)
+    assert math.isclose(gp.ftd_losses(stalled, 3600.0, 5)["overhead"], 0.1)
