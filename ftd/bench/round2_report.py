@@ -70,6 +70,12 @@ def lag_runs(results: Path) -> dict[str, dict[str, tuple[str, Doc]]]:
     return out
 
 
+def earlier_reports(results: Path, date: str) -> list[Path]:
+    """The newest compare-*.md older than `date` (the first round's report), if any."""
+    older = [p for p in sorted(results.glob("compare-*.md")) if _date(p.name) and _date(p.name) < date]
+    return older[-1:]
+
+
 def _date(name: str) -> str:
     m = re.search(r"\d{4}-\d{2}-\d{2}", name)
     return m.group(0) if m else ""
@@ -232,22 +238,33 @@ def lag(runs: dict[str, dict[str, tuple[str, Doc]]], chaos: tuple[str, Doc] | No
     return s
 
 
+def breakeven(row: Doc) -> float | None:
+    """The loop overhead at which ftd's goodput equals the baseline's, its other losses as in `row`."""
+    hours = row.get("ftd_hours_lost")
+    if not hours:
+        return None
+    return 1.0 - row["baseline_goodput"] - (hours["lost_work"] + hours["recovery"]) / 24.0
+
+
 def goodput(src: tuple[str, Doc], results: Path) -> Section:
     name, d = src
     s = Section("§6", "Goodput model", "a plot of ftd's goodput against a dcp.async_save baseline at published "
                 "whole-job MTBFs (no numeric target)", sources=[name])
     rows = d["rows"]
-    s.rows = [Row(f"{r['gpus']:,} GPUs: ftd vs baseline goodput", f"{r['ftd_goodput']:.1%} vs "
-                  f"{r['baseline_goodput']:.1%}") for r in rows]
     above = sum(r["ftd_goodput"] >= r["baseline_goodput"] for r in rows)
     ov = d["inputs"]["sources"].get("ftd_overhead", {})
-    s.body = [md_table(["GPUs", "MTBF", "failures/day", "ftd", "dcp.async_save baseline", "baseline interval"],
+    even = [breakeven(r) for r in rows]
+    s.body = [md_table(["GPUs", "MTBF", "failures/day", "ftd", "dcp.async_save baseline", "baseline interval",
+                        "ftd break-even loop overhead"],
                        [[f"{r['gpus']:,}", f"{r['mtbf_h'] * 60:.0f} min", f"{r['failures_per_day']:.1f}",
                          f"{r['ftd_goodput']:.1%}", f"{r['baseline_goodput']:.1%}",
-                         f"{r['baseline_interval_s']:.0f} s"] for r in rows]), "",
-              f"ftd at or above the baseline at {above} of {len(rows)} sizes. ftd's loop overhead input is "
-              f"{ov.get('value', float('nan')):.1%} of a step ({ov.get('source', '?')}), measured on a CPU-only "
-              "machine where the copy competes with compute for the same cores; it dominates ftd's losses."]
+                         f"{r['baseline_interval_s']:.0f} s", "-" if e is None else f"{e:.1%}"]
+                        for r, e in zip(rows, even)]), "",
+              f"ftd at or above the baseline at {above} of {len(rows)} sizes. Break-even: the loop overhead at which "
+              "ftd's goodput equals the baseline's, its other losses (lost work, recovery) as modelled. ftd's loop "
+              f"overhead input is {ov.get('value', float('nan')):.1%} of a step ({ov.get('source', '?')}), measured "
+              "on a CPU-only machine where the copy competes with compute for the same cores; it dominates ftd's "
+              "losses."]
     png = results / Path(name).with_suffix(".png").name
     if png.exists():
         s.body += ["", f"![goodput]({png.name})"]
@@ -361,14 +378,17 @@ def build(results: Path) -> tuple[str, str]:
              f"{machine.get('ram_gib', 0):.1f} GiB RAM, torch {machine.get('torch', '?')}, device "
              f"{machine.get('device', '?')}. One run of each benchmark; every ratio is against a reference measured "
              "in the same run. The machine is shared and noisy: trust the ratios, not the third digit. Written by "
-             "bench/report_round2.py from the results files named in each section.", "",
+             "bench/report_round2.py from the results files named in each section."
+             + "".join(f" Earlier report: [{p.name}]({p.name})." for p in earlier_reports(results, date)), "",
              "## Verdicts", "",
              md_table(["item", "metric", "value", "target", "verdict"],
                       [[s.item, r.metric, r.value, r.target, verdict(r.ok)] for s in secs for r in s.rows
                        if r.ok is not None])]
     for s in secs:
         parts += ["", f"## {s.item} {s.title}", "", f"Target: {s.target}. Source: "
-                  + ", ".join(f"[{n}]({n})" for n in s.sources) + ".", "", rows_table(s.rows)]
+                  + ", ".join(f"[{n}]({n})" for n in s.sources) + "."]
+        if s.rows:
+            parts += ["", rows_table(s.rows)]
         if s.body:
             parts += [""] + s.body
     return date, "\n".join(parts) + "\n"
