@@ -126,7 +126,7 @@ def fixed_cost(src: tuple[str, Doc]) -> Section:
         Row("daemon CPU per snapshot (less idle)", f"{dm['less_idle']:.2f} ms", "≤ 1 ms", dm["less_idle"] <= 1.0),
         Row("loop overhead, ftd every step", f"{ov['ftd']:+.1f} % ({it['ftd']['median']:.1f} vs "
             f"{it['none']['median']:.1f} ms per iteration)", "≤ 5 %", ov["ftd"] <= 5.0),
-        Row("… against torch.save to /dev/shm every step, same run",
+        Row("loop overhead, ftd vs torch.save to /dev/shm every step, same run",
             f"{ov['ftd']:+.1f} % vs {ov['torch_save']:+.1f} %", "ftd ≤ torch.save", ov["ftd"] <= ov["torch_save"]),
     ]
     a = d.get("args", {})
@@ -160,7 +160,7 @@ def restore(src: tuple[str, Doc]) -> Section:
             f"{_ms(cold['total_s'])} ({_ms(min(cold_all))}–{_ms(max(cold_all))}) = {cold['total_s'] / memcpy:.1f}× memcpy"),
         Row("… split", f"allocate {_ms(cold.get('allocate_s', 0.0))}, map {_ms(cold['map_s'])}, "
             f"verify {_ms(cold['verify_s'])}, load {_ms(cold['load_s'])}"),
-        Row("… less the optimizer-state allocation", f"{_ms(less_alloc)} = {less_alloc / memcpy:.2f}× memcpy",
+        Row("fresh-process restore less the optimizer-state allocation (§7)", f"{_ms(less_alloc)} = {less_alloc / memcpy:.2f}× memcpy",
             f"≤ 2× memcpy + map = {_ms(bound)}", less_alloc <= bound),
         Row("fresh optimizer state alone: allocate + first touch of the same bytes", _ms(alloc)),
         Row("restored bytes identical (warm and cold)", "yes" if exact else "NO", "yes", bool(exact)),

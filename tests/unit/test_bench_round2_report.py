@@ -102,7 +102,7 @@ def test_figures_and_verdicts_come_from_the_inputs(tmp_path: Path) -> None:
     v = verdicts(md)
     assert find(v, "§1", "`snapshot()` return") == "met"
     assert "0.150 ms (0.225)" in md
-    assert find(v, "§1", "loop overhead") == "met"
+    assert find(v, "§1", "loop overhead, ftd every step") == "met"
     assert find(v, "§1", "daemon CPU") == "met"
     assert find(v, "§1", "less the copy") == "met"  # 2.3 - 1.5 = 0.8 ms
     assert find(v, "§2", "warm restore") == "met" and "150 ms = 1.50× memcpy" in md
@@ -123,7 +123,7 @@ def test_figures_and_verdicts_come_from_the_inputs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("override, item, words", [
     ({"fixed-cost-2026-01-02.json": fixed_cost(snapshot_ms=0.35)}, "§1", "`snapshot()` return"),
-    ({"fixed-cost-2026-01-02.json": fixed_cost(overhead=6.5)}, "§1", "loop overhead"),
+    ({"fixed-cost-2026-01-02.json": fixed_cost(overhead=6.5)}, "§1", "loop overhead, ftd every step"),
     ({"restore-2026-01-02.json": restore(warm_s=0.25)}, "§2", "warm restore"),
     ({"lag-2026-01-02-after-3n.json": lag("after-3n", 10)}, "§4", "lag median"),
     ({"memory-2026-01-02.json": memory(first_slower_s=0.2)}, "§7", "loop cost of the first"),
