@@ -4,7 +4,8 @@
 
 Measures, in this run, `dcp.async_save` of a --gib GiB state (fp32 params of nn.Linear layers +
 AdamW state, as bench/snapshot_bench.py builds it) to a directory on disk: stall per save, time to
-complete, and load time. ftd's costs come from the newest bench/results/*.json (snapshot-, compare-,
+complete, and load time (or, with --dcp-from, reuses the measurement an earlier goodput-*.json holds).
+ftd's costs come from the newest bench/results/*.json (snapshot-, compare-,
 lag-, chaos-); whole-job MTBFs are the published figures (7.9 h, 1.8 h, ~14 min). The logic lives in
 ftd/bench/goodput.py. Writes bench/results/goodput-<date>.json, .md and .png.
 """
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mix-rank", type=float, default=0.2, help="fraction that lose one rank (software crash)")
     ap.add_argument("--beyond-ec", type=float, default=0.01, help="fraction beyond EC redundancy -> durable tier")
     ap.add_argument("--no-measure", action="store_true", help="skip the dcp measurement (defaults stand in)")
+    ap.add_argument("--dcp-from", type=Path, default=None,
+                    help="reuse the dcp.async_save measurement (dcp_raw) of an earlier goodput-*.json instead of measuring")
     a = ap.parse_args(argv)
 
     inp = gp.Inputs()
@@ -92,9 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         inp.set("restart_s", inp.ftd_recovery_rank_s, "s",
                 "assumption: = ftd rank recovery (" + inp.sources["ftd_recovery_rank_s"].source + ")")
     dcp_raw: dict[str, object] = {}
-    if not a.no_measure:
+    if a.dcp_from is not None:
+        earlier = json.loads(a.dcp_from.read_text())
+        dcp_raw = earlier["dcp_raw"]
+        gib = dcp_raw["state_bytes"] / common.GIB
+        where = (f"{a.dcp_from.name}:dcp_raw (measured {earlier.get('when', '?')}: dcp.async_save {gib:.2g} GiB -> "
+                 f"{dcp_raw['dir']} (disk)), median of {len(dcp_raw['stall_s'])}")
+    elif not a.no_measure:
         dcp_raw = measure_dcp(a.gib, a.repeats, a.disk_dir)
         where = f"this run: dcp.async_save {a.gib:g} GiB -> {dcp_raw['dir']} (disk), median of {a.repeats}"
+    if dcp_raw:
         inp.set("base_stall_s", gp._median(dcp_raw["stall_s"]), "s", where + ", stall")
         inp.set("base_done_s", gp._median(dcp_raw["done_s"]), "s", where + ", save to complete")
         inp.set("base_load_s", gp._median(dcp_raw["load_s"]), "s", where + ", dcp.load + set_state_dict")
