@@ -63,7 +63,7 @@ def memory(first_slower_s: float = 0.03) -> dict[str, Any]:
 
 def goodput() -> dict[str, Any]:
     rows = [{"gpus": 1024, "mtbf_h": 7.9, "failures_per_day": 3.0, "ftd_goodput": 0.97, "baseline_goodput": 0.95,
-             "baseline_interval_s": 160.0, "ftd_hours_lost": {"overhead": 0.48, "lost_work": 0.024, "recovery": 0.0}}]
+             "baseline_interval_s": 160.0, "ftd_interval_s": 42.0, "ftd_hours_lost": {"overhead": 0.48, "lost_work": 0.024, "recovery": 0.0}}]
     return {"rows": rows, "inputs": {"sources": {"ftd_overhead": {"value": 0.02, "source": "x.json:loop"}}}}
 
 
@@ -115,7 +115,7 @@ def test_figures_and_verdicts_come_from_the_inputs(tmp_path: Path) -> None:
     assert find(v, "§8", "shared memory held") == "met"
     assert find(v, "§8", "RssAnon") == "met"
     assert "| 97.0% | 95.0% |" in md and "at or above the baseline at 1 of 1 sizes" in md
-    assert "| 4.9% |" in md  # break-even overhead: 1 - 0.95 - 0.024 h / 24 h
+    assert "| 42 s | 160 s | 0.48 / 0.02 / 0.00 |" in md  # ftd's interval, the baseline's, ftd's hours lost
     assert "![goodput]" not in md  # no PNG written next to the JSON
     (tmp_path / "goodput-2026-01-03.png").write_bytes(b"png")
     assert "![goodput](goodput-2026-01-03.png)" in r2.build(tmp_path)[1]
