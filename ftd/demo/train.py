@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                  for k, v in model.state_dict().items()}
         torch.save({k: v.detach().clone() for k, v in local.items()}, args.out.replace("{rank}", str(rank)))
     if world > 1:
+        dist.barrier()  # every rank is done before rank 0, which hosts the store, tears the group down
         dist.destroy_process_group()
     return 0
 

@@ -81,8 +81,10 @@ class FtdCallback(pl.Callback):
             raise ConfigError("ftd's Lightning callback needs automatic optimization")
         self._trainer = trainer
         scheduler = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
+        wrapped = getattr(trainer.strategy, "model", None)  # DDPStrategy: the DDP module (its buckets are kept)
+        ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
         self.snap = ftd.Snapshotter(pl_module, trainer.optimizers[0], scheduler=scheduler, extra=self._extra,
-                                    **self.settings)
+                                    ddp=ddp, **self.settings)
         step = self.snap.restore(restore_rng=False)
         self._last_step = trainer.global_step
         if not step:

@@ -126,8 +126,10 @@ class FtdCallback(TrainerCallback):
             raise ConfigError("FtdCallback needs a Trainer with FtdTrainerMixin (ftd.integrations.transformers."
                               "FtdTrainer): a plain Trainer cannot be told to resume at the restored step")
         optimizer = _torch_optimizer(trainer.optimizer)
+        wrapped = getattr(trainer, "model_wrapped", None)  # under DDP: the DDP module (its buckets are kept)
+        ddp = wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
         self.snap = ftd.Snapshotter(trainer.model, optimizer, scheduler=trainer.lr_scheduler, extra=self._extra,
-                                    **self.settings)
+                                    ddp=ddp, **self.settings)
         if not self.resume_step:
             return
         got = self.snap.restore(restore_rng=False, steps=[self.resume_step])
