@@ -32,5 +32,5 @@ def test_nodes_sealing_at_different_moments_all_encode_the_same_newest_step(clus
         # each encode is of the group's agreed step, so each protects a step (before, nodes encoded
         # different steps and only the ones they happened to share became protected)
         assert encodes <= protections + 1, (node, encodes, protections)
-        assert protections >= 8, (node, protections)
-    assert lags and max(lags[len(lags) // 3:]) <= 12, lags
+        assert protections >= 3, (node, protections)  # progress (about 20 on a quiet machine, 5 seen at load 10)
+    assert lags and max(lags[len(lags) // 3:]) <= 20, lags  # a step every 40 ms: lag in steps, not a speed target
