@@ -18,8 +18,11 @@ tree is the daemon's job.
 from __future__ import annotations
 
 import json
+import marshal
 import math
 import re
+import threading
+from itertools import chain
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -186,8 +189,12 @@ class Manifest:
         return b"%s,\"%s\":\"%s\"}" % (body[:-1], DIGEST_KEY.encode(), xxhash.xxh3_64_hexdigest(body).encode())
 
     @classmethod
-    def from_json(cls, raw: bytes) -> Manifest:
-        """Parse, integrity-check and type-check a manifest; ManifestError on anything malformed."""
+    def from_json(cls, raw: bytes, cache: EntryCache | None = None) -> Manifest:
+        """Parse, integrity-check and type-check a manifest; ManifestError on anything malformed.
+
+        With `cache`, entries laid out as in the last manifest parsed through it reuse its checked entries
+        (their checksums are checked anew): the daemon's Commit of a rank's next step, see EntryCache.
+        """
         doc = parse_json(raw, "manifest")
         if not isinstance(doc, dict):
             raise ManifestError("manifest is not a JSON object")
@@ -218,7 +225,7 @@ class Manifest:
             raise ManifestError(f"manifest field 'metrics': {exc}") from None
         meta = _typed(doc, "meta", dict)
         raw_entries = _typed(doc, "entries", list)
-        entries = tuple(_entry_from_json(e, i) for i, e in enumerate(raw_entries))
+        entries = cache.entries(raw_entries) if cache is not None else _entries_from_json(raw_entries)
         sharded = meta.get("sharding", {}).get("tensors", {}) if isinstance(meta.get("sharding"), dict) else {}
         check_tensor_refs(meta, {e.name for e in entries} | (set(sharded) if isinstance(sharded, dict) else set()))
         if doc["format"] < 3 and any(e.placement is not None for e in entries):
@@ -401,6 +408,61 @@ _INT_ONLY = {int}
 def _naturals(values: list[Any]) -> bool:
     """Every item is an int (not a bool) >= 0; checked at C speed (a manifest has thousands of them)."""
     return not values or (set(map(type, values)) == _INT_ONLY and min(values) >= 0)
+
+
+def _entries_from_json(raw: list[Any]) -> tuple[Entry, ...]:
+    return tuple(_entry_from_json(e, i) for i, e in enumerate(raw))
+
+
+_NO_SUMS: Any = object()  # an entry without checksums (never a list: the full check refuses it)
+
+
+class EntryCache:
+    """The entries of the last manifest parsed through it, for the next one that lays out the same tensors.
+
+    A training run's manifests differ from step to step in their checksums (and meta), rarely in their
+    entries' names, kinds, dtypes, shapes, offsets and placements. Those parts of the next manifest's
+    entries are compared with the last one's as typed values (their marshal form, so 1, 1.0 and true
+    differ); when they match, its checked entries are reused and only the checksums are checked (as
+    `_entry_from_json` checks them). Anything else takes the full check, whose errors are the same.
+    Thread-safe: the remembered entries are replaced as a whole.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[bytes, tuple[Entry, ...]] | None = None
+        self._lock = threading.Lock()
+
+    def entries(self, raw: list[Any]) -> tuple[Entry, ...]:
+        sums = [d.pop("checksums", _NO_SUMS) if type(d) is dict else _NO_SUMS for d in raw]
+        try:
+            key: bytes | None = marshal.dumps(raw, 2)  # version 2: no back-references, one form per value
+        except ValueError:  # nested beyond marshal's limit (the full check refuses it)
+            key = None
+        finally:
+            for d, s in zip(raw, sums):
+                if s is not _NO_SUMS:
+                    d["checksums"] = s
+        last = self._last
+        if key is not None and last is not None and last[0] == key and _checksum_lists(sums):
+            return tuple(map(_with_checksums, last[1], sums))
+        entries = _entries_from_json(raw)
+        if key is not None:
+            with self._lock:
+                self._last = (key, entries)
+        return entries
+
+
+def _checksum_lists(sums: list[Any]) -> bool:
+    """Every item is a list of 64-bit unsigned integers (what `_entry_from_json` accepts as checksums)."""
+    if set(map(type, sums)) != {list}:
+        return False
+    flat = list(chain.from_iterable(sums))
+    return _naturals(flat) and (not flat or max(flat) < 1 << 64)
+
+
+def _with_checksums(entry: Entry, checksums: list[int]) -> Entry:
+    return Entry(entry.name, entry.kind, entry.dtype, entry.shape, entry.offset, entry.nbytes, tuple(checksums),
+                 entry.placement)
 
 
 def _entry_from_json(doc: Any, index: int) -> Entry:

@@ -39,7 +39,7 @@ import psutil
 from ftd.config import DaemonConfig
 from ftd.daemon.slots import Slot, SlotState, Source
 from ftd.errors import FtdError, ManifestError, NotFound, OutOfMemory, RequestRejected
-from ftd.manifest import Manifest
+from ftd.manifest import EntryCache, Manifest
 from ftd.metrics import DaemonMetrics
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class SegmentStore:
         self._stale_logged: dict[int, list[int]] = {}
         self._age_tracked: set[int] = set()
         self._newest_begin: dict[int, int] = {}  # rank -> lease of its latest Begin (supersedes a prefaulting one)
+        self._entry_caches: dict[int, EntryCache] = {}  # rank -> its last committed layout (ranks that began)
         self._lock = threading.Lock()
         self.metrics.shm_budget_bytes.set(config.memory_budget)
 
@@ -395,6 +396,7 @@ class SegmentStore:
         with self._lock:
             self._reap()
             slots = self._slots.setdefault(rank, [])
+            self._entry_caches.setdefault(rank, EntryCache())
             for slot in slots:
                 if slot.state is SlotState.WRITING and slot.lease:  # lease 0 is install_sealed's own copy
                     log.warning("rank %d: step %s was never committed; its segment is reused", rank, slot.step)
@@ -465,7 +467,7 @@ class SegmentStore:
         """
         self._check(job, rank, step)
         try:
-            manifest = Manifest.from_json(manifest_json)
+            manifest = Manifest.from_json(manifest_json, self._entry_caches.get(rank))
         except ManifestError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever a hostile manifest makes the parser raise
