@@ -142,6 +142,19 @@ class Entry:
             doc["global"] = self.placement.to_json()
         return doc
 
+    def json_pieces(self) -> tuple[str, str]:
+        """This entry's JSON text (as in a manifest) before and after its checksums' digits: a writer that
+        lays out the same entries every step renders only the checksums (`render_entries`)."""
+        text = json.dumps({**self.to_json(), "checksums": []}, separators=(",", ":"))
+        # the key's quotes are unescaped, so the name (an escaped JSON string before it) cannot hold this text
+        head, _, tail = text.partition('"checksums":[]')
+        return head + '"checksums":[', "]" + tail
+
+
+def render_entries(pieces: Sequence[tuple[str, str]], checksums: Iterable[Sequence[int]]) -> str:
+    """The JSON array of a manifest's entries from their `Entry.json_pieces` and their checksums, in order."""
+    return "[" + ",".join([head + ",".join(map(str, sums)) + tail for (head, tail), sums in zip(pieces, checksums)]) + "]"
+
 
 def layout(specs: Iterable[EntrySpec]) -> tuple[list[Entry], int]:
     """Place entries one after another, each aligned to ALIGN bytes; return them and the total size."""
@@ -176,16 +189,23 @@ class Manifest:
     checksum: str = CHECKSUM_ALGO
     format: int = FORMAT_VERSION
 
-    def to_json(self) -> bytes:
-        doc = {"format": self.format, "job": self.job, "rank": self.rank, "world_size": self.world_size,
-               "step": self.step, "chunk_bytes": self.chunk_bytes, "data_bytes": self.data_bytes,
-               "created_at": self.created_at, "run": self.run, "checksum": self.checksum,
-               "entries": [e.to_json() for e in self.entries], "meta": self.meta}
-        if self.metrics:  # absent when none: a manifest without metrics reads as it always did
-            doc["metrics"] = dict(self.metrics)
+    def to_json(self, entries_json: str | None = None) -> bytes:
+        """The manifest's text. `entries_json`: its entries already rendered (`render_entries`), used in place
+        of `self.entries` (whose checksums may then be left empty)."""
+        head = {"format": self.format, "job": self.job, "rank": self.rank, "world_size": self.world_size,
+                "step": self.step, "chunk_bytes": self.chunk_bytes, "data_bytes": self.data_bytes,
+                "created_at": self.created_at, "run": self.run, "checksum": self.checksum}
+        compact = {"separators": (",", ":"), "allow_nan": True}
+        if entries_json is None:
+            entries_json = json.dumps([e.to_json() for e in self.entries], **compact)  # type: ignore[arg-type]
         # The body is written once, in its own key order (meta's dicts come back in the order they were
         # captured), and the digest covers that text; it is spliced in last (see _spliced_digest_matches).
-        body = json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
+        # It is the text of one object: the head's fields, "entries", "meta" and (when any) "metrics".
+        text = "%s,\"entries\":%s,\"meta\":%s" % (json.dumps(head, **compact)[:-1], entries_json,  # type: ignore[arg-type]
+                                                 json.dumps(self.meta, **compact))  # type: ignore[arg-type]
+        if self.metrics:  # absent when none: a manifest without metrics reads as it always did
+            text += ',"metrics":' + json.dumps(dict(self.metrics), **compact)  # type: ignore[arg-type]
+        body = (text + "}").encode()
         return b"%s,\"%s\":\"%s\"}" % (body[:-1], DIGEST_KEY.encode(), xxhash.xxh3_64_hexdigest(body).encode())
 
     @classmethod

@@ -23,12 +23,13 @@ import torch
 from xxhash import xxh3_64_intdigest as xxh3
 
 from ftd import knobs
+from ftd.client.layoutcache import LayoutCache
 from ftd.client.rpc import DaemonClient
 from ftd.client.segments import MappedSegment, SegmentCache
 from ftd.client.state import Captured
 from ftd.config import ClientConfig
 from ftd.errors import DaemonUnavailable, FtdError, OutOfMemory, UntrustedDaemon, UntrustedSegment
-from ftd.manifest import Entry, Manifest, chunk_checksums, layout
+from ftd.manifest import Entry, Manifest, chunk_checksums, render_entries
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class CopyEngine:
         self._stream: Any = None
         self._warned: set[str] = set()
         self._views: dict[str, tuple[MappedSegment, dict[tuple[Any, ...], torch.Tensor]]] = {}  # per mapped segment
+        self._layouts = LayoutCache()
         self.errors = 0  # unexpected exceptions caught at the thread boundary
         self._thread = threading.Thread(target=self._run, name=f"ftd-copy-{rank}", daemon=True)
         self._thread.start()
@@ -212,7 +214,8 @@ class CopyEngine:
         if not self._connected:
             self.client.hello(job.world_size)
             self._set_connected(True, "")
-        entries, total = layout(cap.specs)
+        laid = self._layouts.get(cap.specs)
+        entries, total = laid.entries, laid.total
         lease = self.client.begin(cap.step, max(total, 1))
         job.nbytes = total
         try:
@@ -221,8 +224,12 @@ class CopyEngine:
             with contextlib.suppress(FtdError):
                 self.client.abort(cap.step, lease.lease, "the trainer refused to map the segment")
             raise
+        held = laid.views.get(seg.path)
+        if held is None or held[0] is not seg:  # first step into this mapping with this layout
+            laid.views = {p: v for p, v in laid.views.items() if self.cache.holds(v[0])}  # type: ignore[arg-type]
+            held = laid.views[seg.path] = (seg, self._entry_views(seg, entries))
         t0 = time.perf_counter()
-        self._copy_all(job, seg, self._entry_views(seg, entries))
+        self._copy_all(job, seg, held[1])
         job.copy_seconds = time.perf_counter() - t0
         if job.abandon.is_set():
             self.client.abort(cap.step, lease.lease, "optimizer.step could not wait any longer")
@@ -233,15 +240,14 @@ class CopyEngine:
         cap.sources.clear()
         data = seg.memoryview()
         chunk = self.config.chunk_bytes
-        sealed = [Entry(e.name, e.kind, e.dtype, e.shape, e.offset, e.nbytes,
-                        (xxh3(data[e.offset:e.offset + e.nbytes]),) if 0 < e.nbytes <= chunk
-                        else chunk_checksums(data[e.offset:e.offset + e.nbytes], chunk), e.placement)
-                  for e in entries]
+        sums = [(xxh3(data[e.offset:e.offset + e.nbytes]),) if 0 < e.nbytes <= chunk
+                else chunk_checksums(data[e.offset:e.offset + e.nbytes], chunk) for e in entries]
         del data
         manifest = Manifest(job=self.config.job, rank=self.rank, world_size=job.world_size, step=cap.step,
-                            chunk_bytes=chunk, data_bytes=total, entries=tuple(sealed), meta=cap.meta,
+                            chunk_bytes=chunk, data_bytes=total, entries=tuple(entries), meta=cap.meta,
                             created_at=time.time(), run=self.config.run, metrics=cap.metrics)
-        self.client.commit(cap.step, lease.lease, manifest.to_json(), job.copy_seconds, job.stall_to_report)
+        self.client.commit(cap.step, lease.lease, manifest.to_json(render_entries(laid.pieces, sums)),
+                           job.copy_seconds, job.stall_to_report)
         return "sealed"
 
     def _entry_views(self, seg: MappedSegment, entries: list[Entry]) -> list[torch.Tensor]:
