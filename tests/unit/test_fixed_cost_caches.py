@@ -265,3 +265,14 @@ def test_encode_cache_reuses_the_optimizer_encoding_only_while_it_holds():
     assert third.meta["optim"]["state"] == first.meta["optim"]["state"]
     assert any(src is opt.state[model.bias]["exp_avg"] or src._base is opt.state[model.bias]["exp_avg"]
                or src.data_ptr() == opt.state[model.bias]["exp_avg"].data_ptr() for src in third.sources)
+
+
+@pytest.mark.parametrize("slice_bytes", [1 << 20, 7, 1])
+def test_raw_depth_counts_across_slices(monkeypatch, slice_bytes):
+    import ftd.manifest as manifest
+
+    monkeypatch.setattr(manifest, "DEPTH_SLICE", slice_bytes)
+    texts = ['[]', '"a[b"', '[[["]]]\\\\"]]]', '{"a": "\\\\\\"[", "b": [[{}]]}', '[{"x":"]]]]"},[[[1]]]]',
+             '["\\u005b", {"k\\"": [[]]}]', '[' * 70 + ']' * 70, _manifest(1).to_json().decode()]
+    for text in texts:
+        assert manifest.raw_depth(text.encode()) == manifest.json_depth(json.loads(text)), text
