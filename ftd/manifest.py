@@ -151,9 +151,15 @@ class Entry:
         return head + '"checksums":[', "]" + tail
 
 
-def render_entries(pieces: Sequence[tuple[str, str]], checksums: Iterable[Sequence[int]]) -> str:
-    """The JSON array of a manifest's entries from their `Entry.json_pieces` and their checksums, in order."""
-    return "[" + ",".join([head + ",".join(map(str, sums)) + tail for (head, tail), sums in zip(pieces, checksums)]) + "]"
+def entries_template(pieces: Sequence[tuple[str, str]]) -> str:
+    """The JSON array of a manifest's entries as one %-format string: each entry's `Entry.json_pieces` around
+    a %s where its checksums go (see `render_entries`)."""
+    return "[" + ",".join(head.replace("%", "%%") + "%s" + tail.replace("%", "%%") for head, tail in pieces) + "]"
+
+
+def render_entries(template: str, checksums: Sequence[Sequence[int]]) -> str:
+    """The entries' JSON text: `template` (entries_template) with each entry's checksums, in order."""
+    return template % tuple([str(sums[0]) if len(sums) == 1 else ",".join(map(str, sums)) for sums in checksums])
 
 
 def layout(specs: Iterable[EntrySpec]) -> tuple[list[Entry], int]:

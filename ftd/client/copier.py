@@ -246,7 +246,7 @@ class CopyEngine:
         manifest = Manifest(job=self.config.job, rank=self.rank, world_size=job.world_size, step=cap.step,
                             chunk_bytes=chunk, data_bytes=total, entries=tuple(entries), meta=cap.meta,
                             created_at=time.time(), run=self.config.run, metrics=cap.metrics)
-        self.client.commit(cap.step, lease.lease, manifest.to_json(render_entries(laid.pieces, sums)),
+        self.client.commit(cap.step, lease.lease, manifest.to_json(render_entries(laid.template, sums)),
                            job.copy_seconds, job.stall_to_report)
         return "sealed"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ftd.manifest import Entry, EntrySpec, layout
+from ftd.manifest import Entry, EntrySpec, entries_template, layout
 
 
 @dataclass
@@ -22,7 +22,7 @@ class LaidOut:
     specs: list[EntrySpec]
     entries: list[Entry]
     total: int
-    pieces: list[tuple[str, str]]  # each entry's JSON around its checksums (Entry.json_pieces)
+    template: str  # the entries' JSON, a %s for each one's checksums (manifest.entries_template)
     views: dict[str, tuple[object, list[torch.Tensor]]] = field(default_factory=dict)  # segment path -> its views
 
 
@@ -37,5 +37,5 @@ class LayoutCache:
         if last is not None and last.specs == specs:  # the same objects, mostly: compared by identity first
             return last
         entries, total = layout(specs)
-        self._last = LaidOut(list(specs), entries, total, [e.json_pieces() for e in entries])
+        self._last = LaidOut(list(specs), entries, total, entries_template([e.json_pieces() for e in entries]))
         return self._last

@@ -45,6 +45,7 @@ class EncodeCache:
     optim_key: list[Any] | None = None
     optim: tuple[Any, list[tuple[EntrySpec, torch.Tensor, str | None]]] | None = None
     optim_held: list[Any] = field(default_factory=list)
+    model_names: dict[str, tuple[str, str]] = field(default_factory=dict)  # state-dict name -> entry name, fqn
 
     def spec(self, name: str, kind: str, dtype: str, shape: tuple[int, ...]) -> EntrySpec:
         key = (name, kind, dtype, shape)
@@ -168,13 +169,14 @@ def encode(frozen: Frozen, model: torch.nn.Module, optimizer: torch.optim.Optimi
         return lambda name, t: cap.add(name, kind, t)
 
     keys = []
+    names = cache.model_names if cache is not None else {}
     for name, value in frozen.model:
         keys.append(name)
-        fqn = "model." + clean_fqn(name)
+        entry, fqn = names.get(name) or names.setdefault(name, (f"model/{name}", "model." + clean_fqn(name)))
         if isinstance(value, torch.nn.Parameter):
-            cap.add(f"model/{name}", "param", value.detach(), live=True, fqn=fqn)
+            cap.add(entry, "param", value.detach(), live=True, fqn=fqn)
         elif isinstance(value, torch.Tensor):
-            cap.add(f"model/{name}", "buffer", value, fqn=fqn)
+            cap.add(entry, "buffer", value, fqn=fqn)
         else:
             cap.meta.setdefault("model_extra", {})[name] = jsonsafe.encode(value, f"model/{name}", owned("buffer"))
     cap.meta["model_keys"] = keys
@@ -334,7 +336,9 @@ def encode_rng(rng: Mapping[str, Any], sink: jsonsafe.TensorSink) -> dict[str, A
     """
     py = rng["python"]
     if isinstance(py, tuple) and len(py) == 3 and isinstance(py[1], tuple):
-        py = (py[0], torch.tensor(py[1], dtype=torch.int64), py[2])
+        import numpy as np  # a NumPy array of the words converts several times faster than torch.tensor(tuple)
+
+        py = (py[0], torch.from_numpy(np.asarray(py[1], dtype=np.int64)), py[2])
     out = {"python": jsonsafe.encode(py, "rng/python", sink)}
     if "numpy" in rng:
         state = rng["numpy"]

@@ -14,8 +14,8 @@ from torch import nn
 from ftd.client import state
 from ftd.client.layoutcache import LayoutCache
 from ftd.errors import ManifestError
-from ftd.manifest import (DIGEST_KEY, EntryCache, EntrySpec, Manifest, Placement, chunk_checksums, layout,
-                          manifest_digest, render_entries)
+from ftd.manifest import (DIGEST_KEY, EntryCache, EntrySpec, Manifest, Placement, chunk_checksums, entries_template,
+                          layout, manifest_digest, render_entries)
 from tests.unit import snapkit
 from tests.unit.test_manifest import _mutations
 
@@ -123,13 +123,16 @@ def test_rendered_entries_make_the_same_text():
     m = _manifest(3)
     pieces = [e.json_pieces() for e in m.entries]
     bare = dataclasses.replace(m, entries=tuple(dataclasses.replace(e, checksums=()) for e in m.entries))
-    raw = bare.to_json(render_entries(pieces, [e.checksums for e in m.entries]))
+    raw = bare.to_json(render_entries(entries_template(pieces), [e.checksums for e in m.entries]))
     assert raw == m.to_json()
     assert Manifest.from_json(raw) == m
-    odd = dataclasses.replace(m.entries[0], name='model/"checksums":[]\u00e9')
+    odd = dataclasses.replace(m.entries[0], name='model/"checksums":[]%s%%\u00e9', checksums=(1, 2))
     head, tail = odd.json_pieces()
     assert json.loads(head + "1,2" + tail)["checksums"] == [1, 2]
     assert json.loads(head + tail)["name"] == odd.name
+    text = render_entries(entries_template([odd.json_pieces(), m.entries[1].json_pieces()]), [(1, 2), (7,)])
+    seven = dataclasses.replace(m.entries[1], checksums=(7,))
+    assert text == json.dumps([odd.to_json(), seven.to_json()], separators=(",", ":"))
 
 
 def test_layout_cache_reuses_only_equal_specs():
