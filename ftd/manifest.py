@@ -21,6 +21,7 @@ import json
 import marshal
 import math
 import re
+import secrets
 import threading
 from itertools import chain
 from collections.abc import Iterable, Sequence
@@ -221,7 +222,8 @@ class Manifest:
         With `cache`, entries laid out as in the last manifest parsed through it reuse its checked entries
         (their checksums are checked anew): the daemon's Commit of a rank's next step, see EntryCache.
         """
-        doc = parse_json(raw, "manifest")
+        parsed = cache.parse(raw) if cache is not None else None
+        doc = parsed[0] if parsed is not None else parse_json(raw, "manifest")
         if not isinstance(doc, dict):
             raise ManifestError("manifest is not a JSON object")
         if type(doc.get("format")) is not int or doc["format"] not in READABLE_FORMATS:
@@ -250,8 +252,11 @@ class Manifest:
         except ValueError as exc:
             raise ManifestError(f"manifest field 'metrics': {exc}") from None
         meta = _typed(doc, "meta", dict)
-        raw_entries = _typed(doc, "entries", list)
-        entries = cache.entries(raw_entries) if cache is not None else _entries_from_json(raw_entries)
+        if parsed is not None:
+            entries = parsed[1]
+        else:
+            raw_entries = _typed(doc, "entries", list)
+            entries = cache.entries(raw_entries) if cache is not None else _entries_from_json(raw_entries)
         sharded = meta.get("sharding", {}).get("tensors", {}) if isinstance(meta.get("sharding"), dict) else {}
         check_tensor_refs(meta, {e.name for e in entries} | (set(sharded) if isinstance(sharded, dict) else set()))
         if doc["format"] < 3 and any(e.placement is not None for e in entries):
@@ -459,16 +464,50 @@ class EntryCache:
     """The entries of the last manifest parsed through it, for the next one that lays out the same tensors.
 
     A training run's manifests differ from step to step in their checksums (and meta), rarely in their
-    entries' names, kinds, dtypes, shapes, offsets and placements. Those parts of the next manifest's
-    entries are compared with the last one's as typed values (their marshal form, so 1, 1.0 and true
-    differ); when they match, its checked entries are reused and only the checksums are checked (as
-    `_entry_from_json` checks them). Anything else takes the full check, whose errors are the same.
-    Thread-safe: the remembered entries are replaced as a whole.
+    entries' names, kinds, dtypes, shapes, offsets and placements. Two ways to reuse the last one's checked
+    entries, each exact (anything else takes the full check, whose errors are the same):
+
+    - `parse`: the manifest's entries are the text this ftd writes for those entries (`Entry.json_pieces`)
+      but for the checksums' digits, matched as one pattern where the top-level "entries" array starts;
+      only the rest of the manifest is parsed as JSON, with that array replaced by a value no manifest
+      can hold (a random key of this cache), which must come back as the top-level "entries";
+    - `entries`: the entries parsed as JSON are compared with the last ones as typed values (their
+      marshal form, so 1, 1.0 and true differ).
+
+    Either way only the checksums are checked anew (as `_entry_from_json` checks them). Thread-safe: what
+    is remembered is replaced as a whole.
     """
 
     def __init__(self) -> None:
         self._last: tuple[bytes, tuple[Entry, ...]] | None = None
+        self._text: tuple[re.Pattern[bytes], tuple[Entry, ...]] | None = None
+        self._stand_in = "ftd-entries-" + secrets.token_hex(16)
+        self._stand_in_json = json.dumps(self._stand_in).encode()
         self._lock = threading.Lock()
+
+    def parse(self, raw: bytes) -> tuple[Any, tuple[Entry, ...]] | None:
+        """(the manifest's JSON with "entries" standing in, its entries) when its entries' text is the last
+        ones' but for the checksums and the rest parses; None when not (then the full check decides)."""
+        text = self._text
+        if text is None or not isinstance(raw, bytes) or len(raw) > MAX_MANIFEST_BYTES:
+            return None
+        start = raw.find(b'"entries":[')
+        if start < 0:
+            return None
+        start += len(b'"entries":')
+        match = text[0].match(raw, start)
+        if match is None:
+            return None
+        try:
+            doc = parse_json(raw[:start] + self._stand_in_json + raw[match.end():], "manifest")
+        except ManifestError:
+            return None
+        if not isinstance(doc, dict) or doc.get("entries") != self._stand_in:
+            return None
+        sums = [[int(d) for d in group.split(b",")] if group else [] for group in match.groups()]
+        if any(s >= 1 << 64 for sums_ in sums for s in sums_):
+            return None
+        return doc, tuple(map(_with_checksums, text[1], sums))
 
     def entries(self, raw: list[Any]) -> tuple[Entry, ...]:
         sums = [d.pop("checksums", _NO_SUMS) if type(d) is dict else _NO_SUMS for d in raw]
@@ -485,9 +524,20 @@ class EntryCache:
             return tuple(map(_with_checksums, last[1], sums))
         entries = _entries_from_json(raw)
         if key is not None:
+            pattern = _entries_pattern(entries)
             with self._lock:
-                self._last = (key, entries)
+                self._last, self._text = (key, entries), (pattern, entries)
         return entries
+
+
+_CHECKSUMS_RE = rb"((?:0|[1-9][0-9]*)(?:,(?:0|[1-9][0-9]*))*)?"  # JSON's unsigned integers, comma-separated
+
+
+def _entries_pattern(entries: Sequence[Entry]) -> re.Pattern[bytes]:
+    """The text `Entry.json_pieces` writes for `entries` (a JSON array), any checksums in each one's place."""
+    parts = [re.escape(head.encode()) + _CHECKSUMS_RE + re.escape(tail.encode())
+             for head, tail in (e.json_pieces() for e in entries)]
+    return re.compile(rb"\[" + b",".join(parts) + rb"\]")
 
 
 def _checksum_lists(sums: list[Any]) -> bool:

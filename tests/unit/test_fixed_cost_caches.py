@@ -116,6 +116,79 @@ def test_a_changed_layout_is_parsed_afresh():
     assert Manifest.from_json(grown.to_json(), cache).entries[1].shape == (8,)
 
 
+def _spliced(doc: dict) -> bytes:
+    """`doc` written as Manifest.to_json writes (compact, the digest over the body spliced in last)."""
+    import xxhash
+
+    body = json.dumps({k: v for k, v in doc.items() if k != DIGEST_KEY}, separators=(",", ":")).encode()
+    return body[:-1] + b',"%s":"%s"}' % (DIGEST_KEY.encode(), xxhash.xxh3_64_hexdigest(body).encode())
+
+
+def _resealed(text: bytes) -> bytes:
+    """A manifest text edited by hand, its spliced digest made to cover the edit."""
+    import xxhash
+
+    body = text[:text.rindex(b',"%s"' % DIGEST_KEY.encode())] + b"}"
+    return body[:-1] + b',"%s":"%s"}' % (DIGEST_KEY.encode(), xxhash.xxh3_64_hexdigest(body).encode())
+
+
+def _text_edits() -> dict:
+    """Edits of the text itself, where the entries' text is matched rather than parsed."""
+    def sub(old: bytes, new: bytes, count: int = 1):
+        return lambda raw: _resealed(raw.replace(old, new, count))
+
+    return {
+        "entries-again-later": lambda raw: _resealed(raw.replace(b',"%s"' % DIGEST_KEY.encode(),
+                                                                 b',"entries":[],"%s"' % DIGEST_KEY.encode())),
+        "entries-key-escaped-later": lambda raw: _resealed(raw.replace(b'"meta":', b'"entr\\u0069es":[],"meta":')),
+        "entries-in-meta-first": lambda raw: _resealed(raw.replace(b'"entries":', b'"meta":{"entries":[]},"entries":')),
+        "checksum-leading-zero": sub(b'"checksums":[', b'"checksums":[0'),
+        "checksum-float": sub(b'"checksums":[', b'"checksums":[1.5,'),
+        "checksum-too-big": sub(b'"checksums":[', b'"checksums":[18446744073709551616,'),
+        "checksum-spaced": sub(b'"checksums":[', b'"checksums":[ '),
+        "entry-added": sub(b'"entries":[', b'"entries":[{"name":"x"},'),
+        "offset-float": sub(b'"offset":64,', b'"offset":64.0,'),
+        "not-json-after": lambda raw: _resealed(raw.replace(b'"meta":{', b'"meta":{,')),
+        "no-change": lambda raw: raw,
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_text_edits()))
+def test_matched_entry_text_gives_what_the_full_parse_gives(name):
+    cache = EntryCache()
+    Manifest.from_json(_manifest(1).to_json(), cache)
+    Manifest.from_json(_manifest(2).to_json(), cache)
+    raw = _text_edits()[name](_manifest(3, salt=5).to_json())
+    try:
+        full = Manifest.from_json(raw)
+    except ManifestError as exc:
+        with pytest.raises(ManifestError) as cached:
+            Manifest.from_json(raw, cache)
+        assert str(cached.value) == str(exc)
+    else:
+        assert Manifest.from_json(raw, cache) == full
+    if name == "no-change":
+        assert cache.parse(raw) is not None  # the matched path itself, not the fallback
+        assert cache.parse(raw)[1] == full.entries
+
+
+@pytest.mark.parametrize("name", sorted(_type_changes()))
+def test_compact_edits_refuse_exactly_what_the_full_check_refuses(name):
+    cache = EntryCache()
+    Manifest.from_json(_manifest(1).to_json(), cache)
+    doc = json.loads(_manifest(2).to_json())
+    _type_changes()[name](doc)
+    raw = _spliced(doc)
+    try:
+        full = Manifest.from_json(raw)
+    except ManifestError as exc:
+        with pytest.raises(ManifestError) as cached:
+            Manifest.from_json(raw, cache)
+        assert str(cached.value) == str(exc)
+    else:
+        assert Manifest.from_json(raw, cache) == full
+
+
 # ---- the manifest's text ----------------------------------------------------------------------
 
 
