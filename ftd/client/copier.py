@@ -119,6 +119,7 @@ class CopyEngine:
             log.warning("copy thread of rank %d did not stop within %.0f s", self.rank, timeout)
         else:
             self._views.clear()
+            self._layouts = LayoutCache()  # its views too, so the mappings close now
             self.cache.close()
 
     # ---- the thread -------------------------------------------------------------------------
