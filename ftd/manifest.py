@@ -208,8 +208,8 @@ class Manifest:
         # The body is written once, in its own key order (meta's dicts come back in the order they were
         # captured), and the digest covers that text; it is spliced in last (see _spliced_digest_matches).
         # It is the text of one object: the head's fields, "entries", "meta" and (when any) "metrics".
-        text = "%s,\"entries\":%s,\"meta\":%s" % (json.dumps(head, **compact)[:-1], entries_json,  # type: ignore[arg-type]
-                                                 json.dumps(self.meta, **compact))  # type: ignore[arg-type]
+        text = '%s,"entries":%s,"meta":%s' % (json.dumps(head, **compact)[:-1],  # type: ignore[arg-type]
+                                               entries_json, json.dumps(self.meta, **compact))  # type: ignore[arg-type]
         if self.metrics:  # absent when none: a manifest without metrics reads as it always did
             text += ',"metrics":' + json.dumps(dict(self.metrics), **compact)  # type: ignore[arg-type]
         body = (text + "}").encode()

@@ -36,8 +36,8 @@ class EncodeCache:
 
     `specs` hands out the same EntrySpec object for the same entry, so later stages can tell an unchanged
     layout by identity (ftd.client.layoutcache). `optim_key`/`optim` hold the optimizer state's encoding
-    while it holds the same tensors (by identity, dtype and shape) and the same other values under the same
-    keys, for the same named parameters: between two optimizer steps of a training run, every time.
+    while it holds the same tensors (by identity, address, dtype and shape) and the same other values
+    under the same keys, for the same named parameters: between two optimizer steps, every time.
     """
 
     specs: dict[tuple[Any, ...], EntrySpec] = field(default_factory=dict)
@@ -233,6 +233,8 @@ def _optim_key(frozen: Frozen) -> tuple[list[Any] | None, list[Any]]:
     """
     held: list[Any] = []
     key: list[Any] = []
+    if type(frozen.optim_state) is not dict:
+        return None, []
     for name, value in frozen.model:
         if isinstance(value, torch.nn.Parameter):
             key.append((name, id(value)))

@@ -1062,7 +1062,8 @@ class SegmentStore:
                     continue
                 if ahead:
                     self._next_leases.pop(rank, None)
-                    log.info("rank %d: its process is gone; the segment leased for its next snapshot is reclaimed", rank)
+                    log.info("rank %d: its process is gone; the segment leased for its next snapshot is reclaimed",
+                             rank)
                 else:
                     log.warning("rank %d: step %s was begun %.0f s ago and never committed (%s); its segment is "
                                 "reclaimed", rank, slot.step, now - slot.begun_at, why)
