@@ -18,8 +18,12 @@ tree is the daemon's job.
 from __future__ import annotations
 
 import json
+import marshal
 import math
 import re
+import secrets
+import threading
+from itertools import chain
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,6 +143,25 @@ class Entry:
             doc["global"] = self.placement.to_json()
         return doc
 
+    def json_pieces(self) -> tuple[str, str]:
+        """This entry's JSON text (as in a manifest) before and after its checksums' digits: a writer that
+        lays out the same entries every step renders only the checksums (`render_entries`)."""
+        text = json.dumps({**self.to_json(), "checksums": []}, separators=(",", ":"))
+        # the key's quotes are unescaped, so the name (an escaped JSON string before it) cannot hold this text
+        head, _, tail = text.partition('"checksums":[]')
+        return head + '"checksums":[', "]" + tail
+
+
+def entries_template(pieces: Sequence[tuple[str, str]]) -> str:
+    """The JSON array of a manifest's entries as one %-format string: each entry's `Entry.json_pieces` around
+    a %s where its checksums go (see `render_entries`)."""
+    return "[" + ",".join(head.replace("%", "%%") + "%s" + tail.replace("%", "%%") for head, tail in pieces) + "]"
+
+
+def render_entries(template: str, checksums: Sequence[Sequence[int]]) -> str:
+    """The entries' JSON text: `template` (entries_template) with each entry's checksums, in order."""
+    return template % tuple([str(sums[0]) if len(sums) == 1 else ",".join(map(str, sums)) for sums in checksums])
+
 
 def layout(specs: Iterable[EntrySpec]) -> tuple[list[Entry], int]:
     """Place entries one after another, each aligned to ALIGN bytes; return them and the total size."""
@@ -173,22 +196,34 @@ class Manifest:
     checksum: str = CHECKSUM_ALGO
     format: int = FORMAT_VERSION
 
-    def to_json(self) -> bytes:
-        doc = {"format": self.format, "job": self.job, "rank": self.rank, "world_size": self.world_size,
-               "step": self.step, "chunk_bytes": self.chunk_bytes, "data_bytes": self.data_bytes,
-               "created_at": self.created_at, "run": self.run, "checksum": self.checksum,
-               "entries": [e.to_json() for e in self.entries], "meta": self.meta}
-        if self.metrics:  # absent when none: a manifest without metrics reads as it always did
-            doc["metrics"] = dict(self.metrics)
+    def to_json(self, entries_json: str | None = None) -> bytes:
+        """The manifest's text. `entries_json`: its entries already rendered (`render_entries`), used in place
+        of `self.entries` (whose checksums may then be left empty)."""
+        head = {"format": self.format, "job": self.job, "rank": self.rank, "world_size": self.world_size,
+                "step": self.step, "chunk_bytes": self.chunk_bytes, "data_bytes": self.data_bytes,
+                "created_at": self.created_at, "run": self.run, "checksum": self.checksum}
+        compact = {"separators": (",", ":"), "allow_nan": True}
+        if entries_json is None:
+            entries_json = json.dumps([e.to_json() for e in self.entries], **compact)  # type: ignore[arg-type]
         # The body is written once, in its own key order (meta's dicts come back in the order they were
         # captured), and the digest covers that text; it is spliced in last (see _spliced_digest_matches).
-        body = json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
+        # It is the text of one object: the head's fields, "entries", "meta" and (when any) "metrics".
+        text = '%s,"entries":%s,"meta":%s' % (json.dumps(head, **compact)[:-1],  # type: ignore[arg-type]
+                                               entries_json, json.dumps(self.meta, **compact))  # type: ignore[arg-type]
+        if self.metrics:  # absent when none: a manifest without metrics reads as it always did
+            text += ',"metrics":' + json.dumps(dict(self.metrics), **compact)  # type: ignore[arg-type]
+        body = (text + "}").encode()
         return b"%s,\"%s\":\"%s\"}" % (body[:-1], DIGEST_KEY.encode(), xxhash.xxh3_64_hexdigest(body).encode())
 
     @classmethod
-    def from_json(cls, raw: bytes) -> Manifest:
-        """Parse, integrity-check and type-check a manifest; ManifestError on anything malformed."""
-        doc = parse_json(raw, "manifest")
+    def from_json(cls, raw: bytes, cache: EntryCache | None = None) -> Manifest:
+        """Parse, integrity-check and type-check a manifest; ManifestError on anything malformed.
+
+        With `cache`, entries laid out as in the last manifest parsed through it reuse its checked entries
+        (their checksums are checked anew): the daemon's Commit of a rank's next step, see EntryCache.
+        """
+        parsed = cache.parse(raw) if cache is not None else None
+        doc = parsed[0] if parsed is not None else parse_json(raw, "manifest")
         if not isinstance(doc, dict):
             raise ManifestError("manifest is not a JSON object")
         if type(doc.get("format")) is not int or doc["format"] not in READABLE_FORMATS:
@@ -217,8 +252,11 @@ class Manifest:
         except ValueError as exc:
             raise ManifestError(f"manifest field 'metrics': {exc}") from None
         meta = _typed(doc, "meta", dict)
-        raw_entries = _typed(doc, "entries", list)
-        entries = tuple(_entry_from_json(e, i) for i, e in enumerate(raw_entries))
+        if parsed is not None:
+            entries = parsed[1]
+        else:
+            raw_entries = _typed(doc, "entries", list)
+            entries = cache.entries(raw_entries) if cache is not None else _entries_from_json(raw_entries)
         sharded = meta.get("sharding", {}).get("tensors", {}) if isinstance(meta.get("sharding"), dict) else {}
         check_tensor_refs(meta, {e.name for e in entries} | (set(sharded) if isinstance(sharded, dict) else set()))
         if doc["format"] < 3 and any(e.placement is not None for e in entries):
@@ -334,19 +372,31 @@ def raw_depth(raw: bytes | bytearray, stop_above: int = MAX_JSON_DEPTH) -> int:
     """Nesting depth of the JSON text `raw` (what `json_depth` gives for its parse), without parsing it.
 
     Escaped backslashes, then escaped quotes go (so every quote left delimits a string), everything
-    but brackets and quotes is dropped, the strings are cut out (all C speed); then one round per
-    level removes the empty containers. Stops once above `stop_above`. For text that is not JSON
-    the figure means nothing (the parser refuses that text anyway).
+    but brackets and quotes is dropped (C speed); then, in slices of DEPTH_SLICE (vectorised), the
+    brackets outside strings are counted up and down and the highest count kept. Stops once above
+    `stop_above`. For text that is not JSON the figure means nothing (the parser refuses that text).
     """
-    kept = bytes(raw).replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
-    brackets = b"".join(kept.split(b'"')[::2])
-    depth = 0
-    while brackets and depth <= stop_above:
-        shorter = _EMPTY_CONTAINER.sub(b"", brackets)
-        if len(shorter) == len(brackets):  # unbalanced: not JSON
+    import numpy as np  # here: the daemon has it loaded, and a manifest module without it starts fast
+
+    text = bytes(raw)
+    if b"\\" in text:
+        text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    kept = text.translate(None, _NOT_STRUCTURE)
+    depth = deepest = quotes = 0
+    for start in range(0, len(kept), DEPTH_SLICE):
+        a = np.frombuffer(kept, np.uint8, min(DEPTH_SLICE, len(kept) - start), start)
+        quote = a == 34
+        outside = (((np.cumsum(quote, dtype=np.int64) + quotes) & 1) == 0) & ~quote
+        quotes += int(quote.sum())
+        steps = (((a == 91) | (a == 123)).astype(np.int8) - ((a == 93) | (a == 125))) * outside
+        levels = np.cumsum(steps, dtype=np.int64) + depth
+        deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
+        if deepest > stop_above:
             break
-        brackets, depth = shorter, depth + 1
-    return depth
+    return min(deepest, stop_above + 1)  # as json_depth, which stops one level above
+
+
+DEPTH_SLICE = 1 << 20  # bytes of brackets and quotes `raw_depth` counts at once (bounds its memory)
 
 
 def json_depth(doc: Any, stop_above: int = MAX_JSON_DEPTH) -> int:
@@ -401,6 +451,111 @@ _INT_ONLY = {int}
 def _naturals(values: list[Any]) -> bool:
     """Every item is an int (not a bool) >= 0; checked at C speed (a manifest has thousands of them)."""
     return not values or (set(map(type, values)) == _INT_ONLY and min(values) >= 0)
+
+
+def _entries_from_json(raw: list[Any]) -> tuple[Entry, ...]:
+    return tuple(_entry_from_json(e, i) for i, e in enumerate(raw))
+
+
+_NO_SUMS: Any = object()  # an entry without checksums (never a list: the full check refuses it)
+
+
+class EntryCache:
+    """The entries of the last manifest parsed through it, for the next one that lays out the same tensors.
+
+    A training run's manifests differ from step to step in their checksums (and meta), rarely in their
+    entries' names, kinds, dtypes, shapes, offsets and placements. Two ways to reuse the last one's checked
+    entries, each exact (anything else takes the full check, whose errors are the same):
+
+    - `parse`: the manifest's entries are the text this ftd writes for those entries (`Entry.json_pieces`)
+      but for the checksums' digits, matched as one pattern where the top-level "entries" array starts;
+      only the rest of the manifest is parsed as JSON, with that array replaced by a value no manifest
+      can hold (a random key of this cache), which must come back as the top-level "entries";
+    - `entries`: the entries parsed as JSON are compared with the last ones as typed values (their
+      marshal form, so 1, 1.0 and true differ).
+
+    Either way only the checksums are checked anew (as `_entry_from_json` checks them). Thread-safe: what
+    is remembered is replaced as a whole.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[bytes, tuple[Entry, ...]] | None = None
+        self._text: tuple[re.Pattern[bytes], tuple[Entry, ...]] | None = None
+        self._stand_in = "ftd-entries-" + secrets.token_hex(16)
+        self._stand_in_json = json.dumps(self._stand_in).encode()
+        self._lock = threading.Lock()
+
+    def parse(self, raw: bytes) -> tuple[Any, tuple[Entry, ...]] | None:
+        """(the manifest's JSON with "entries" standing in, its entries) when its entries' text is the last
+        ones' but for the checksums and the rest parses; None when not (then the full check decides)."""
+        text = self._text
+        if text is None or not isinstance(raw, bytes) or len(raw) > MAX_MANIFEST_BYTES:
+            return None
+        start = raw.find(b'"entries":[')
+        if start < 0:
+            return None
+        start += len(b'"entries":')
+        match = text[0].match(raw, start)
+        if match is None:
+            return None
+        try:
+            doc = parse_json(raw[:start] + self._stand_in_json + raw[match.end():], "manifest")
+        except ManifestError:
+            return None
+        if not isinstance(doc, dict) or doc.get("entries") != self._stand_in:
+            return None
+        sums = [[int(d) for d in group.split(b",")] if group else [] for group in match.groups()]
+        if any(s >= 1 << 64 for sums_ in sums for s in sums_):
+            return None
+        return doc, tuple(map(_with_checksums, text[1], sums))
+
+    def entries(self, raw: list[Any]) -> tuple[Entry, ...]:
+        sums = [d.pop("checksums", _NO_SUMS) if type(d) is dict else _NO_SUMS for d in raw]
+        try:
+            key: bytes | None = marshal.dumps(raw, 2)  # version 2: no back-references, one form per value
+        except ValueError:  # nested beyond marshal's limit (the full check refuses it)
+            key = None
+        finally:
+            for d, s in zip(raw, sums):
+                if s is not _NO_SUMS:
+                    d["checksums"] = s
+        last = self._last
+        if key is not None and last is not None and last[0] == key and _checksum_lists(sums):
+            return tuple(map(_with_checksums, last[1], sums))
+        entries = _entries_from_json(raw)
+        if key is not None:
+            pattern = _entries_pattern(entries)
+            with self._lock:
+                self._last, self._text = (key, entries), (pattern, entries)
+        return entries
+
+
+_CHECKSUMS_RE = rb"((?:0|[1-9][0-9]*)(?:,(?:0|[1-9][0-9]*))*)?"  # JSON's unsigned integers, comma-separated
+
+
+def _entries_pattern(entries: Sequence[Entry]) -> re.Pattern[bytes]:
+    """The text `Entry.json_pieces` writes for `entries` (a JSON array), any checksums in each one's place."""
+    parts = [re.escape(head.encode()) + _CHECKSUMS_RE + re.escape(tail.encode())
+             for head, tail in (e.json_pieces() for e in entries)]
+    return re.compile(rb"\[" + b",".join(parts) + rb"\]")
+
+
+def _checksum_lists(sums: list[Any]) -> bool:
+    """Every item is a list of 64-bit unsigned integers (what `_entry_from_json` accepts as checksums)."""
+    if set(map(type, sums)) != {list}:
+        return False
+    flat = list(chain.from_iterable(sums))
+    return _naturals(flat) and (not flat or max(flat) < 1 << 64)
+
+
+def _with_checksums(entry: Entry, checksums: list[int]) -> Entry:
+    """`entry` with other checksums: its fields copied as they are (checked already), without __init__'s
+    per-field setattr (a commit makes one per entry)."""
+    new = object.__new__(Entry)
+    fields = new.__dict__
+    fields.update(entry.__dict__)
+    fields["checksums"] = tuple(checksums)
+    return new
 
 
 def _entry_from_json(doc: Any, index: int) -> Entry:

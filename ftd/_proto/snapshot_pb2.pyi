@@ -70,7 +70,7 @@ class BeginReply(_message.Message):
     def __init__(self, lease: _Optional[int] = ..., path: _Optional[str] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("job", "rank", "step", "lease", "manifest_json", "copy_seconds", "stall_seconds")
+    __slots__ = ("job", "rank", "step", "lease", "manifest_json", "copy_seconds", "stall_seconds", "next_nbytes")
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class CommitRequest(_message.Message):
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     COPY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_NBYTES_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     step: int
@@ -85,13 +86,20 @@ class CommitRequest(_message.Message):
     manifest_json: bytes
     copy_seconds: float
     stall_seconds: float
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., lease: _Optional[int] = ..., manifest_json: _Optional[bytes] = ..., copy_seconds: _Optional[float] = ..., stall_seconds: _Optional[float] = ...) -> None: ...
+    next_nbytes: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., lease: _Optional[int] = ..., manifest_json: _Optional[bytes] = ..., copy_seconds: _Optional[float] = ..., stall_seconds: _Optional[float] = ..., next_nbytes: _Optional[int] = ...) -> None: ...
 
 class CommitReply(_message.Message):
-    __slots__ = ("held_steps",)
+    __slots__ = ("held_steps", "next_lease", "next_path", "next_capacity")
     HELD_STEPS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_LEASE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PATH_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     held_steps: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, held_steps: _Optional[_Iterable[int]] = ...) -> None: ...
+    next_lease: int
+    next_path: str
+    next_capacity: int
+    def __init__(self, held_steps: _Optional[_Iterable[int]] = ..., next_lease: _Optional[int] = ..., next_path: _Optional[str] = ..., next_capacity: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("job", "rank", "step", "lease", "reason")

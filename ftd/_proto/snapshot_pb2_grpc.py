@@ -115,7 +115,8 @@ class SnapshotServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Commit(self, request, context):
-        """Seals the segment reserved by Begin; the manifest describes its bytes.
+        """Seals the segment reserved by Begin (or leased by the previous Commit); the manifest describes its
+        bytes. It may lease the segment of the rank's next snapshot.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,11 +1,12 @@
 """The copy engine: one named background thread per rank that moves a captured step into shm.
 
 For each job: encode the frozen step (`prepare`: what `snapshot()` left to this thread) -> Begin
-(get a segment) -> copy every tensor (CPU: chunked `copy_`; CUDA: a side stream into the
-registered mapping) -> signal `copied` (the optimizer may now run) -> checksum the segment ->
-Commit. A `Prepare` request (queued at construction) maps the segments the daemon prepares ahead
-of the first Begin. Nothing here raises into the training loop: every failure becomes a skipped
-snapshot with a reason.
+(get a segment; none when the previous Commit leased one ahead) -> copy every tensor (CPU:
+chunked `copy_`; CUDA: a side stream into the registered mapping) -> signal `copied` (the
+optimizer may now run) -> checksum the segment -> Commit, asking for the next step's segment
+(one RPC per snapshot where the daemon has one free). A `Prepare` request (queued at
+construction) maps the segments the daemon prepares ahead of the first Begin. Nothing here
+raises into the training loop: every failure becomes a skipped snapshot with a reason.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import torch
 from xxhash import xxh3_64_intdigest as xxh3
 
 from ftd import knobs
+from ftd._proto import snapshot_pb2 as pb
+from ftd.client.layoutcache import LayoutCache
 from ftd.client.rpc import DaemonClient
 from ftd.client.segments import MappedSegment, SegmentCache
 from ftd.client.state import Captured
 from ftd.config import ClientConfig
 from ftd.errors import DaemonUnavailable, FtdError, OutOfMemory, UntrustedDaemon, UntrustedSegment
-from ftd.manifest import Entry, Manifest, chunk_checksums, layout
+from ftd.manifest import Entry, Manifest, chunk_checksums, render_entries
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,8 @@ class CopyEngine:
         self._stream: Any = None
         self._warned: set[str] = set()
         self._views: dict[str, tuple[MappedSegment, dict[tuple[Any, ...], torch.Tensor]]] = {}  # per mapped segment
+        self._layouts = LayoutCache()
+        self._ahead: pb.BeginReply | None = None  # the segment the last Commit leased for the next step
         self.errors = 0  # unexpected exceptions caught at the thread boundary
         self._thread = threading.Thread(target=self._run, name=f"ftd-copy-{rank}", daemon=True)
         self._thread.start()
@@ -114,6 +119,7 @@ class CopyEngine:
             log.warning("copy thread of rank %d did not stop within %.0f s", self.rank, timeout)
         else:
             self._views.clear()
+            self._layouts = LayoutCache()  # its views too, so the mappings close now
             self.cache.close()
 
     # ---- the thread -------------------------------------------------------------------------
@@ -212,8 +218,9 @@ class CopyEngine:
         if not self._connected:
             self.client.hello(job.world_size)
             self._set_connected(True, "")
-        entries, total = layout(cap.specs)
-        lease = self.client.begin(cap.step, max(total, 1))
+        laid = self._layouts.get(cap.specs)
+        entries, total = laid.entries, laid.total
+        lease, ahead = self._lease(cap.step, total)
         job.nbytes = total
         try:
             seg = self.cache.get(lease.path, lease.capacity, self.client.segment_trust())
@@ -221,8 +228,19 @@ class CopyEngine:
             with contextlib.suppress(FtdError):
                 self.client.abort(cap.step, lease.lease, "the trainer refused to map the segment")
             raise
+        except OSError as exc:
+            if not ahead:
+                raise
+            # the segment leased ahead is gone (a daemon restarted in this process): nothing is copied yet
+            log.info("rank %d: the segment leased for step %d is gone (%s); it Begins", self.rank, cap.step, exc)
+            lease = self.client.begin(cap.step, max(total, 1))
+            seg = self.cache.get(lease.path, lease.capacity, self.client.segment_trust())
+        held = laid.views.get(seg.path)
+        if held is None or held[0] is not seg:  # first step into this mapping with this layout
+            laid.views = {p: v for p, v in laid.views.items() if self.cache.holds(v[0])}  # type: ignore[arg-type]
+            held = laid.views[seg.path] = (seg, self._entry_views(seg, entries))
         t0 = time.perf_counter()
-        self._copy_all(job, seg, self._entry_views(seg, entries))
+        self._copy_all(job, seg, held[1])
         job.copy_seconds = time.perf_counter() - t0
         if job.abandon.is_set():
             self.client.abort(cap.step, lease.lease, "optimizer.step could not wait any longer")
@@ -233,16 +251,27 @@ class CopyEngine:
         cap.sources.clear()
         data = seg.memoryview()
         chunk = self.config.chunk_bytes
-        sealed = [Entry(e.name, e.kind, e.dtype, e.shape, e.offset, e.nbytes,
-                        (xxh3(data[e.offset:e.offset + e.nbytes]),) if 0 < e.nbytes <= chunk
-                        else chunk_checksums(data[e.offset:e.offset + e.nbytes], chunk), e.placement)
-                  for e in entries]
+        sums = [(xxh3(data[e.offset:e.offset + e.nbytes]),) if 0 < e.nbytes <= chunk
+                else chunk_checksums(data[e.offset:e.offset + e.nbytes], chunk) for e in entries]
         del data
         manifest = Manifest(job=self.config.job, rank=self.rank, world_size=job.world_size, step=cap.step,
-                            chunk_bytes=chunk, data_bytes=total, entries=tuple(sealed), meta=cap.meta,
+                            chunk_bytes=chunk, data_bytes=total, entries=tuple(entries), meta=cap.meta,
                             created_at=time.time(), run=self.config.run, metrics=cap.metrics)
-        self.client.commit(cap.step, lease.lease, manifest.to_json(), job.copy_seconds, job.stall_to_report)
+        reply = self.client.commit_leasing(cap.step, lease.lease, manifest.to_json(render_entries(laid.template, sums)),
+                                           job.copy_seconds, job.stall_to_report,
+                                           max(total, 1) if self.client.same_daemon() else 0)
+        if reply.next_lease:
+            self._ahead = pb.BeginReply(lease=reply.next_lease, path=reply.next_path, capacity=reply.next_capacity)
         return "sealed"
+
+    def _lease(self, step: int, total: int) -> tuple[Any, bool]:
+        """The segment to write `step` into, and whether it was leased ahead: the one the last Commit leased,
+        when it is large enough and the daemon that leased it still runs (a restarted one knows nothing of
+        it); else a Begin's."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.capacity >= total and self.client.same_daemon():
+            return ahead, True
+        return self.client.begin(step, max(total, 1)), False  # gives up a lease ahead the daemon may still hold
 
     def _entry_views(self, seg: MappedSegment, entries: list[Entry]) -> list[torch.Tensor]:
         """Typed views of `seg` for `entries`, made once per segment and layout (a step's layout rarely changes).
@@ -292,6 +321,8 @@ class CopyEngine:
         elif not up and self._connected is not False:
             log.warning("rank %d: daemon at unix:%s unavailable (%s); training continues, snapshots are "
                         "skipped until it is back", self.rank, self.client.socket_path, why)
+        if not up:  # whatever it leased ahead is Begun afresh
+            self._ahead = None
         self._connected = up
 
 

@@ -57,7 +57,17 @@ def assign(cap: Captured, dedup: Replicas | None, replicated: Callable[[str], bo
         else:
             owner = writers.get(spec.name)
             write = owner is None or dedup is None or owner == dedup.index
+            if cap.cache is not None:  # the same spec placed alike at the previous step: the same placed spec
+                held = cap.cache.placed.get((spec.name, fqn, write))
+                if held is not None and held[0] is spec:
+                    cap.specs[i] = held[1]
+                    continue
             placement = Placement(fqn, tuple(spec.shape), (0,) * len(spec.shape), tuple(spec.shape), write)
+            if cap.cache is not None:
+                placed = EntrySpec(spec.name, spec.kind, spec.dtype, spec.shape, placement)
+                cap.cache.placed[(spec.name, fqn, write)] = (spec, placed)
+                cap.specs[i] = placed
+                continue
         if placement is not None:
             cap.specs[i] = EntrySpec(spec.name, spec.kind, spec.dtype, spec.shape, placement)
 

@@ -9,6 +9,7 @@ else is UntrustedDaemon, a DaemonUnavailable: nothing is sent to it.
 from __future__ import annotations
 
 import os
+import select
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TypeVar
@@ -52,11 +53,17 @@ _TRUST_FIX = ("remove whatever is there and start `ftd daemon` with a socket in 
 
 def verify_daemon(path: str, trusted: Collection[int], timeout: float, check_dirs: bool = True) -> int:
     """The uid of the daemon listening on `path`, after checking the path and the peer (SO_PEERCRED).
+    `verify_peer` gives its pid too.
 
     DaemonUnavailable when nothing listens there (yet); UntrustedDaemon when the directories or
     the socket could have been planted by another user, or the listener runs as an untrusted uid.
     `check_dirs=False` (FTD_SOCKET_DIR_PRIVATE) skips the directories above the socket.
     """
+    return verify_peer(path, trusted, timeout, check_dirs)[0]
+
+
+def verify_peer(path: str, trusted: Collection[int], timeout: float, check_dirs: bool = True) -> tuple[int, int]:
+    """(uid, pid) of the daemon listening on `path`, checked as `verify_daemon` says."""
     if not os.path.lexists(path):
         raise DaemonUnavailable(f"no daemon socket at {path} (is `ftd daemon` running with this FTD_JOB/FTD_SOCKET?)")
     try:
@@ -74,7 +81,7 @@ def verify_daemon(path: str, trusted: Collection[int], timeout: float, check_dir
         raise UntrustedDaemon(f"refusing the process behind {path}: pid {peer.pid} runs as uid {peer.uid}, not as "
                               f"this trainer's uid {os.geteuid()} or root; set FTD_DAEMON_USER to that user if it is "
                               f"your daemon, else {_TRUST_FIX}")
-    return peer.uid
+    return peer.uid, peer.pid
 
 
 @dataclass(frozen=True)
@@ -100,13 +107,28 @@ class DaemonClient:
         self.daemon_uid: int | None = None
         self._check_dirs = not socket_dir_private
         self._shm_dir: str | None = None
+        self._watch = ProcessWatch()
         self._channel = grpc.insecure_channel(f"unix:{socket_path}", options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.SnapshotStub(self._channel)
 
     def verify(self) -> int:
         """Check the socket and the daemon behind it (verify_daemon); remember and return its uid."""
-        self.daemon_uid = verify_daemon(self.socket_path, self.trusted_uids, self.timeout, self._check_dirs)
-        return self.daemon_uid
+        uid, pid = verify_peer(self.socket_path, self.trusted_uids, self.timeout, self._check_dirs)
+        self._watch.follow(pid)
+        self.daemon_uid = uid
+        return uid
+
+    def same_daemon(self) -> bool:
+        """The daemon process verified last still runs (its pidfd has not signalled an exit). False when
+        none was verified or this host cannot tell (no pidfd): whatever it leased may be gone. When it has
+        exited, whoever answers next is verified again (the channel reconnects on its own)."""
+        if self.daemon_uid is None:
+            return False
+        if self._watch.alive():
+            return True
+        if self._watch.watching:
+            self.daemon_uid, self._shm_dir = None, None
+        return False
 
     def _rpc(self, fn: Callable[..., T], request: object, timeout: float | None = None) -> T:
         if self.daemon_uid is None:
@@ -143,10 +165,15 @@ class DaemonClient:
 
     def commit(self, step: int, lease: int, manifest_json: bytes, copy_seconds: float,
                stall_seconds: float) -> list[int]:
-        reply = self._rpc(self._stub.Commit, pb.CommitRequest(
+        return list(self.commit_leasing(step, lease, manifest_json, copy_seconds, stall_seconds).held_steps)
+
+    def commit_leasing(self, step: int, lease: int, manifest_json: bytes, copy_seconds: float,
+                       stall_seconds: float, next_nbytes: int = 0) -> pb.CommitReply:
+        """Commit; with `next_nbytes` the reply may lease the segment of the rank's next snapshot (next_lease,
+        next_path, next_capacity; lease 0: none, and a daemon that predates this leases none)."""
+        return self._rpc(self._stub.Commit, pb.CommitRequest(
             job=self.job, rank=self.rank, step=step, lease=lease, manifest_json=manifest_json,
-            copy_seconds=copy_seconds, stall_seconds=stall_seconds))
-        return list(reply.held_steps)
+            copy_seconds=copy_seconds, stall_seconds=stall_seconds, next_nbytes=next_nbytes))
 
     def abort(self, step: int, lease: int, reason: str) -> None:
         self._rpc(self._stub.Abort, pb.AbortRequest(job=self.job, rank=self.rank, step=step, lease=lease,
@@ -196,3 +223,41 @@ class DaemonClient:
 
     def close(self) -> None:
         self._channel.close()
+        self._watch.follow(None)
+
+
+class ProcessWatch:
+    """Whether one process (the daemon) still runs, through a pidfd: no pid reuse can fool it."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._poll: select.poll | None = None
+
+    def follow(self, pid: int | None) -> None:
+        """Watch `pid` from now on (None: nothing). Where pidfds are missing, `alive` stays False."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = self._poll = None
+        if pid is None or not hasattr(os, "pidfd_open"):
+            return
+        try:
+            self._fd = os.pidfd_open(pid)
+        except OSError:  # gone already, or no pidfd on this kernel
+            return
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+
+    @property
+    def watching(self) -> bool:
+        return self._poll is not None
+
+    def alive(self) -> bool:
+        """The watched process has not exited (a pidfd turns readable when it does)."""
+        return self._poll is not None and not self._poll.poll(0)
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except (OSError, TypeError):  # closed already, or the interpreter is shutting down
+                pass

@@ -143,6 +143,7 @@ class Snapshotter:
         self.stats = SnapshotStats()
         self._lock = self.stats.lock  # guards _inflight and the stats the copy and training threads update
         self._inflight: CopyJob | None = None
+        self._encode_cache = state.EncodeCache()  # used by the copy thread alone (_encode)
         self._unmeasured: CopyJob | None = None  # latest job whose stall the next optimizer.step measures
         self.restored_extra: dict[str, Any] | None = None
         self._pending_stall = -1.0
@@ -231,7 +232,7 @@ class Snapshotter:
                 buckets: list[list[int]] | None = None) -> state.Captured:
         """On the copy thread, before the copy: entries, meta, shards and placements of a frozen step."""
         try:
-            captured = state.encode(frozen, self.model, self._state_optimizer)
+            captured = state.encode(frozen, self.model, self._state_optimizer, self._encode_cache)
             if outer is not None:
                 captured.meta["outer_param_groups"] = jsonsafe.encode(outer, "outer_groups", _refuse_tensor)
             if buckets is not None:

@@ -31,6 +31,33 @@ Extra = Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None
 
 
 @dataclass
+class EncodeCache:
+    """What `encode` reuses from one step to the next (one per Snapshotter, used by its copy thread alone).
+
+    `specs` hands out the same EntrySpec object for the same entry, so later stages can tell an unchanged
+    layout by identity (ftd.client.layoutcache). `optim_key`/`optim` hold the optimizer state's encoding
+    while it holds the same tensors (by identity, address, dtype and shape) and the same other values
+    under the same keys, for the same named parameters: between two optimizer steps, every time.
+    """
+
+    specs: dict[tuple[Any, ...], EntrySpec] = field(default_factory=dict)
+    placed: dict[tuple[str, str, bool], tuple[EntrySpec, EntrySpec]] = field(default_factory=dict)
+    optim_key: list[Any] | None = None
+    optim: tuple[Any, list[tuple[EntrySpec, torch.Tensor, str | None]]] | None = None
+    optim_held: list[Any] = field(default_factory=list)
+    model_names: dict[str, tuple[str, str]] = field(default_factory=dict)  # state-dict name -> entry name, fqn
+
+    def spec(self, name: str, kind: str, dtype: str, shape: tuple[int, ...]) -> EntrySpec:
+        key = (name, kind, dtype, shape)
+        spec = self.specs.get(key)
+        if spec is None:
+            if len(self.specs) > 4096:  # layouts keep changing: start over
+                self.specs.clear()
+            spec = self.specs[key] = EntrySpec(name, kind, dtype, shape)
+        return spec
+
+
+@dataclass
 class Captured:
     """A step's state, ready to lay out: tensor sources by entry name, and the JSON meta."""
 
@@ -43,6 +70,7 @@ class Captured:
     fqns: dict[str, str] = field(default_factory=dict)  # entry -> its checkpoint-wide name (ftd.client.placement)
     dtensor_places: dict[str, DTensorPlace] = field(default_factory=dict)  # entry -> where its shard lies
     metrics: dict[str, float] = field(default_factory=dict)  # recorded in the manifest (Manifest.metrics)
+    cache: EncodeCache | None = field(default=None, repr=False)
     _names: set[str] = field(default_factory=set, repr=False)
 
     def add(self, name: str, kind: str, tensor: torch.Tensor, live: bool = False, fqn: str | None = None) -> None:
@@ -63,8 +91,22 @@ class Captured:
         itemsize(dtype)  # unsupported dtypes (quantized, sparse) fail here, at capture
         if tensor.layout is not torch.strided:
             raise TypeError(f"{name}: {tensor.layout} tensors cannot be snapshotted")
-        self.specs.append(EntrySpec(name, kind, dtype, tuple(tensor.shape)))
+        shape = tuple(tensor.shape)
+        self.specs.append(self.cache.spec(name, kind, dtype, shape) if self.cache is not None
+                          else EntrySpec(name, kind, dtype, shape))
         self.sources.append(tensor)
+
+    def replay(self, added: list[tuple[EntrySpec, torch.Tensor, str | None]]) -> None:
+        """Add live entries `add` took for an earlier step again (EncodeCache.optim): same specs, same tensors."""
+        for spec, tensor, fqn in added:
+            if spec.name in self._names:
+                raise ValueError(f"two tensors would be stored as {spec.name!r}")
+            self._names.add(spec.name)
+            if fqn is not None:
+                self.fqns[spec.name] = fqn
+            self.live.add(spec.name)
+            self.specs.append(spec)
+            self.sources.append(tensor)
 
     @property
     def nbytes(self) -> int:
@@ -116,33 +158,31 @@ def freeze(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     return frozen
 
 
-def encode(frozen: Frozen, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> Captured:
+def encode(frozen: Frozen, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+           cache: EncodeCache | None = None) -> Captured:
     """Turn what `freeze` took into entries and JSON meta (any thread: nothing here reads mutable state
-    but the live parameters and optimizer tensors, which hold still until the next optimizer.step)."""
-    cap = Captured(frozen.step)
+    but the live parameters and optimizer tensors, which hold still until the next optimizer.step).
+    With `cache`, what did not change since the previous step is reused (EncodeCache)."""
+    cap = Captured(frozen.step, cache=cache)
 
     def owned(kind: str) -> jsonsafe.TensorSink:  # tensors freeze already copied
         return lambda name, t: cap.add(name, kind, t)
 
     keys = []
+    names = cache.model_names if cache is not None else {}
     for name, value in frozen.model:
         keys.append(name)
-        fqn = "model." + clean_fqn(name)
+        entry, fqn = names.get(name) or names.setdefault(name, (f"model/{name}", "model." + clean_fqn(name)))
         if isinstance(value, torch.nn.Parameter):
-            cap.add(f"model/{name}", "param", value.detach(), live=True, fqn=fqn)
+            cap.add(entry, "param", value.detach(), live=True, fqn=fqn)
         elif isinstance(value, torch.Tensor):
-            cap.add(f"model/{name}", "buffer", value, fqn=fqn)
+            cap.add(entry, "buffer", value, fqn=fqn)
         else:
             cap.meta.setdefault("model_extra", {})[name] = jsonsafe.encode(value, f"model/{name}", owned("buffer"))
     cap.meta["model_keys"] = keys
     if frozen.optim_state is not None and optimizer is not None:
-        named = optim_fqns(model, optimizer)
-
-        def live_optim(name: str, t: torch.Tensor) -> None:
-            cap.add(name, "optim", t.detach(), live=True, fqn=named.get(id(t)))
-
         cap.meta["optim"] = {
-            "state": jsonsafe.encode(frozen.optim_state, "optim/state", live_optim),
+            "state": _encode_optim_state(cap, frozen, model, optimizer, cache),
             "param_groups": jsonsafe.encode(frozen.optim_groups, "optim/groups", owned("optim")),
         }
     if frozen.scheduler is not None:
@@ -154,6 +194,63 @@ def encode(frozen: Frozen, model: torch.nn.Module, optimizer: torch.optim.Optimi
         cap.meta["dtensors"] = sorted(cap.dtensors)
     cap.meta["step"] = frozen.step
     return cap
+
+
+def _encode_optim_state(cap: Captured, frozen: Frozen, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        cache: EncodeCache | None) -> Any:
+    """The optimizer state's JSON form; its tensors become live entries of `cap` (reused from `cache` when
+    the state holds what it held at the previous step)."""
+    key, held = _optim_key(frozen) if cache is not None else (None, [])
+    if cache is not None and key is not None and key == cache.optim_key and cache.optim is not None:
+        encoded, added = cache.optim
+        cap.replay(added)
+        return encoded
+    named = optim_fqns(model, optimizer)
+    added: list[tuple[EntrySpec, torch.Tensor, str | None]] = []
+
+    def live_optim(name: str, t: torch.Tensor) -> None:
+        fqn = named.get(id(t))
+        cap.add(name, "optim", t.detach(), live=True, fqn=fqn)
+        added.append((cap.specs[-1], cap.sources[-1], fqn))
+
+    encoded = jsonsafe.encode(frozen.optim_state, "optim/state", live_optim)
+    if cache is not None:  # `held` keeps the keyed objects alive, so their ids stay theirs
+        cache.optim_key, cache.optim, cache.optim_held = (key, (encoded, added), held) if key is not None \
+            else (None, None, [])
+    return encoded
+
+
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def _optim_key(frozen: Frozen) -> tuple[list[Any] | None, list[Any]]:
+    """What the optimizer state's encoding depends on, comparable with ==, and the objects it names by id.
+
+    Every per-parameter value (a plain tensor by identity, address, dtype and shape; a scalar by type and value)
+    under its keys, and the model's parameters by name and identity (their names make the entries'
+    checkpoint-wide names). None when the state is not a mapping of per-parameter mappings of plain
+    tensors and scalars (a DTensor, a nested value): then it is encoded afresh every step.
+    """
+    held: list[Any] = []
+    key: list[Any] = []
+    if type(frozen.optim_state) is not dict:
+        return None, []
+    for name, value in frozen.model:
+        if isinstance(value, torch.nn.Parameter):
+            key.append((name, id(value)))
+            held.append(value)
+    for index, per in frozen.optim_state.items():
+        if type(per) is not dict:
+            return None, []
+        for name, value in per.items():
+            if type(value) is torch.Tensor:
+                key.append((index, name, id(value), value.data_ptr(), value.dtype, value.shape))
+                held.append(value)
+            elif type(value) in _SCALARS:
+                key.append((index, name, type(value), value))
+            else:
+                return None, []
+    return key, held
 
 
 @dataclass(frozen=True)
@@ -241,7 +338,9 @@ def encode_rng(rng: Mapping[str, Any], sink: jsonsafe.TensorSink) -> dict[str, A
     """
     py = rng["python"]
     if isinstance(py, tuple) and len(py) == 3 and isinstance(py[1], tuple):
-        py = (py[0], torch.tensor(py[1], dtype=torch.int64), py[2])
+        import numpy as np  # a NumPy array of the words converts several times faster than torch.tensor(tuple)
+
+        py = (py[0], torch.from_numpy(np.asarray(py[1], dtype=np.int64)), py[2])
     out = {"python": jsonsafe.encode(py, "rng/python", sink)}
     if "numpy" in rng:
         state = rng["numpy"]

@@ -132,7 +132,20 @@ class SnapshotServicer(pb_grpc.SnapshotServicer):
         self.redundancy.notify_sealed(request.rank, request.step)
         if self.durable is not None:
             self.durable.notify_sealed(request.rank, request.step)
-        return pb.CommitReply(held_steps=held)
+        nxt = self._lease_next(request) if request.next_nbytes else None
+        if nxt is None:
+            return pb.CommitReply(held_steps=held)
+        return pb.CommitReply(held_steps=held, next_lease=nxt.lease, next_path=nxt.path, next_capacity=nxt.capacity)
+
+    def _lease_next(self, request: pb.CommitRequest) -> Any:
+        """The lease for the rank's next snapshot a Commit asked for, or None. Never raises: the step is sealed
+        whatever happens here, and the next snapshot can always Begin."""
+        try:
+            return self.store.lease_next(request.job, request.rank, request.next_nbytes)
+        except Exception:  # noqa: BLE001 - a bug here must not fail a Commit that sealed its step
+            log.exception("leasing the next segment of rank %d failed; its next snapshot Begins", request.rank)
+            self.store.metrics.thread_errors.labels("ftd-rpc").inc()
+            return None
 
     def Abort(self, request: pb.AbortRequest, context: grpc.ServicerContext) -> pb.AbortReply:
         self._call(context, lambda: self.store.abort(request.job, request.rank, request.step, request.lease,

@@ -112,8 +112,9 @@ class Slot:
         """PREFAULTING -> FREE: every page is in; it may be handed out."""
         self._move(SlotState.FREE, only_from=(SlotState.PREFAULTING,))
 
-    def begin(self, step: int, lease: int, now: float) -> None:
-        """FREE or NEW -> WRITING for (step, lease); lease 0 is the daemon's own write."""
+    def begin(self, step: int | None, lease: int, now: float) -> None:
+        """FREE or NEW -> WRITING for (step, lease); lease 0 is the daemon's own write. Step None: leased
+        ahead for a rank's next snapshot, whose Commit names the step (SegmentStore.lease_next)."""
         self._move(SlotState.WRITING)
         self.step, self.lease, self.begun_at = step, lease, now
 

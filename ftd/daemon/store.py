@@ -39,7 +39,7 @@ import psutil
 from ftd.config import DaemonConfig
 from ftd.daemon.slots import Slot, SlotState, Source
 from ftd.errors import FtdError, ManifestError, NotFound, OutOfMemory, RequestRejected
-from ftd.manifest import Manifest
+from ftd.manifest import EntryCache, Manifest
 from ftd.metrics import DaemonMetrics
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,9 @@ class SegmentStore:
         self._stale_logged: dict[int, list[int]] = {}
         self._age_tracked: set[int] = set()
         self._newest_begin: dict[int, int] = {}  # rank -> lease of its latest Begin (supersedes a prefaulting one)
+        self._entry_caches: dict[int, EntryCache] = {}  # rank -> its last committed layout (ranks that began)
+        self._next_leases: dict[int, int] = {}  # rank -> the lease a Commit gave it for its next snapshot (lease_next)
+        self._reaped_at = 0.0  # monotonic time of the last _reap (lease_next reaps at most once a second)
         self._lock = threading.Lock()
         self.metrics.shm_budget_bytes.set(config.memory_budget)
 
@@ -395,8 +398,13 @@ class SegmentStore:
         with self._lock:
             self._reap()
             slots = self._slots.setdefault(rank, [])
+            self._entry_caches.setdefault(rank, EntryCache())
+            next_lease = self._next_leases.pop(rank, None)
             for slot in slots:
                 if slot.state is SlotState.WRITING and slot.lease:  # lease 0 is install_sealed's own copy
+                    if slot.step is None and slot.lease == next_lease:  # the rank Begins instead: given up
+                        slot.release()
+                        continue
                     log.warning("rank %d: step %s was never committed; its segment is reused", rank, slot.step)
                     self.metrics.snapshots_aborted.labels("superseded").inc()
                     slot.release()
@@ -465,13 +473,14 @@ class SegmentStore:
         """
         self._check(job, rank, step)
         try:
-            manifest = Manifest.from_json(manifest_json)
+            manifest = Manifest.from_json(manifest_json, self._entry_caches.get(rank))
         except ManifestError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever a hostile manifest makes the parser raise
             raise ManifestError(f"manifest is not valid JSON of a manifest: {type(exc).__name__}: {str(exc)[:200]}") from None
         with self._lock:
             slot = self._writing(rank, step, lease)
+            leased_ahead = slot.step is None
             if (manifest.job, manifest.rank, manifest.step) != (job, rank, step):
                 raise ManifestError(f"manifest is for job {manifest.job!r} rank {manifest.rank} step "
                                     f"{manifest.step}, the commit for job {job!r} rank {rank} step {step}")
@@ -486,10 +495,14 @@ class SegmentStore:
             for other in self._slots[rank]:
                 if other is not slot and other.state is SlotState.SEALED and other.step == step:
                     self._evict(other, "replaced by a newer copy of the same step")
+            if leased_ahead:
+                self._next_leases.pop(rank, None)
+                slot.step = step
             slot.seal(manifest_json, self._stamp(slot.manifest_path))
             slot.data_bytes, slot.run, slot.world_size = manifest.data_bytes, manifest.run, manifest.world_size
             self._track_age(rank)
-            self.metrics.commit_latency.observe(time.monotonic() - slot.begun_at)
+            if not leased_ahead:  # leased at the previous Commit: no Begin to measure from
+                self.metrics.commit_latency.observe(time.monotonic() - slot.begun_at)
             self.metrics.snapshots_sealed.labels(str(rank)).inc()
             self.metrics.snapshot_bytes.labels(str(rank)).inc(manifest.data_bytes)
             self._retain(rank)
@@ -498,10 +511,41 @@ class SegmentStore:
         log.info("sealed rank %d step %d (%d bytes); holding steps %s", rank, step, manifest.data_bytes, held)
         return held
 
+    def lease_next(self, job: str, rank: int, nbytes: int) -> Lease | None:
+        """A lease for the rank's next snapshot, handed out with a Commit's reply: a FREE segment of at least
+        `nbytes` the next Begin would take as it is (nothing is evicted, allocated or pre-faulted for it).
+        None when there is none, or the rank has a write in progress: that snapshot Begins as usual.
+
+        The segment is WRITING without a step until the Commit (or Abort) of that lease names one; a Begin
+        of the rank gives it up. It is reaped only when the rank's process is gone, not after lease_timeout
+        (it waits for the next snapshot, however far off).
+        """
+        self._check(job, rank, 0)
+        if nbytes <= 0:
+            return None
+        with self._lock:
+            now = time.monotonic()
+            if now - self._reaped_at >= 1.0:
+                self._reap()
+            slots = self._slots.get(rank, [])
+            if any(s.state is SlotState.WRITING for s in slots):  # one writer per rank
+                return None
+            for slot in sorted((s for s in slots if s.state is SlotState.FREE and s.capacity >= nbytes),
+                               key=lambda s: s.capacity):
+                if not _intact(slot):  # the next Begin replaces it
+                    return None
+                lease = secrets.randbits(63) or 1
+                self._newest_begin[rank] = self._next_leases[rank] = lease
+                slot.begin(None, lease, now)
+                return Lease(lease, str(slot.path), slot.capacity)
+        return None
+
     def abort(self, job: str, rank: int, step: int, lease: int, reason: str) -> None:
         self._check(job, rank, step)
         with self._lock:
             slot = self._writing(rank, step, lease)
+            if slot.step is None:
+                self._next_leases.pop(rank, None)
             slot.release()
         self.metrics.snapshots_aborted.labels("client").inc()
         log.warning("rank %d aborted step %d: %s", rank, step, reason[:200])
@@ -611,7 +655,7 @@ class SegmentStore:
     def summary(self) -> list[RankSummary]:
         with self._lock:
             return [RankSummary(rank, self._sealed_steps(rank), sum(s.capacity for s in slots),
-                                any(s.state is SlotState.WRITING for s in slots),
+                                any(s.state is SlotState.WRITING and s.step is not None for s in slots),
                                 sorted(int(s.step) for s in self._timeline(rank)[1]))  # type: ignore[arg-type]
                     for rank, slots in sorted(self._slots.items())]
 
@@ -775,8 +819,10 @@ class SegmentStore:
             raise RequestRejected(f"step {step} is negative")
 
     def _writing(self, rank: int, step: int, lease: int) -> Slot:
+        """The slot of (rank, step, lease): begun for that step, or leased ahead (lease_next) to the rank."""
         for slot in self._slots.get(rank, []):
-            if slot.state is SlotState.WRITING and slot.step == step and slot.lease == lease:
+            if slot.state is SlotState.WRITING and slot.lease == lease and (
+                    slot.step == step or (slot.step is None and self._next_leases.get(rank) == lease)):
                 return slot
         raise RequestRejected(f"rank {rank} holds no lease {lease} for step {step} (superseded, or the daemon restarted)")
 
@@ -1002,20 +1048,26 @@ class SegmentStore:
 
     def _reap(self) -> None:
         """End uncommitted leases older than `lease_timeout` or whose rank's process is gone (lock held)."""
-        now = time.monotonic()
+        now = self._reaped_at = time.monotonic()
         for rank, slots in self._slots.items():
             for slot in list(slots):
                 if slot.state is not SlotState.WRITING or not slot.lease:  # lease 0: the daemon's own copy
                     continue
-                if self.config.lease_timeout > 0 and now - slot.begun_at > self.config.lease_timeout:
+                ahead = slot.step is None  # leased with a Commit: waits for the next snapshot, however far off
+                if not ahead and self.config.lease_timeout > 0 and now - slot.begun_at > self.config.lease_timeout:
                     why = "lease_timeout"
                 elif not self._client_alive(rank):
                     why = "client_gone"
                 else:
                     continue
-                log.warning("rank %d: step %s was begun %.0f s ago and never committed (%s); its segment is "
-                            "reclaimed", rank, slot.step, now - slot.begun_at, why)
-                self.metrics.snapshots_aborted.labels(why).inc()
+                if ahead:
+                    self._next_leases.pop(rank, None)
+                    log.info("rank %d: its process is gone; the segment leased for its next snapshot is reclaimed",
+                             rank)
+                else:
+                    log.warning("rank %d: step %s was begun %.0f s ago and never committed (%s); its segment is "
+                                "reclaimed", rank, slot.step, now - slot.begun_at, why)
+                    self.metrics.snapshots_aborted.labels(why).inc()
                 slot.release()
                 self._delete(rank, slot)
 
