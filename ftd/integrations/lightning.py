@@ -22,12 +22,16 @@ is resumable (`state_dict`/`load_state_dict`); a plain `DataLoader` restarts its
 first batch (Lightning warns "resuming from a checkpoint that ended before the epoch ended").
 `ResumableDataLoader` is such a loader for map-style datasets: its order is a function of
 (seed, epoch), and on resume it skips the batches the epoch had done (without loading them).
+Under DDP each rank takes its share of the epoch as DistributedSampler gives it (its sampler is
+one, so Lightning keeps it rather than injecting its own).
 
 Exact on resume (tests/integration/test_lightning.py): parameters, optimizer, LR schedulers
 stepped per step or epoch, RNG (dropout), gradient accumulation, the GradScaler's state, the
 loop's progress (global step, epoch, batch index) and, with ResumableDataLoader or at an epoch
-boundary, the data. Not carried: other callbacks' state (ModelCheckpoint, EarlyStopping), the
-LightningModule's `on_save_checkpoint` extras, logged-metric accumulators, a DataModule's state.
+boundary, the data; under DDP (test_integrations_ddp.py: 3 ranks, one SIGKILLed) the same on every
+rank, DDP's gradient buckets included. Not carried: other callbacks' state (ModelCheckpoint,
+EarlyStopping), the LightningModule's `on_save_checkpoint` extras, logged-metric accumulators, a
+DataModule's state.
 One optimizer and at most one scheduler; manual optimization is not supported.
 """
 
@@ -116,7 +120,9 @@ class FtdCallback(pl.Callback):
         if trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches:
             # The step that closes an epoch is not snapshotted: resumed there, Lightning starts the next
             # epoch from the iterator it made before the sampler learns the new epoch. A crash after it
-            # resumes one step earlier (mid-epoch, which is exact).
+            # resumes one step earlier (mid-epoch, which is exact). Nor later: after the next epoch's first
+            # batch its gradient would be accumulated but not in the snapshot.
+            self._last_step = trainer.global_step
             return
         self._maybe_snapshot(trainer)
 
@@ -149,29 +155,58 @@ class FtdCallback(pl.Callback):
 _KIND = "ftd.ResumableDataLoader"
 
 
-class EpochSampler(torch.utils.data.Sampler[int]):
+class EpochSampler(torch.utils.data.DistributedSampler):
     """Indices 0..n-1, shuffled by a generator seeded with `seed + epoch` (or in order), resumable mid-epoch.
 
     `set_epoch(e)` chooses the epoch (Lightning calls it at each epoch's start; without it each
     pass is the next epoch); `skip` indices of the next pass are left out (a resumed epoch).
+    Under torch.distributed (looked up when iterated: Lightning starts the group after the loader
+    is made) each rank takes its share as DistributedSampler does: the epoch's order padded to a
+    multiple of the world size, every world-th index from the rank's. Being a DistributedSampler,
+    Lightning leaves it in place instead of injecting one of its own.
     """
 
-    def __init__(self, n: int, shuffle: bool = True, seed: int = 0):
+    def __init__(self, n: int, shuffle: bool = True, seed: int = 0):  # not DistributedSampler.__init__: no group yet
         self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.drop_last = False
         self.epoch, self.skip, self.yielded = 0, 0, 0
         self._epoch_set = False
+
+    @property
+    def num_replicas(self) -> int:  # type: ignore[override]
+        dist = torch.distributed
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:  # type: ignore[override]
+        dist = torch.distributed
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def num_samples(self) -> int:  # type: ignore[override]
+        """This rank's indices per epoch."""
+        return -(-self.n // self.num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self._epoch_set = epoch, True
 
     def __len__(self) -> int:
-        return self.n
+        return self.num_samples
 
-    def __iter__(self) -> Iterator[int]:
+    def _order(self) -> list[int]:
+        """This rank's indices of the current epoch."""
         if self.shuffle:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         else:
             order = list(range(self.n))
+        world = self.num_replicas
+        if world > 1 and order:
+            total = self.num_samples * world
+            order = (order * -(-total // len(order)))[:total]  # padded as DistributedSampler pads
+        return order[self.rank::world]
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
         skip, self.skip = self.skip, 0
         self.yielded = skip
         for index in order[skip:]:

@@ -24,7 +24,8 @@ Exact on resume (tests/integration/test_hf_trainer.py): parameters, optimizer, L
 RNG (dropout), the data order and position (the default seedable sampler, any gradient
 accumulation), `TrainerState` (global step, epoch, log history, stateful callbacks such as
 EarlyStopping); the GradScaler's scale and growth tracker travel in `extra` (fp16 needs a GPU: not
-exercised by the CPU test). Not exact: the loss the Trainer *logs*
+exercised by the CPU test); under DDP (torchrun; test_integrations_ddp.py: 3 ranks, one SIGKILLed)
+the same on every rank, DDP's gradient buckets included. Not exact: the loss the Trainer *logs*
 for the first logging window after a resume (it averages only the steps run since the resume,
 as after any Trainer resume), the `train_loss`/speed metrics of `train()`, and log history
 entries of the snapshot's own step that were logged after it.

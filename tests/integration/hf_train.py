@@ -1,7 +1,10 @@
 """A Hugging Face Trainer run of a tiny Llama (built from a config, nothing downloaded), with or without ftd.
 
-Writes each micro-batch's loss (float hex) to --losses as {"step": global_step * GA + micro, "loss"},
-the final parameters to --out and the FtdCallback's stats to --results. Used by test_hf_trainer.py.
+Writes each micro-batch's loss (float hex) to --losses as {"step": global_step * GA + micro, "rank", "loss"},
+the final parameters to --out and the FtdCallback's stats to --results ({rank} is replaced in both).
+Under torchrun the Trainer runs DDP on gloo (`--no-find-unused`: DDP without find_unused_parameters,
+so that it rebuilds its gradient buckets after the first step). Used by test_hf_trainer.py and
+test_integrations_ddp.py.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -30,6 +34,7 @@ class Recording(Trainer):
 
     losses_path = ""
     accumulation = 1
+    rank = 0
 
     def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, **kwargs: Any) -> Any:
         out = super().compute_loss(model, inputs, return_outputs, **kwargs)
@@ -39,7 +44,7 @@ class Recording(Trainer):
         if self.losses_path:
             with open(self.losses_path, "a") as f:
                 f.write(json.dumps({"step": self.state.global_step * self.accumulation + micro,
-                                    "loss": loss.item().hex()}) + "\n")
+                                    "rank": self.rank, "loss": loss.item().hex()}) + "\n")
         return out
 
 
@@ -67,7 +72,9 @@ def main() -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--no-ftd", action="store_true")
+    p.add_argument("--no-find-unused", action="store_true", help="DDP: find_unused_parameters=False")
     a = p.parse_args()
+    rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -79,10 +86,10 @@ def main() -> int:
                              gradient_accumulation_steps=a.ga, learning_rate=3e-3, warmup_steps=2,
                              lr_scheduler_type="cosine", weight_decay=0.1, max_grad_norm=1.0, logging_steps=1,
                              save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
-                             disable_tqdm=True)
+                             disable_tqdm=True, ddp_find_unused_parameters=False if a.no_find_unused else None)
     ref: list[Any] = [None]
     cls = Recording if a.no_ftd else FtdRecording
-    cls.losses_path, cls.accumulation = a.losses, a.ga
+    cls.losses_path, cls.accumulation, cls.rank = a.losses, a.ga, rank
     callbacks: list[Any] = [StepEnd(ref, a.step_sleep)]
     ftd_cb = None if a.no_ftd else FtdCallback()
     if ftd_cb is not None:
@@ -91,9 +98,13 @@ def main() -> int:
     ref[0] = trainer
     trainer.train()
     if ftd_cb is not None and ftd_cb.stats is not None:
-        results.write(a.results, "done", 0, ftd_cb.stats, log_history=trainer.state.log_history)
+        results.write(a.results, "done", rank, ftd_cb.stats, log_history=trainer.state.log_history)
     if a.out:
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, a.out)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        torch.save(state, a.out.replace("{rank}", str(rank)))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank is done before rank 0, which hosts the store, tears the group down
+        torch.distributed.destroy_process_group()
     return 0
 
 

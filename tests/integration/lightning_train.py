@@ -1,8 +1,10 @@
 """A Lightning Trainer run of a tiny LightningModule (MLP with dropout, AdamW, per-step cosine schedule,
 gradient accumulation 2), with or without ftd's callback.
 
-Writes each batch's loss (float hex) to --losses as {"step": epoch * batches + batch_idx, "loss"},
-the final parameters to --out and the callback's stats to --results. Used by test_lightning.py.
+Writes each batch's loss (float hex) to --losses as {"step": epoch * batches + batch_idx, "rank", "loss"},
+the final parameters to --out and the callback's stats to --results ({rank} is replaced in both).
+`--devices N` (under torchrun with N processes): strategy "ddp" on CPU (gloo). Used by test_lightning.py
+and test_integrations_ddp.py.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -38,9 +41,9 @@ class Tiny(pl.LightningModule):
         x, y = batch
         loss = F.mse_loss(self.net(x), y)
         if self.losses:
-            key = self.current_epoch * (SAMPLES // BATCH) + batch_idx
+            key = self.current_epoch * self.trainer.num_training_batches + batch_idx
             with open(self.losses, "a") as f:
-                f.write(json.dumps({"step": key, "loss": loss.item().hex()}) + "\n")
+                f.write(json.dumps({"step": key, "rank": self.global_rank, "loss": loss.item().hex()}) + "\n")
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -54,7 +57,7 @@ class Tiny(pl.LightningModule):
 
 
 def fit(steps: int, total_steps: int, losses: str = "", sleep: float = 0.0, use_ftd: bool = True,
-        plain_loader: bool = False) -> tuple[Tiny, pl.Trainer, FtdCallback | None]:
+        plain_loader: bool = False, devices: int = 1) -> tuple[Tiny, pl.Trainer, FtdCallback | None]:
     """Train a fresh seeded Tiny for `steps` optimizer steps of a `total_steps` schedule (resuming from ftd)."""
     pl.seed_everything(0, verbose=False)
     gen = torch.Generator().manual_seed(99)
@@ -62,9 +65,9 @@ def fit(steps: int, total_steps: int, losses: str = "", sleep: float = 0.0, use_
     module = Tiny(losses, sleep, total_steps)
     callback = FtdCallback() if use_ftd else None
     trainer = pl.Trainer(max_steps=steps, accumulate_grad_batches=2, callbacks=[callback] if callback else [],
-                         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         num_sanity_val_steps=0)
+                         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
     if plain_loader:
         loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True)
     else:
@@ -81,15 +84,21 @@ def main() -> int:
     p.add_argument("--results", default="")
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--no-ftd", action="store_true")
+    p.add_argument("--devices", type=int, default=1, help="DDP ranks (run under torchrun with as many)")
     a = p.parse_args()
+    rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
-    module, trainer, callback = fit(a.steps, a.steps, a.losses, a.step_sleep, not a.no_ftd)
+    module, trainer, callback = fit(a.steps, a.steps, a.losses, a.step_sleep, not a.no_ftd, devices=a.devices)
     if callback is not None and callback.stats is not None:
-        results.write(a.results, "done", 0, callback.stats, global_step=trainer.global_step,
+        results.write(a.results, "done", rank, callback.stats, global_step=trainer.global_step,
                       epoch=trainer.current_epoch)
     if a.out:
-        torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, a.out)
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        torch.save(state, a.out.replace("{rank}", str(rank)))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank is done before rank 0, which hosts the store, tears the group down
+        torch.distributed.destroy_process_group()
     return 0
 
 
