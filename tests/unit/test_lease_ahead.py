@@ -155,6 +155,9 @@ def test_snapshots_take_one_rpc_and_restore_bit_exact(keep_one, monkeypatch):
     model = nn.Sequential(nn.Linear(6, 3), nn.BatchNorm1d(3))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     snap = snapkit.snapshotter(socket, model, opt, job=JOB)
+    # both segments prepared ahead first: otherwise the second round's Hello may come after step 1's Commit,
+    # which then had no free segment to lease, and step 2 Begins (timing, not what is tested here)
+    assert snap.prepared is not None and snap.prepared.done.wait(10)
     try:
         for step in range(1, 7):
             _train(model, opt)
