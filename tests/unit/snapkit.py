@@ -21,3 +21,16 @@ def snap(s: ftd.Snapshotter, step: int) -> None:
     assert s.wait(WAIT_S)
     assert s.stats.sealed == sealed + 1, dict(s.stats.skip_reasons)
     assert s.stats.last_sealed_step == step
+
+
+def restore_and_compare(socket_path: str, model: Any, fresh: Any, fresh_optimizer: Any, *,
+                        job: str, step: int) -> None:
+    """Restore `step` into `fresh` / `fresh_optimizer` through a new Snapshotter; the model's tensors must
+    then equal `model`'s byte for byte."""
+    snap2 = snapshotter(socket_path, fresh, fresh_optimizer, job=job)
+    try:
+        assert snap2.restore() == step
+    finally:
+        snap2.close()
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert a.numpy().tobytes() == b.numpy().tobytes(), name

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -78,21 +80,32 @@ def _type_changes() -> dict:
             "checksums-float": entry(1, "checksums", [1.0]), "checksums-bool": entry(1, "checksums", [True])}
 
 
-@pytest.mark.parametrize("name", sorted(_type_changes()))
-def test_cached_entries_refuse_exactly_what_the_full_check_refuses(name):
+def _refuses_as_the_full_check(name: str, write: Callable[[dict[str, Any]], bytes]) -> None:
+    """A manifest of step 2 with one change (`name`), written back by `write`: parsed through a cache primed
+    with step 1, it loads or fails exactly as the full check does."""
     cache = EntryCache()
     Manifest.from_json(_manifest(1).to_json(), cache)  # primed with the good layout
     doc = json.loads(_manifest(2).to_json())
     _type_changes()[name](doc)
-    raw = _sealed(doc)
+    _same_as_the_full_check(write(doc), cache)
+
+
+def _same_as_the_full_check(raw: bytes, cache: EntryCache) -> Manifest | None:
+    """`raw` parsed through `cache` loads or fails exactly as the full check does; the full parse (or None)."""
     try:
         full = Manifest.from_json(raw)
     except ManifestError as exc:
         with pytest.raises(ManifestError) as cached:
             Manifest.from_json(raw, cache)
         assert str(cached.value) == str(exc)
-    else:
-        assert Manifest.from_json(raw, cache) == full
+        return None
+    assert Manifest.from_json(raw, cache) == full
+    return full
+
+
+@pytest.mark.parametrize("name", sorted(_type_changes()))
+def test_cached_entries_refuse_exactly_what_the_full_check_refuses(name):
+    _refuses_as_the_full_check(name, _sealed)
 
 
 @pytest.mark.parametrize("name", sorted(_mutations()))
@@ -159,34 +172,16 @@ def test_matched_entry_text_gives_what_the_full_parse_gives(name):
     Manifest.from_json(_manifest(1).to_json(), cache)
     Manifest.from_json(_manifest(2).to_json(), cache)
     raw = _text_edits()[name](_manifest(3, salt=5).to_json())
-    try:
-        full = Manifest.from_json(raw)
-    except ManifestError as exc:
-        with pytest.raises(ManifestError) as cached:
-            Manifest.from_json(raw, cache)
-        assert str(cached.value) == str(exc)
-    else:
-        assert Manifest.from_json(raw, cache) == full
+    full = _same_as_the_full_check(raw, cache)
     if name == "no-change":
+        assert full is not None
         assert cache.parse(raw) is not None  # the matched path itself, not the fallback
         assert cache.parse(raw)[1] == full.entries
 
 
 @pytest.mark.parametrize("name", sorted(_type_changes()))
 def test_compact_edits_refuse_exactly_what_the_full_check_refuses(name):
-    cache = EntryCache()
-    Manifest.from_json(_manifest(1).to_json(), cache)
-    doc = json.loads(_manifest(2).to_json())
-    _type_changes()[name](doc)
-    raw = _spliced(doc)
-    try:
-        full = Manifest.from_json(raw)
-    except ManifestError as exc:
-        with pytest.raises(ManifestError) as cached:
-            Manifest.from_json(raw, cache)
-        assert str(cached.value) == str(exc)
-    else:
-        assert Manifest.from_json(raw, cache) == full
+    _refuses_as_the_full_check(name, _spliced)
 
 
 # ---- the manifest's text ----------------------------------------------------------------------
@@ -312,13 +307,7 @@ def test_cached_steps_restore_bit_exact_and_follow_new_parameters(socket_path):
     model2 = nn.Sequential(nn.Linear(6, 3), nn.BatchNorm1d(3))
     opt2 = torch.optim.AdamW(model2.parameters(), lr=0.01)
     _train(model2, opt2)
-    snap2 = snapkit.snapshotter(socket_path, model2, opt2, job=JOB)
-    try:
-        assert snap2.restore() == 4
-    finally:
-        snap2.close()
-    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
-        assert a.numpy().tobytes() == b.numpy().tobytes(), name
+    snapkit.restore_and_compare(socket_path, model, model2, opt2, job=JOB, step=4)
     _same_state(opt, opt2)
 
 

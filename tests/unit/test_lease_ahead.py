@@ -173,13 +173,7 @@ def test_snapshots_take_one_rpc_and_restore_bit_exact(keep_one, monkeypatch):
     model2.register_buffer("grown", torch.zeros(1 << 20))
     opt2 = torch.optim.Adam(model2.parameters(), lr=0.01)
     _train(model2, opt2)
-    snap2 = snapkit.snapshotter(socket, model2, opt2, job=JOB)
-    try:
-        assert snap2.restore() == 10
-    finally:
-        snap2.close()
-    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
-        assert a.numpy().tobytes() == b.numpy().tobytes(), name
+    snapkit.restore_and_compare(socket, model, model2, opt2, job=JOB, step=10)
 
 
 def test_a_daemon_restarted_in_this_process_is_not_written_through_an_old_lease(keep_one, tmp_path, monkeypatch):
