@@ -170,8 +170,7 @@ def load_results(inp: Inputs, results: Path) -> None:
          or 0.0)
     take("ftd_stall_s", "s", "snapshot-", "raw.stall_compute_s", _median)
     take("ftd_lag_s", "s", "lag-", "lag_s_from_steps.median")
-    chaos = newest(results, "chaos-2026-12-03") or newest(results, "chaos-")
-    kills = _get(json.loads(chaos.read_text()), "kills") if chaos else None
+    chaos, kills = chaos_run(results)
     for kind in ("rank", "node", "daemon"):
         name = f"ftd_recovery_{kind}_s"
         xs = [k["recovery_s"] for k in kills or [] if k.get("kind") == kind and k.get("recovery_s") is not None]
@@ -179,6 +178,21 @@ def load_results(inp: Inputs, results: Path) -> None:
             inp.set(name, _median(xs), "s", f"{chaos.name}:kills[kind={kind}].recovery_s median")
         else:
             inp.sources[name] = Input(name, getattr(inp, name), "s", "assumption (default; no chaos kills)")
+
+
+CHAOS_MIN_KILLS = 20  # a chaos run with fewer kills gives no recovery medians to the model
+
+
+def chaos_run(results: Path, min_kills: int = CHAOS_MIN_KILLS) -> tuple[Path | None, list[Any] | None]:
+    """The newest chaos run with at least `min_kills` kills (a short run's medians say little), and its kills."""
+    for path in sorted(glob.glob(str(results / "chaos-*.json")), reverse=True):
+        try:
+            kills = _get(json.loads(Path(path).read_text()), "kills")
+        except (OSError, ValueError):
+            continue
+        if isinstance(kills, list) and len(kills) >= min_kills:
+            return Path(path), kills
+    return None, None
 
 
 def load_lag(inp: Inputs, results: Path, lag_file: str | None) -> None:

@@ -47,3 +47,17 @@ def test_ftd_overhead_is_the_snapshot_cost_over_the_interval():
     assert math.isclose(f["overhead"], 0.04 * 2.0 / 20.0) and f["interval_s"] == 20.0
     stalled = gp.Inputs(ftd_overhead=0.0, ftd_stall_s=0.5, step_s=1.0)
     assert math.isclose(gp.ftd_losses(stalled, 3600.0, 5)["overhead"], 0.1)
+
+
+def test_recoveries_come_from_the_newest_chaos_run_with_enough_kills(tmp_path):
+    import json
+
+    def run(name: str, kills: int, rank_s: float) -> None:
+        (tmp_path / name).write_text(json.dumps({"kills": [{"kind": "rank", "recovery_s": rank_s}] * kills}))
+
+    run("chaos-2026-01-01.json", 50, 4.0)
+    run("chaos-2026-01-02.json", 50, 3.0)
+    run("chaos-2026-01-03-short.json", 5, 1.0)  # newest by name, but too few kills
+    inp = gp.Inputs()
+    gp.load_results(inp, tmp_path)
+    assert inp.ftd_recovery_rank_s == 3.0 and "chaos-2026-01-02.json" in inp.sources["ftd_recovery_rank_s"].source
