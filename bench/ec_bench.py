@@ -100,7 +100,7 @@ from ftd.codec import available_codecs, decode_striped, encode_striped, make_cod
 from ftd.daemon.groups import ECShape  # noqa: E402
 from ftd import knobs  # noqa: E402
 from ftd.errors import FtdError  # noqa: E402
-from ftd.bench.common import Row, machine_info as common_machine_info  # noqa: E402
+from ftd.bench.common import Row, verdict_table, machine_info as common_machine_info  # noqa: E402
 from ftd.daemon.groups import plan_groups  # noqa: E402
 from ftd.demo.cluster import LocalNode as Node, Metrics, make_nodes  # noqa: E402
 
@@ -997,7 +997,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"other processes on this machine used {busy - own:.0f} core-seconds during the run "
                      f"({(busy - own) / doc['cpu']['available_core_s']:.0%} of the machine): timings are noisy")
     rows = summarize(doc)
-    doc["table"] = [{"metric": r.metric, "value": r.value, "target": r.target, "result": r.verdict} for r in rows]
+    doc["table"] = verdict_table(rows)
     doc["when"] = datetime.datetime.now().isoformat(timespec="seconds")
 
     print()

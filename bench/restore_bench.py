@@ -162,15 +162,11 @@ def render(rows: list[Row]) -> str:
 
 
 def write_json(rows: list[Row], doc: dict[str, Any], out: Path | None) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = out or RESULTS_DIR / f"restore-{datetime.date.today().isoformat()}.json"
-    doc["when"] = datetime.datetime.now().isoformat(timespec="seconds")
-    doc["table"] = [{"metric": r.metric, "value": r.value, "target": r.target, "result": r.verdict} for r in rows]
-    doc["notes"] = ["memory: RssAnon is private, RssShmem the segment's shared pages mapped into the process",
-                    "cold restores run in fresh child processes: new model, fresh AdamW, the process's first restore",
-                    "'before' repeats the sequence restore ran previously: MAP_POPULATE, verify, copy out of the map"]
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    return path
+    return common.write_results(path, doc, rows, [
+        "memory: RssAnon is private, RssShmem the segment's shared pages mapped into the process",
+        "cold restores run in fresh child processes: new model, fresh AdamW, the process's first restore",
+        "'before' repeats the sequence restore ran previously: MAP_POPULATE, verify, copy out of the map"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import signal
@@ -494,15 +493,10 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
 
 
 def write_json(rows: list[Row], doc: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"snapshot-{datetime.date.today().isoformat()}.json"
-    doc["when"] = datetime.datetime.now().isoformat(timespec="seconds")
-    doc["table"] = [{"metric": r.metric, "value": r.value, "target": r.target, "result": r.verdict} for r in rows]
-    doc["notes"] = ["disk reads may come from the page cache: 'warm' leaves it, 'evicted' uses "
-                    "posix_fadvise(DONTNEED) after fsync (the virtual disk may still cache on the host)",
-                    "compute is simulated with matmuls on the same CPU cores that the copy uses"]
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    return path
+    return common.write_results(RESULTS_DIR / f"snapshot-{datetime.date.today().isoformat()}.json", doc, rows, [
+        "disk reads may come from the page cache: 'warm' leaves it, 'evicted' uses "
+        "posix_fadvise(DONTNEED) after fsync (the virtual disk may still cache on the host)",
+        "compute is simulated with matmuls on the same CPU cores that the copy uses"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -3,6 +3,8 @@ memory watching, a daemon in a scratch directory, sizes and progress lines."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
 import re
@@ -257,6 +259,21 @@ class Row:
     @property
     def verdict(self) -> str:
         return "-" if self.ok is None else ("PASS" if self.ok else "FAIL")
+
+
+def verdict_table(rows: list[Row]) -> list[dict[str, str]]:
+    """The rows as a results file stores them ("table")."""
+    return [{"metric": r.metric, "value": r.value, "target": r.target, "result": r.verdict} for r in rows]
+
+
+def write_results(path: Path, doc: dict[str, Any], rows: list[Row], notes: list[str]) -> Path:
+    """Write a bench's results file: `doc` with the time, the verdict table and `notes`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc["when"] = datetime.datetime.now().isoformat(timespec="seconds")
+    doc["table"] = verdict_table(rows)
+    doc["notes"] = notes
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return path
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:

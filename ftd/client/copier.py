@@ -94,7 +94,6 @@ class CopyEngine:
         self._connected: bool | None = None
         self._stream: Any = None
         self._warned: set[str] = set()
-        self._views: dict[str, tuple[MappedSegment, dict[tuple[Any, ...], torch.Tensor]]] = {}  # per mapped segment
         self._layouts = LayoutCache()
         self._ahead: pb.BeginReply | None = None  # the segment the last Commit leased for the next step
         self.errors = 0  # unexpected exceptions caught at the thread boundary
@@ -118,8 +117,7 @@ class CopyEngine:
         if self._thread.is_alive():
             log.warning("copy thread of rank %d did not stop within %.0f s", self.rank, timeout)
         else:
-            self._views.clear()
-            self._layouts = LayoutCache()  # its views too, so the mappings close now
+            self._layouts = LayoutCache()  # with its views, so the mappings close now
             self.cache.close()
 
     # ---- the thread -------------------------------------------------------------------------
@@ -273,26 +271,10 @@ class CopyEngine:
             return ahead, True
         return self.client.begin(step, max(total, 1)), False  # gives up a lease ahead the daemon may still hold
 
-    def _entry_views(self, seg: MappedSegment, entries: list[Entry]) -> list[torch.Tensor]:
-        """Typed views of `seg` for `entries`, made once per segment and layout (a step's layout rarely changes).
-
-        Views are kept only for segments the SegmentCache still maps, so a dropped mapping is not held open.
-        """
-        held = self._views.get(seg.path)
-        if held is None or held[0] is not seg:
-            self._views = {p: v for p, v in self._views.items() if self.cache.holds(v[0])}
-            held = self._views[seg.path] = (seg, {})
-        views = held[1]
-        if len(views) > 4 * len(entries) + 64:  # layouts changed many times: start over
-            views.clear()
-        out = []
-        for e in entries:
-            key = (e.offset, e.dtype, e.shape)
-            view = views.get(key)
-            if view is None:
-                view = views[key] = seg.entry(e)
-            out.append(view)
-        return out
+    @staticmethod
+    def _entry_views(seg: MappedSegment, entries: list[Entry]) -> list[torch.Tensor]:
+        """Typed views of `seg` for `entries` (kept per layout and segment in the LayoutCache's LaidOut)."""
+        return [seg.entry(e) for e in entries]
 
     def _copy_all(self, job: CopyJob, seg: MappedSegment, views: list[torch.Tensor]) -> None:
         cap = job.captured

@@ -20,6 +20,7 @@ import logging
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,7 @@ class BucketKeeper:
                 ddp._has_rebuilt_buckets = True
             parameters, _ = ddp._build_params_for_reducer()
             index = {id(p): i for i, p in enumerate(parameters)}
-            by_storage = {p.data_ptr(): i for i, p in enumerate(parameters)}
-            self._buckets = [[index.get(id(p), by_storage.get(p.data_ptr(), -1)) for p in bucket.parameters()]
+            self._buckets = [[index.get(id(p), -1) for p in bucket.parameters()]
                              for bucket in ddp.reducer._get_zeros_like_grad_buckets()]
             if any(i < 0 for b in self._buckets for i in b):
                 self._buckets = None
@@ -110,18 +110,17 @@ class BucketKeeper:
                 return False
             indices = [list(b) for b in recorded]
             limits = [ddp._bucket_config.first_bucket_bytes_cap] + [ddp.bucket_bytes_cap] * (len(indices) - 1)
-            module = __import__(type(ddp).__module__, fromlist=["dist"])
-            original = module.dist._compute_bucket_assignment_by_size
+            original = dist._compute_bucket_assignment_by_size  # what DDP's _ddp_init_helper calls
 
             def recorded_assignment(*_: Any, **__: Any) -> tuple[list[list[int]], list[int]]:
                 return list(reversed(indices)), list(reversed(limits))  # _ddp_init_helper reverses them again
 
-            module.dist._compute_bucket_assignment_by_size = recorded_assignment
+            dist._compute_bucket_assignment_by_size = recorded_assignment
             try:
                 ddp._ddp_init_helper(parameters, sparse, ddp._build_debug_param_to_name_mapping(parameters),
                                      ddp.static_graph)
             finally:
-                module.dist._compute_bucket_assignment_by_size = original
+                dist._compute_bucket_assignment_by_size = original
             ddp._has_rebuilt_buckets = True
             self._buckets = indices
             log.debug("DDP's reducer rebuilt with the %d recorded gradient buckets", len(indices))
